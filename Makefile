@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  make quickstart  |  make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+
+.PHONY: install quickstart test lint bench clean
+
+install: $(STAMP)
+
+# Torch goes in first and pinned: an unpinned torch (or one pulled in by another package) is a
+# multi-GB CUDA build. Without an NVIDIA driver we take the CPU wheel: from the local wheel folder
+# when the machine has one, else from PyTorch's CPU index.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q "$(TORCH)"; \
+	elif ls /opt/wheels/torch-2.13.0*cpu*.whl >/dev/null 2>&1; then \
+		$(BIN)/pip install -q --find-links /opt/wheels "$(TORCH)"; \
+	else \
+		$(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH)"; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/lmforge run recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,171 @@
+"""The `lmforge` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="lmforge: train tokenizers, prepare corpora, pretrain and evaluate language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).", exists=False)]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides KEY=VALUE, e.g. trainer.lr=3e-4 trainer.max_steps=100.", show_default=False),
+]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _guarded(fn, *args, **kwargs):
+    """Run a stage; expected failures (bad input, bad config) become one clear line and exit code 2."""
+    from lmforge.config import ConfigError
+    from lmforge.data.formats import DataError
+    from lmforge.engine.checkpoint import CheckpointError
+    from lmforge.engine.loop import TrainingDiverged
+    from lmforge.models.factory import ModelError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+
+
+def _recipe(path: Path | None, overrides: list[str] | None):
+    from lmforge.config import load_recipe
+
+    return _guarded(load_recipe, path, overrides or [])
+
+
+@app.command()
+def tokenizer(
+    inputs: Annotated[list[str], typer.Argument(help="Text/JSONL/CSV/Parquet files or globs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output tokenizer directory.")],
+    column: Annotated[str, typer.Option(help="Column holding the text (JSONL/CSV/Parquet).")] = "text",
+    kind: Annotated[str, typer.Option(help="bpe (byte-level) or unigram.")] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 8192,
+    min_frequency: Annotated[int, typer.Option(help="Minimum pair frequency for a BPE merge.")] = 2,
+    num_sentinels: Annotated[int, typer.Option(help="T5 sentinel tokens <extra_id_N> to reserve.")] = 0,
+) -> None:
+    """Train a tokenizer and save it as a transformers tokenizer directory."""
+    from lmforge.data.formats import iter_corpus
+    from lmforge.data.tokenizer import train_tokenizer
+
+    tok = _guarded(lambda: train_tokenizer(iter_corpus(inputs, column), out, kind, vocab_size, min_frequency, num_sentinels))
+    typer.echo(f"tokenizer: {len(tok)} tokens saved to {out}")
+
+
+@app.command()
+def prepare(
+    inputs: Annotated[list[str], typer.Argument(help="Files, globs, or hf:NAME[:CONFIG][@SPLIT].")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for shards and manifest.")],
+    column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    fmt: Annotated[str, typer.Option("--format", help="auto, text, jsonl, csv, parquet or hf.")] = "auto",
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.02,
+    max_docs: Annotated[int | None, typer.Option(help="Stop after this many documents.")] = None,
+) -> None:
+    """Tokenize a corpus into memory-mapped token shards (a no-op when nothing changed)."""
+    from lmforge.data.prepare import prepare_corpus
+    from lmforge.data.tokenizer import load_tokenizer
+
+    def run():
+        return prepare_corpus(inputs, load_tokenizer(tokenizer), out, column, fmt, val_fraction, max_docs)
+
+    corpus = _guarded(run)
+    splits = corpus.manifest["splits"]
+    typer.echo(f"prepare: {splits['train']['tokens']:,} train, {splits['val']['tokens']:,} val tokens in {out} "
+               f"({corpus.manifest['tokens_per_second']:,} tokens/s)")
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the final model is up to date.")] = False,
+) -> None:
+    """Train the recipe's model (training the tokenizer and preparing data first if needed)."""
+    from lmforge import pipeline
+
+    cfg = _recipe(recipe, overrides)
+
+    def run():
+        tok = pipeline.tokenizer_stage(cfg)
+        return pipeline.train_stage(cfg, tok, pipeline.prepare_stage(cfg, tok), resume=resume, force=force)
+
+    outcome = _guarded(run)
+    if outcome.result is not None and outcome.result.interrupted:
+        raise typer.Exit(code=130)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Prepared corpus directory.")],
+    objective: Annotated[str, typer.Option(help="Objective whose loss to measure.")] = "clm",
+    seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    max_batches: Annotated[int | None, typer.Option(help="Evaluate at most this many batches.")] = None,
+) -> None:
+    """Validation loss and perplexity of a model on a prepared corpus."""
+    from lmforge.data.prepare import load_prepared
+    from lmforge.pipeline import eval_stage
+
+    metrics = _guarded(lambda: eval_stage(model, load_prepared(data), objective, seq_len, batch_size, max_batches))
+    typer.echo(f"eval: loss {metrics['loss']:.4f} nats/token, perplexity {metrics['ppl']:.2f}, "
+               f"unigram entropy {metrics['unigram_entropy']:.4f} ({metrics['tokens']:,} tokens)")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens.")] = 50,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Sample continuations from a causal LM."""
+    from lmforge.pipeline import generate_stage
+
+    texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    for p, text in zip(prompt, texts, strict=True):
+        typer.echo(p + text)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue training from the newest valid checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the final model is up to date.")] = False,
+) -> None:
+    """Run a whole recipe: tokenizer -> prepare -> train -> eval -> generate."""
+    from lmforge.pipeline import run_recipe
+
+    cfg = _recipe(recipe, overrides)
+    summary = _guarded(run_recipe, cfg, resume, force)
+    if summary.get("interrupted"):
+        raise typer.Exit(code=130)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

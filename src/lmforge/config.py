@@ -1,0 +1,233 @@
+"""Recipes: YAML files validated by pydantic models.
+
+Every section forbids unknown keys; `load_recipe` turns pydantic's errors into messages that
+name the key (with its dotted path), the bad value, and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the file and key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    """Train a tokenizer (when `train_files` is set) or use the one at `path`."""
+
+    path: str | None = None
+    train_files: list[str] = Field(default_factory=list)
+    column: str = "text"
+    kind: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(8192, gt=0)
+    min_frequency: int = Field(2, ge=1)
+    num_sentinels: int = Field(0, ge=0)
+    max_docs: int | None = Field(None, gt=0)
+
+
+class DataConfig(Section):
+    """Corpus preparation: raw files in, memory-mapped token shards out."""
+
+    train_files: list[str] = Field(default_factory=list)
+    column: str = "text"
+    format: Literal["auto", "text", "jsonl", "csv", "parquet", "hf"] = "auto"
+    prepared_dir: str | None = None
+    val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    max_docs: int | None = Field(None, gt=0)
+    shard_tokens: int = Field(100_000_000, gt=0)
+
+
+class ModelConfig(Section):
+    """A model built from a family preset (plus overrides) or loaded from a local directory."""
+
+    family: Literal["llama", "gpt2", "bert", "roberta", "t5"] = "llama"
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    path: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    trust_remote_code: bool = False
+
+
+class ObjectiveConfig(Section):
+    name: Literal["clm"] = "clm"
+
+
+class MethodConfig(Section):
+    name: Literal["full", "freeze"] = "full"
+    # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
+    trainable: list[str] = Field(default_factory=list)
+
+
+class PackingConfig(Section):
+    seq_len: int = Field(256, gt=1)
+    # Reset position ids at document starts so attention stays inside each document. With SDPA
+    # this means a dense block mask (slower on CPU), hence off by default for pretraining.
+    document_mask: bool = False
+
+
+class TrainerConfig(Section):
+    # Training length: exactly one of max_steps, max_tokens, epochs.
+    max_steps: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant", "cosine_with_restarts"] = "cosine"
+    num_cycles: int = Field(1, gt=0)
+    clip_grad: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
+    eval_every: int = Field(200, gt=0)
+    eval_batches: int = Field(20, gt=0)
+    log_every: int = Field(10, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    max_bad_steps: int = Field(5, gt=0)
+    num_threads: int | None = Field(None, gt=0)
+    deterministic: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainerConfig:
+        given = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of max_steps, max_tokens, epochs (got {', '.join(given)})")
+        return self
+
+
+class GenerateConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["The"])
+    max_new_tokens: int = Field(40, gt=0)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int | None = Field(50, gt=0)
+    top_p: float | None = Field(0.95, gt=0.0, le=1.0)
+
+
+class Recipe(Section):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+    # Derived paths: one place decides where each stage writes.
+    @property
+    def tokenizer_dir(self) -> Path:
+        return Path(self.tokenizer.path or Path(self.output_dir) / "tokenizer")
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.data.prepared_dir or Path(self.output_dir) / "data")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    @property
+    def final_model_dir(self) -> Path:
+        return Path(self.output_dir) / "final"
+
+
+def _section_at(loc: tuple, model: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (the key itself being loc[-1])."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _explain(error: dict, source: str) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        valid = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        return f"{source}: unknown key '{key}'{hint} (valid here: {', '.join(valid)})"
+    value = error.get("input")
+    where = f"key '{key}'" if key else "recipe"
+    return f"{source}: {where} = {value!r}: {error['msg']}"
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the recipe must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings; values are parsed as YAML (`3e-4`, `true`, `[1, 2]`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. trainer.lr=3e-4")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    # YAML 1.1 reads "3e-4" as a string; a number is what anyone typing it means.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    raw: dict = {}
+    source = str(path) if path else "recipe"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML: {exc}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, source)
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,170 @@
+"""Read documents from text, JSONL (plain or gzip), CSV, Parquet or a `datasets` name.
+
+Every reader streams: memory does not grow with corpus size. Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and, where there is one, the line."""
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files and globs to a sorted, de-duplicated list; `hf:` names pass through unchanged."""
+    if not patterns:
+        raise DataError("no input files given")
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("hf:"):
+            out.append(pattern)
+            continue
+        matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise DataError(f"{pattern}: no file matches this pattern")
+        for match in matches:
+            if not Path(match).is_file():
+                raise DataError(f"{match}: no such file")
+            if match not in out:
+                out.append(match)
+    return out
+
+
+def detect_format(path: str) -> str:
+    if path.startswith("hf:"):
+        return "hf"
+    name = path.lower().removesuffix(".gz")
+    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+        if name.endswith(suffix):
+            return fmt
+    return "text"
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs; decoding line by line so an error names the right line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):  # noqa: B007
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}:{lineno + 1}: cannot read ({exc})") from None
+
+
+def read_jsonl(path: str, column: str) -> Iterator[str]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        if column not in row:
+            raise DataError(f"{path}:{lineno}: no column '{column}' (columns: {', '.join(row)})")
+        value = row[column]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: column '{column}' is {type(value).__name__}, not text")
+        yield value
+
+
+def read_text(path: str) -> Iterator[str]:
+    """Plain text: documents are separated by one or more blank lines."""
+    buffer: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            buffer.append(line)
+        elif buffer:
+            yield "".join(buffer).strip("\n")
+            buffer = []
+    if buffer:
+        yield "".join(buffer).strip("\n")
+
+
+def read_csv(path: str, column: str) -> Iterator[str]:
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        try:
+            if reader.fieldnames is None:
+                return
+            if column not in reader.fieldnames:
+                raise DataError(f"{path}:1: no column '{column}' (columns: {', '.join(reader.fieldnames)})")
+            for row in reader:
+                yield row[column] or ""
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+
+
+def read_parquet(path: str, column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    if column not in table.schema_arrow.names:
+        raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=[column], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            yield value or ""
+
+
+def read_hf(name: str, column: str) -> Iterator[str]:
+    """`hf:NAME[:CONFIG][@SPLIT]`, streamed through `datasets` (needs network or a local cache)."""
+    from datasets import load_dataset
+
+    spec = name.removeprefix("hf:")
+    spec, _, split = spec.partition("@")
+    dataset_name, _, config = spec.partition(":")
+    ds = load_dataset(dataset_name, config or None, split=split or "train", streaming=True)
+    for row in ds:
+        if column not in row:
+            raise DataError(f"{name}: no column '{column}' (columns: {', '.join(row)})")
+        yield row[column]
+
+
+def read_documents(path: str, column: str = "text", fmt: str = "auto") -> Iterator[str]:
+    """Stream the documents of one input, skipping empty ones."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    readers = {
+        "jsonl": lambda: read_jsonl(path, column),
+        "text": lambda: read_text(path),
+        "csv": lambda: read_csv(path, column),
+        "parquet": lambda: read_parquet(path, column),
+        "hf": lambda: read_hf(path, column),
+    }
+    if fmt not in readers:
+        raise DataError(f"{path}: unknown format '{fmt}'")
+    for doc in readers[fmt]():
+        if doc and doc.strip():
+            yield doc
+
+
+def iter_corpus(files: list[str], column: str = "text", fmt: str = "auto", max_docs: int | None = None) -> Iterator[str]:
+    count = 0
+    for path in expand_inputs(files):
+        for doc in read_documents(path, column, fmt):
+            yield doc
+            count += 1
+            if max_docs is not None and count >= max_docs:
+                return

@@ -1,0 +1,217 @@
+"""Corpus preparation: stream documents, tokenize on all cores, write token shards and a manifest.
+
+The output directory is written under a temporary name and renamed when complete, so a killed
+preparation never leaves a half-written corpus that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lmforge.data.formats import DataError, expand_inputs, read_documents
+from lmforge.data.shards import Shard, ShardWriter, open_shards, token_dtype
+from lmforge.data.tokenizer import tokenizer_fingerprint
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+BATCH_DOCS = 1024
+
+
+@dataclass
+class PreparedCorpus:
+    directory: Path
+    manifest: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.manifest["eos_id"]
+
+    def split(self, name: str) -> list[Shard]:
+        meta = self.manifest["splits"][name]
+        return open_shards(self.directory, meta["shards"], self.manifest["dtype"])
+
+    def tokens(self, name: str) -> int:
+        return self.manifest["splits"][name]["tokens"]
+
+
+def _input_fingerprint(files: list[str]) -> list[dict]:
+    """Path, size and mtime of each input: cheap, and changes whenever a file is rewritten."""
+    out = []
+    for path in files:
+        if path.startswith("hf:"):
+            out.append({"path": path})
+        else:
+            stat = os.stat(path)
+            out.append({"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return out
+
+
+def _settings_hash(inputs: list[dict], tok_hash: str, settings: dict) -> str:
+    blob = json.dumps({"inputs": inputs, "tokenizer": tok_hash, "settings": settings, "v": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: corrupt manifest ({exc.msg}); delete the folder and prepare again") from None
+
+
+def load_prepared(directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedCorpus:
+    """Open a prepared corpus; with `tokenizer`, refuse one prepared by a different tokenizer."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise DataError(f"{directory}: not a prepared corpus (no {MANIFEST}); run `lmforge prepare` first")
+    if tokenizer is not None and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise DataError(
+            f"{directory}/{MANIFEST}: corpus was tokenized with tokenizer {manifest['tokenizer_fingerprint']}, "
+            f"but the run uses {tokenizer_fingerprint(tokenizer)}; prepare the corpus again with this tokenizer"
+        )
+    return PreparedCorpus(directory, manifest)
+
+
+def _is_validation(doc_index: int, val_fraction: float) -> bool:
+    # Knuth multiplicative hash: a deterministic, evenly spread choice that needs no RNG state.
+    # Document 0 always goes to validation so that even a tiny corpus has a validation split.
+    if val_fraction <= 0:
+        return False
+    return doc_index == 0 or ((doc_index * 2654435761) % 2**32) / 2**32 < val_fraction
+
+
+def _batches(files: list[str], column: str, fmt: str, max_docs: int | None) -> Iterator[list[str]]:
+    batch: list[str] = []
+    count = 0
+    for path in files:
+        for doc in read_documents(path, column, fmt):
+            batch.append(doc)
+            count += 1
+            if len(batch) == BATCH_DOCS:
+                yield batch
+                batch = []
+            if max_docs is not None and count >= max_docs:
+                break
+        if max_docs is not None and count >= max_docs:
+            break
+    if batch:
+        yield batch
+
+
+def _encoder(tokenizer: PreTrainedTokenizerBase):
+    """The fastest batch encoder available: the Rust tokenizer, parallel across cores."""
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda docs: [enc.ids for enc in encode(docs, add_special_tokens=False)]
+
+
+def prepare_corpus(
+    files: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    column: str = "text",
+    fmt: str = "auto",
+    val_fraction: float = 0.02,
+    max_docs: int | None = None,
+    shard_tokens: int = 100_000_000,
+    progress: bool = True,
+) -> PreparedCorpus:
+    """Tokenize `files` into `out_dir`; a no-op when inputs, tokenizer and settings are unchanged."""
+    out_dir = Path(out_dir)
+    files = expand_inputs(files)
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    inputs = _input_fingerprint(files)
+    settings = {"column": column, "format": fmt, "val_fraction": val_fraction, "max_docs": max_docs}
+    fingerprint = _settings_hash(inputs, tok_hash, settings)
+
+    existing = read_manifest(out_dir)
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        return PreparedCorpus(out_dir, existing)
+    if existing is not None and existing.get("tokenizer_fingerprint") != tok_hash:
+        print(f"prepare: tokenizer changed ({existing.get('tokenizer_fingerprint')} -> {tok_hash}); re-preparing")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: output path exists and is not a directory")
+
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no EOS token; documents cannot be separated")
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        manifest = _write_shards(files, tokenizer, tmp_dir, column, fmt, val_fraction, max_docs, shard_tokens, dtype, eos_id, progress)
+        manifest.update(
+            version=FORMAT_VERSION,
+            fingerprint=fingerprint,
+            tokenizer_fingerprint=tok_hash,
+            vocab_size=vocab_size,
+            eos_id=eos_id,
+            dtype=dtype.name,
+            inputs=inputs,
+            settings=settings,
+        )
+        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return PreparedCorpus(out_dir, manifest)
+
+
+def _write_shards(files, tokenizer, directory, column, fmt, val_fraction, max_docs, shard_tokens, dtype, eos_id, progress) -> dict:
+    encode = _encoder(tokenizer)
+    writers = {s: ShardWriter(directory, s, dtype, shard_tokens) for s in ("train", "val")}
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    eos = np.array([eos_id], dtype=np.int64)
+    doc_index = 0
+    start = time.perf_counter()
+    bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
+    try:
+        for texts in _batches(files, column, fmt, max_docs):
+            by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+            for ids in encode(texts):
+                doc = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
+                split = "val" if _is_validation(doc_index, val_fraction) else "train"
+                by_split[split].append(doc)
+                doc_index += 1
+            for split, docs in by_split.items():
+                writers[split].add(docs)
+            if by_split["train"]:
+                counts += np.bincount(np.concatenate(by_split["train"]), minlength=len(counts))
+            bar.update(sum(len(d) for docs in by_split.values() for d in docs))
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+    if writers["train"].total_tokens == 0:
+        raise DataError(f"{', '.join(files)}: no training documents (empty input, or all of it went to validation)")
+    elapsed = time.perf_counter() - start
+    total = sum(w.total_tokens for w in writers.values())
+    probs = counts[counts > 0] / counts.sum()
+    return {
+        "splits": {s: {"tokens": w.total_tokens, "docs": w.total_docs, "shards": w.shards} for s, w in writers.items()},
+        "unigram_entropy_nats": float(-(probs * np.log(probs)).sum()),
+        "prepare_seconds": round(elapsed, 3),
+        "tokens_per_second": round(total / max(elapsed, 1e-9)),
+    }

@@ -1,0 +1,87 @@
+"""Train a byte-level BPE or Unigram tokenizer and save it as a `transformers` tokenizer directory."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+}
+
+
+def sentinel_tokens(count: int) -> list[str]:
+    """T5-style sentinels for span corruption: <extra_id_0>, <extra_id_1>, ..."""
+    return [f"<extra_id_{i}>" for i in range(count)]
+
+
+def _build(kind: str, vocab_size: int, min_frequency: int, specials: list[str]) -> tuple[Tokenizer, trainers.Trainer]:
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=True,
+        )
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            unk_token=SPECIAL_TOKENS["unk_token"],
+            show_progress=True,
+        )
+    else:
+        raise ValueError(f"unknown tokenizer kind '{kind}' (use 'bpe' or 'unigram')")
+    return tok, trainer
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    kind: str = "bpe",
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    num_sentinels: int = 0,
+) -> PreTrainedTokenizerFast:
+    """Train on `texts` and save to `out_dir`; `AutoTokenizer.from_pretrained(out_dir)` loads it."""
+    sentinels = sentinel_tokens(num_sentinels)
+    specials = [*SPECIAL_TOKENS.values(), *sentinels]
+    tok, trainer = _build(kind, vocab_size, min_frequency, specials)
+    tok.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    if sentinels:
+        wrapped.add_special_tokens({"additional_special_tokens": sentinels})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(out_dir)
+    return wrapped
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer here (expected tokenizer.json)")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the vocabulary and merges: two tokenizers that encode alike hash alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(content.encode()).hexdigest()[:16]

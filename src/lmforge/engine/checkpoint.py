@@ -1,0 +1,127 @@
+"""Training checkpoints: atomic, checksummed, the last K kept.
+
+A checkpoint is a folder `step_NNNNNNNN/` with the model (safetensors), the optimizer state, the
+RNG states, and `state.json` (step, data position, scheduler, counters, file checksums). It is
+written under a temporary name and renamed into place, so a crash mid-write leaves the previous
+checkpoints untouched; a checksum mismatch marks a checkpoint invalid and resuming falls back to
+the newest valid one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, keep_last: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")}
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "checksums": files}, indent=1))
+        for name in [*files, "state.json"]:
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's state, after checking that every file matches its recorded checksum."""
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{state_file}: unreadable ({exc})") from None
+    for name, expected in state.get("checksums", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupted)")
+    return state
+
+
+def latest_valid_checkpoint(root: Path, warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; invalid ones are reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"checkpoint: skipping invalid {path.name}: {exc}")
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit this model ({exc})") from None
+    if unexpected or missing:
+        raise CheckpointError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))

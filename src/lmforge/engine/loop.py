@@ -1,0 +1,247 @@
+"""The training loop: one for every objective, method and strategy.
+
+It knows an objective only by `objective.loss(model, batch) -> (loss, metrics)`, a method only by
+the parameter groups it produced, and data only as "an iterator of batches starting at batch N".
+Everything a run needs to continue exactly (weights, optimizer, scheduler, RNG, data position)
+goes into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import TrainerConfig
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine.metrics import MetricsLogger
+from lmforge.engine.optimizer import build_optimizer, lr_factor
+from lmforge.engine.runtime import autocast, pick_device, resolve_precision
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    total_steps: int
+    train_loss: float | None
+    val: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_batch: int) -> int:
+    """Optimizer steps for the configured length (steps, tokens or epochs; one epoch by default)."""
+    tokens_per_step = tokens_per_batch * cfg.grad_accum
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.max_tokens is not None:
+        return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    epochs = cfg.epochs if cfg.epochs is not None else 1.0
+    return max(1, math.ceil(epochs * batches_per_epoch / cfg.grad_accum))
+
+
+class Prefetcher:
+    """Builds batches on a background thread so the training thread never waits on the memmap."""
+
+    def __init__(self, source: Iterator[dict], depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, source: Iterator[dict]) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # surface data errors on the training thread
+            self._queue.put(exc)
+
+    def __next__(self) -> dict:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint at the next step boundary and exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C means: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    model: nn.Module,
+    objective,
+    param_groups: list[dict],
+    batches: Callable[[int], Iterator[dict]],
+    cfg: TrainerConfig,
+    out_dir: Path,
+    *,
+    batches_per_epoch: int,
+    tokens_per_batch: int,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    device = pick_device()
+    precision = resolve_precision(cfg.precision, device)
+    model.to(device)
+    optimizer = build_optimizer(param_groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer_impl)
+    total_steps = resolve_total_steps(cfg, batches_per_epoch, tokens_per_batch)
+    factor = lr_factor(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.num_cycles)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    checkpoints = out_dir / "checkpoints"
+
+    state = TrainState()
+    if resume:
+        found = ckpt.latest_valid_checkpoint(checkpoints, warn=log)
+        if found is None:
+            log(f"resume: no valid checkpoint in {checkpoints}; starting from scratch")
+        else:
+            path, saved = found
+            ckpt.load_checkpoint(path, model, optimizer)
+            scheduler.load_state_dict(saved["scheduler"])
+            state = TrainState(**saved["train_state"])
+            log(f"resume: continuing from {path} (step {state.step})")
+
+    step_model = torch.compile(model) if cfg.compile else model
+    metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None)
+    log(f"train: {total_steps} steps, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
+        f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
+
+    def save(step: int) -> Path:
+        extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state)}
+        return ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
+
+    source = Prefetcher(batches(state.step * cfg.grad_accum))
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    run_start, start_tokens = time.perf_counter(), state.tokens_seen
+    result = TrainResult(state, total_steps, None)
+    last_saved: Path | None = None
+    model.train()
+    try:
+        with StopFlag() as stop:
+            while state.step < total_steps:
+                loss_sum, tokens = torch.zeros((), device=device), 0
+                for _ in range(cfg.grad_accum):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in next(source).items()}
+                    with autocast(device, precision):
+                        loss, _ = objective.loss(step_model, batch)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach()
+                    tokens += batch["input_ids"].numel()
+                step_loss = loss_sum / cfg.grad_accum
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+                # One host sync per step: a NaN must never reach the weights.
+                if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
+                    optimizer.step()
+                    state.consecutive_bad = 0
+                else:
+                    state.bad_steps += 1
+                    state.consecutive_bad += 1
+                    log(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
+                        f"({state.consecutive_bad} in a row, {state.bad_steps} in all)")
+                    if state.consecutive_bad >= cfg.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{state.consecutive_bad} consecutive steps with non-finite loss or gradients at step "
+                            f"{state.step + 1}; last good checkpoint: {last_saved or 'none'}. Lower trainer.lr or check the data.")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step += 1
+                state.tokens_seen += tokens
+                if state.consecutive_bad == 0:
+                    window_loss += step_loss.detach()
+                    window_steps += 1
+                window_tokens += tokens
+                bar.update(1)
+
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    now = time.perf_counter()
+                    record = {
+                        "loss": (window_loss / max(window_steps, 1)).item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "tokens_seen": state.tokens_seen,
+                        "bad_steps": state.bad_steps,
+                    }
+                    metrics.log(state.step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    result.train_loss = record["loss"]
+                    window_loss.zero_()
+                    window_steps, window_tokens, window_start = 0, 0, now
+
+                if evaluate is not None and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+                    result.val = evaluate(model)
+                    metrics.log(state.step, result.val, prefix="val")
+                    bar.write(f"step {state.step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in result.val.items()))
+                    model.train()
+
+                if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == total_steps):
+                    last_saved = save(state.step)
+                if stop.signal is not None:
+                    last_saved = save(state.step)
+                    result.interrupted = True
+                    log(f"\nstopped by signal {stop.signal} at step {state.step}; checkpoint {last_saved}. "
+                        "Resume with the same command plus --resume.")
+                    break
+    finally:
+        source.close()
+        bar.close()
+        metrics.close()
+    result.seconds = time.perf_counter() - run_start
+    result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
+    result.checkpoint = last_saved
+    return result

@@ -1,0 +1,25 @@
+"""Sampling from a causal LM: temperature, top-k, top-p, via `transformers`' `generate`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@torch.no_grad()
+def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 40,
+                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0) -> str:
+    """The prompt's continuation; temperature 0 means greedy decoding."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]], device=device)
+    torch.manual_seed(seed)
+    sampling = temperature > 0
+    kwargs = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
+    if sampling:
+        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,32 @@
+"""Validation loss and perplexity over packed rows, token-weighted."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.data.packing import PackedRows
+from lmforge.engine.runtime import autocast
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, objective, rows: PackedRows, batch_size: int, max_batches: int | None,
+                  device: torch.device, precision: str) -> dict[str, float]:
+    """Mean loss over the first `max_batches` batches of `rows` (in order, so every eval sees the same data)."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    batches = math.ceil(len(rows) / batch_size)
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    for b in range(batches):
+        indices = list(range(b * batch_size, min((b + 1) * batch_size, len(rows))))
+        batch = {k: v.to(device) for k, v in rows.batch(indices).items()}
+        with autocast(device, precision):
+            loss, metrics = objective.loss(model, batch)
+        count = int(metrics["tokens"])
+        total_loss += float(loss) * count
+        total_tokens += count
+    mean = total_loss / max(total_tokens, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}

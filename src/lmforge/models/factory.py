@@ -1,0 +1,135 @@
+"""Model factory over `transformers`: presets by family and size, any config, or a local checkpoint.
+
+Models are plain `transformers` models, saved with `save_pretrained` (safetensors) so that plain
+`transformers` loads them back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+# Our own bars show progress; transformers' per-load bars would only clutter the logs.
+hf_logging.disable_progress_bar()
+
+# family -> (model_type, the head its pretraining objective uses)
+FAMILIES = {
+    "llama": ("llama", "causal_lm"),
+    "gpt2": ("gpt2", "causal_lm"),
+    "bert": ("bert", "masked_lm"),
+    "roberta": ("roberta", "masked_lm"),
+    "t5": ("t5", "seq2seq"),
+}
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
+# Model types that cannot be trained as decoders even though some expose a causal-LM head.
+NOT_DECODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "t5", "bart", "mt5"}
+
+# width, layers, heads; every family uses these so sizes compare across architectures.
+SIZES = {"tiny": (256, 4, 4), "small": (512, 8, 8), "base": (768, 12, 12)}
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded for this run; the message names the path or key."""
+
+
+def preset_config(family: str, preset: str, vocab_size: int, max_positions: int = 1024, **overrides: Any) -> PretrainedConfig:
+    if family not in FAMILIES:
+        raise ModelError(f"model.family: unknown family '{family}' (known: {', '.join(FAMILIES)})")
+    if preset not in SIZES:
+        raise ModelError(f"model.preset: unknown preset '{preset}' (known: {', '.join(SIZES)})")
+    width, layers, heads = SIZES[preset]
+    # Dropout 0: modern pretraining practice, and it keeps SDPA on its fast path.
+    common: dict[str, Any]
+    if family == "llama":
+        common = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, intermediate_size=int(width * 8 / 3 + 63) // 64 * 64,
+                      max_position_embeddings=max_positions, tie_word_embeddings=True, rope_theta=10000.0)
+    elif family == "gpt2":
+        common = dict(n_embd=width, n_layer=layers, n_head=heads, n_positions=max_positions,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    elif family in ("bert", "roberta"):
+        common = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=4 * width, max_position_embeddings=max_positions + 2,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    else:  # t5
+        common = dict(d_model=width, d_ff=4 * width, num_layers=layers, num_decoder_layers=layers,
+                      num_heads=heads, d_kv=width // heads, dropout_rate=0.0, decoder_start_token_id=0)
+    common.update(overrides)
+    return AutoConfig.for_model(FAMILIES[family][0], vocab_size=vocab_size, **common)
+
+
+def _set_special_ids(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    if tokenizer is None:
+        return
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if config.model_type == "t5" and tokenizer.pad_token_id is not None:
+        config.decoder_start_token_id = tokenizer.pad_token_id
+
+
+def build_model(config: PretrainedConfig, head: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    _set_special_ids(config, tokenizer)
+    return AUTO_CLASSES[head].from_config(config, attn_implementation="sdpa")
+
+
+def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    if head == "causal_lm" and config.model_type in NOT_DECODERS:
+        raise ModelError(f"{path}: a '{config.model_type}' checkpoint cannot be trained with a causal-LM objective")
+    try:
+        return AUTO_CLASSES[head].from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, local_files_only=True,
+            attn_implementation="sdpa", dtype=dtype or torch.float32,
+        )
+    except ValueError as exc:  # transformers raises ValueError for an unsupported config/head pair
+        raise ModelError(f"{path}: cannot load as {head}: {exc}") from None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters); tied weights are counted once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token, 6*N (non-embedding) + 12*layers*width*seq_len for attention (PaLM appendix B)."""
+    total, _ = count_parameters(model)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    # an embedding lookup costs nothing, but a tied output projection is a full matmul
+    matmul_params = total - embed.numel() + (embed.numel() if head is not None and head.weight is embed else 0)
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or getattr(cfg, "num_layers", 0)
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", 0)
+    return 6.0 * matmul_params + 12.0 * layers * width * seq_len
+
+
+def describe(model: PreTrainedModel, seq_len: int) -> str:
+    total, trainable = count_parameters(model)
+    return (f"model: {model.config.model_type} {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+            f"~{flops_per_token(model, seq_len) / 1e6:.1f} MFLOPs/token for training at seq_len {seq_len}")

@@ -1,0 +1,24 @@
+"""What the loop needs from an objective: a head to train and a loss."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+class Objective(Protocol):
+    name: str
+    head: str  # the model head it trains: "causal_lm", "masked_lm" or "seq2seq"
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss (mean over target tokens) and metrics to log."""
+        ...
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the labelled positions, in fp32 whatever the autocast dtype; and their count."""
+    flat = labels.reshape(-1)
+    loss = nn.functional.cross_entropy(logits.reshape(flat.numel(), -1).float(), flat, ignore_index=ignore_index)
+    return loss, (flat != ignore_index).sum()

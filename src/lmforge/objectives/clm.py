@@ -1,0 +1,26 @@
+"""Causal language modelling: predict every next token.
+
+Batches come from packing (`data/packing.py`): `input_ids` and `labels` are the same packed rows
+shifted by one, so the loss here needs no shifting and no padding mask. `position_ids`, when
+present, restart at document starts and keep attention inside each document.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.objectives.base import token_cross_entropy
+
+
+class CausalLM:
+    name = "clm"
+    head = "causal_lm"
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = {"input_ids": batch["input_ids"]}
+        if "position_ids" in batch:
+            inputs["position_ids"] = batch["position_ids"]
+        logits = model(**inputs, use_cache=False).logits
+        loss, count = token_cross_entropy(logits, batch["labels"])
+        return loss, {"tokens": count}

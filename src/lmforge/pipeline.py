@@ -1,0 +1,221 @@
+"""Stages of a recipe, wired together: tokenizer -> prepare -> train -> eval -> generate.
+
+Each stage skips itself when its output exists for the same inputs (a content hash), so running a
+recipe twice redoes nothing, and an interrupted run picks up at the stage it was in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.config import Recipe, dump_recipe
+from lmforge.data.formats import expand_inputs, iter_corpus
+from lmforge.data.packing import PackedRows, iterate_batches
+from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
+from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from lmforge.engine.loop import TrainResult, train
+from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
+from lmforge.eval.generate import generate_text
+from lmforge.eval.perplexity import evaluate_loss
+from lmforge.methods import apply_method
+from lmforge.models.factory import FAMILIES, ModelError, build_model, describe, load_model, preset_config
+from lmforge.objectives import get_objective
+
+STAMP = "lmforge_stage.json"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stamp_matches(directory: Path, key: str) -> bool:
+    stamp = directory / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+
+
+def _write_stamp(directory: Path, key: str, **info) -> None:
+    (directory / STAMP).write_text(json.dumps({"key": key, **info}, indent=1))
+
+
+# ---------------------------------------------------------------- tokenizer
+def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
+    cfg = recipe.tokenizer
+    out = recipe.tokenizer_dir
+    if not cfg.train_files:
+        source = cfg.path or recipe.model.path
+        if source is None:
+            raise ValueError("tokenizer: set tokenizer.train_files to train one, or tokenizer.path / model.path to load one")
+        return load_tokenizer(source, recipe.model.trust_remote_code)
+    files = expand_inputs(cfg.train_files)
+    key = _hash({"cfg": cfg.model_dump(), "inputs": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]})
+    if _stamp_matches(out, key):
+        return load_tokenizer(out)
+    print(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
+    tokenizer = train_tokenizer(iter_corpus(files, cfg.column, max_docs=cfg.max_docs), out, cfg.kind,
+                                cfg.vocab_size, cfg.min_frequency, cfg.num_sentinels)
+    _write_stamp(out, key, fingerprint=tokenizer_fingerprint(tokenizer))
+    return tokenizer
+
+
+# ---------------------------------------------------------------- prepare
+def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedCorpus:
+    cfg = recipe.data
+    if not cfg.train_files:
+        return load_prepared(recipe.prepared_dir, tokenizer)
+    corpus = prepare_corpus(cfg.train_files, tokenizer, recipe.prepared_dir, cfg.column, cfg.format,
+                            cfg.val_fraction, cfg.max_docs, cfg.shard_tokens, progress=recipe.trainer.progress)
+    splits = corpus.manifest["splits"]
+    print(f"data: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+          f"({splits['train']['docs']:,} / {splits['val']['docs']:,} docs) in {corpus.directory}")
+    return corpus
+
+
+# ---------------------------------------------------------------- model
+def _max_positions(model: PreTrainedModel) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -> PreTrainedModel:
+    cfg = recipe.model
+    seq_len = recipe.packing.seq_len
+    if cfg.trust_remote_code:
+        print("model: trust_remote_code is ON (the recipe asked for it): code from the checkpoint will run")
+    if cfg.path:
+        model = load_model(cfg.path, head, cfg.trust_remote_code)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    else:
+        if FAMILIES[cfg.family][1] != head:
+            raise ModelError(f"model.family: '{cfg.family}' is a {FAMILIES[cfg.family][1]} model; "
+                             f"objective '{recipe.objective.name}' needs a {head} model")
+        # Embedding rows rounded up to a multiple of 64 keep the output matmul on fast kernel shapes.
+        vocab = (len(tokenizer) + 63) // 64 * 64
+        config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **cfg.overrides)
+        model = build_model(config, head, tokenizer)
+    limit = _max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ModelError(f"packing.seq_len: {seq_len} is longer than the model's {limit} positions")
+    print(describe(model, seq_len))
+    return model
+
+
+# ---------------------------------------------------------------- train
+@dataclass
+class TrainOutcome:
+    result: TrainResult | None
+    model_dir: Path
+    skipped: bool = False
+
+
+def _train_key(recipe: Recipe, corpus: PreparedCorpus) -> str:
+    parts = recipe.model_dump(include={"seed", "model", "objective", "method", "packing", "trainer"})
+    parts["trainer"].pop("progress", None)
+    return _hash({"recipe": parts, "data": corpus.manifest["fingerprint"]})
+
+
+def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, **stamp) -> None:
+    """`save_pretrained` into a temporary folder, then rename: `out` is either complete or absent."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _write_stamp(tmp, **stamp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpus: PreparedCorpus,
+                resume: bool = False, force: bool = False) -> TrainOutcome:
+    out_dir = Path(recipe.output_dir)
+    key = _train_key(recipe, corpus)
+    if not force and not resume and _stamp_matches(recipe.final_model_dir, key):
+        print(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
+        return TrainOutcome(None, recipe.final_model_dir, skipped=True)
+    configure_threads(recipe.trainer.num_threads)
+    seed_everything(recipe.seed, recipe.trainer.deterministic)
+    objective = get_objective(recipe.objective.name)
+    model = model_stage(recipe, tokenizer, objective.head)
+    model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, out_dir / "recipe.yaml")
+
+    tcfg, pcfg = recipe.trainer, recipe.packing
+    train_rows = PackedRows(corpus.split("train"), pcfg.seq_len, pcfg.document_mask)
+    val_rows = PackedRows(corpus.split("val"), pcfg.seq_len, pcfg.document_mask) if corpus.tokens("val") > pcfg.seq_len else None
+    device = pick_device()
+    precision = resolve_precision(tcfg.precision, device)
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return evaluate_loss(m, objective, val_rows, tcfg.batch_size, tcfg.eval_batches, device, precision)
+
+    result = train(
+        model, objective, groups,
+        batches=lambda start: iterate_batches(train_rows, tcfg.batch_size, recipe.seed, start),
+        cfg=tcfg, out_dir=out_dir,
+        batches_per_epoch=len(train_rows) // tcfg.batch_size,
+        tokens_per_batch=tcfg.batch_size * pcfg.seq_len,
+        evaluate=evaluate if val_rows is not None else None,
+        resume=resume,
+    )
+    if result.interrupted:
+        return TrainOutcome(result, recipe.checkpoint_dir)
+    save_final(model, tokenizer, recipe.final_model_dir, key=key, steps=result.state.step)
+    print(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
+          f"model saved to {recipe.final_model_dir}")
+    return TrainOutcome(result, recipe.final_model_dir)
+
+
+# ---------------------------------------------------------------- eval / generate
+def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_name: str, seq_len: int, batch_size: int,
+               max_batches: int | None = None, document_mask: bool = False) -> dict:
+    objective = get_objective(objective_name)
+    tokenizer = load_tokenizer(model_dir)
+    load_prepared(corpus.directory, tokenizer)  # refuse a corpus of another tokenizer
+    model = load_model(model_dir, objective.head)
+    device = pick_device()
+    model.to(device)
+    rows = PackedRows(corpus.split("val"), seq_len, document_mask)
+    metrics = evaluate_loss(model, objective, rows, batch_size, max_batches, device, resolve_precision("auto", device))
+    metrics["unigram_entropy"] = corpus.manifest["unigram_entropy_nats"]
+    return metrics
+
+
+def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, temperature: float,
+                   top_k: int | None, top_p: float | None, seed: int = 0) -> list[str]:
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, "causal_lm")
+    return [generate_text(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed) for p in prompts]
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
+    """The whole pipeline; returns a summary that is also written to OUTPUT_DIR/summary.json."""
+    tokenizer = tokenizer_stage(recipe)
+    corpus = prepare_stage(recipe, tokenizer)
+    outcome = train_stage(recipe, tokenizer, corpus, resume=resume, force=force)
+    if outcome.result is not None and outcome.result.interrupted:
+        return {"interrupted": True, "step": outcome.result.state.step}
+    metrics = eval_stage(outcome.model_dir, corpus, recipe.objective.name, recipe.packing.seq_len,
+                         recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
+    print(f"eval: validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['ppl']:.1f}) "
+          f"vs unigram entropy {metrics['unigram_entropy']:.3f} nats/token over {metrics['tokens']:,} tokens")
+    g = recipe.generate
+    samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
+    for prompt, text in zip(g.prompts, samples, strict=True):
+        print(f"sample: {prompt!r} -> {prompt + text!r}")
+    summary = {"model_dir": str(outcome.model_dir), "eval": metrics, "samples": dict(zip(g.prompts, samples, strict=True))}
+    if outcome.result is not None:
+        summary["train"] = {"steps": outcome.result.state.step, "seconds": round(outcome.result.seconds, 1),
+                            "tokens_per_second": round(outcome.result.tokens_per_second),
+                            "final_train_loss": outcome.result.train_loss, "bad_steps": outcome.result.state.bad_steps}
+    (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

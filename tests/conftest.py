@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EXCERPT = REPO / "assets" / "corpora" / "brown_excerpt.jsonl.gz"
+
+torch.set_num_threads(2)
+
+
+def excerpt_docs(n: int) -> list[str]:
+    docs = []
+    with gzip.open(EXCERPT, "rt") as handle:
+        for line in handle:
+            docs.append(json.loads(line)["text"])
+            if len(docs) == n:
+                break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def small_jsonl(tmp_path_factory) -> Path:
+    """30 real Brown documents as plain JSONL (about 70k words)."""
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in excerpt_docs(30)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, small_jsonl) -> Path:
+    from lmforge.data.formats import iter_corpus
+    from lmforge.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(iter_corpus([str(small_jsonl)]), out, "bpe", vocab_size=512, min_frequency=2, num_sentinels=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from lmforge.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, small_jsonl, tokenizer):
+    from lmforge.data.prepare import prepare_corpus
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    return prepare_corpus([str(small_jsonl)], tokenizer, out, val_fraction=0.1, progress=False)

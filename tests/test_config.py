@@ -1,0 +1,64 @@
+import pytest
+
+from lmforge.config import ConfigError, Recipe, apply_overrides, load_recipe, validate_recipe
+
+
+def test_defaults_validate():
+    recipe = validate_recipe({})
+    assert isinstance(recipe, Recipe)
+    assert recipe.trainer.lr > 0
+
+
+def test_unknown_key_names_key_and_suggests_closest():
+    with pytest.raises(ConfigError) as err:
+        validate_recipe({"trainer": {"lr": 1e-3, "warmup_step": 10}}, "r.yaml")
+    msg = str(err.value)
+    assert "r.yaml" in msg and "trainer.warmup_step" in msg and "did you mean 'trainer.warmup_steps'" in msg
+
+
+def test_unknown_top_level_section_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'trainer'"):
+        validate_recipe({"trainr": {}})
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        validate_recipe({"trainer": {"batch_size": "many"}})
+    assert "trainer.batch_size" in str(err.value) and "'many'" in str(err.value)
+
+
+def test_negative_learning_rate_rejected():
+    with pytest.raises(ConfigError, match="trainer.lr"):
+        validate_recipe({"trainer": {"lr": -1.0}})
+
+
+def test_only_one_training_length():
+    with pytest.raises(ConfigError, match="only one of"):
+        validate_recipe({"trainer": {"max_steps": 10, "epochs": 1}})
+
+
+def test_overrides_parse_values():
+    raw = apply_overrides({"trainer": {"lr": 1.0}}, ["trainer.lr=3e-4", "trainer.compile=true", "generate.prompts=[a, b]"])
+    recipe = validate_recipe(raw)
+    assert recipe.trainer.lr == pytest.approx(3e-4)
+    assert recipe.trainer.compile is True
+    assert recipe.generate.prompts == ["a", "b"]
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["trainer.lr"])
+
+
+def test_yaml_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  lr: 1\n  bad: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_recipe(path)
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    for path in (Path(__file__).parents[1] / "recipes").glob("*.yaml"):
+        load_recipe(path)

@@ -1,0 +1,77 @@
+"""A tiny recipe through the CLI: tokenizer -> prepare -> train -> eval -> generate, plus `run`."""
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.engine.metrics import read_metrics
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _tiny_recipe(tmp_path, corpus, **trainer):
+    recipe = {
+        "output_dir": str(tmp_path / "run"),
+        "tokenizer": {"train_files": [str(corpus)], "vocab_size": 512},
+        "data": {"train_files": [str(corpus)], "val_fraction": 0.1},
+        "model": {"family": "llama", "preset": "tiny",
+                  "overrides": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                "num_key_value_heads": 2, "intermediate_size": 256}},
+        "packing": {"seq_len": 64},
+        "trainer": {"max_steps": 60, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "eval_every": 20,
+                    "eval_batches": 4, "log_every": 5, "save_every": 20, "progress": False, **trainer},
+        "generate": {"prompts": ["The jury"], "max_new_tokens": 8},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_commands_end_to_end(tmp_path, small_jsonl):
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    assert "tokens saved" in _invoke("tokenizer", small_jsonl, "--out", tok, "--vocab-size", 512)
+    out = _invoke("prepare", small_jsonl, "--tokenizer", tok, "--out", data, "--val-fraction", 0.1)
+    assert "train" in out and "tokens/s" in out
+    recipe = _tiny_recipe(tmp_path, small_jsonl)
+    _invoke("train", recipe, f"tokenizer.path={tok}", "tokenizer.train_files=[]", "data.train_files=[]",
+            f"data.prepared_dir={data}")
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")]
+    assert losses[-1] < losses[0] - 0.5
+    final = tmp_path / "run" / "final"
+    out = _invoke("eval", "--model", final, "--data", data, "--seq-len", 64)
+    loss = float(out.split("loss ")[1].split()[0])
+    entropy = float(out.split("unigram entropy ")[1].split()[0])
+    assert loss < entropy  # learned more than token frequencies
+    out = _invoke("generate", "--model", final, "--prompt", "The jury", "--max-new-tokens", 8, "--temperature", 0)
+    assert out.startswith("The jury") and len(out.strip()) > len("The jury")
+
+
+def test_run_recipe_then_rerun_skips(tmp_path, small_jsonl):
+    recipe = _tiny_recipe(tmp_path, small_jsonl, max_steps=10, eval_every=10)
+    out = _invoke("run", recipe)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 10 and summary["samples"]["The jury"]
+    assert "unigram entropy" in out
+    out = _invoke("run", recipe)
+    assert "up to date" in out
+
+
+def test_cli_reports_bad_recipe_key(tmp_path, small_jsonl):
+    recipe = _tiny_recipe(tmp_path, small_jsonl)
+    result = runner.invoke(app, ["train", str(recipe), "trainer.warmup=3"])
+    assert result.exit_code == 2
+    assert "trainer.warmup" in result.output and "did you mean 'trainer.warmup_steps'" in result.output
+
+
+def test_help_on_every_command():
+    for command in ("tokenizer", "prepare", "train", "eval", "generate", "run"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output

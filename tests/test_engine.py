@@ -1,0 +1,135 @@
+"""The loop: resume equality, atomic checkpoints, NaN guards, metrics."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.config import TrainerConfig
+from lmforge.data.packing import PackedRows, iterate_batches
+from lmforge.engine import checkpoint as ckpt
+from lmforge.engine.loop import TrainingDiverged, train
+from lmforge.engine.metrics import read_metrics
+from lmforge.engine.optimizer import decay_groups
+from lmforge.models.factory import build_model, preset_config
+from lmforge.objectives.clm import CausalLM
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 128}
+
+
+def _model(vocab: int):
+    torch.manual_seed(0)
+    return build_model(preset_config("llama", "tiny", vocab, 128, **TINY), "causal_lm")
+
+
+def _run(prepared, out, resume=False, crash_after_batches=None, **overrides):
+    cfg = TrainerConfig(**{"max_steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                           "eval_every": 100, "save_every": 3, "keep_last": 2, "progress": False, "precision": "fp32",
+                           **overrides})
+    rows = PackedRows(prepared.split("train"), 32)
+    model = _model(prepared.vocab_size)
+
+    def batches(start):
+        for i, batch in enumerate(iterate_batches(rows, cfg.batch_size, 0, start)):
+            if crash_after_batches is not None and i == crash_after_batches:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    result = train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), batches, cfg, out,
+                   batches_per_epoch=len(rows) // cfg.batch_size, tokens_per_batch=cfg.batch_size * 32,
+                   resume=resume, log=lambda s: None)
+    return model, result
+
+
+def test_loss_falls(prepared, tmp_path):
+    _, result = _run(prepared, tmp_path, max_steps=30, save_every=None)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
+
+
+def test_resume_after_crash_matches_uninterrupted_run(prepared, tmp_path):
+    full_model, _ = _run(prepared, tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(prepared, tmp_path / "crashed", crash_after_batches=7)  # after the step-6 checkpoint
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step_00000003", "step_00000006"]
+    resumed_model, result = _run(prepared, tmp_path / "crashed", resume=True)
+    assert result.state.step == 8
+    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl", "train")]
+    again = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "crashed" / "metrics.jsonl", "train")]
+    assert again == full  # same steps, same losses, bit for bit
+    resumed = resumed_model.state_dict()
+    for name, tensor in full_model.state_dict().items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_keep_last_and_atomic_layout(prepared, tmp_path):
+    _run(prepared, tmp_path, max_steps=8, save_every=2, keep_last=2)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000006", "step_00000008"]
+    state = ckpt.verify_checkpoint(tmp_path / "checkpoints" / "step_00000008")
+    assert state["train_state"]["step"] == 8 and set(state["checksums"]) == {"model.safetensors", "optimizer.pt", "rng.pt"}
+    assert "model.layers.0.self_attn.q_proj.weight" in load_file(tmp_path / "checkpoints" / "step_00000008" / "model.safetensors")
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(prepared, tmp_path):
+    _run(prepared, tmp_path, max_steps=6, save_every=3)
+    newest = tmp_path / "checkpoints" / "step_00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        ckpt.verify_checkpoint(newest.parent)
+    warnings = []
+    path, state = ckpt.latest_valid_checkpoint(tmp_path / "checkpoints", warn=warnings.append)
+    assert path.name == "step_00000003" and "step_00000006" in warnings[0]
+
+
+def test_interrupted_write_leaves_previous_checkpoint(prepared, tmp_path, monkeypatch):
+    model, _ = _run(prepared, tmp_path, max_steps=3, save_every=3)
+    before = (tmp_path / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save_checkpoint(tmp_path / "checkpoints", 4, model, opt, {}, keep_last=2)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+    assert (tmp_path / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes() == before
+
+
+def test_nan_steps_skipped_then_run_stops(prepared, tmp_path, monkeypatch):
+    real_loss = CausalLM.loss
+    calls = {"n": 0}
+
+    def flaky(self, model, batch):
+        calls["n"] += 1
+        loss, metrics = real_loss(self, model, batch)
+        return (loss * float("nan") if calls["n"] in (2, 3) else loss), metrics
+
+    monkeypatch.setattr(CausalLM, "loss", flaky)
+    model, result = _run(prepared, tmp_path / "a", max_steps=5, save_every=None)
+    assert result.state.bad_steps == 2 and result.state.step == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    monkeypatch.setattr(CausalLM, "loss", lambda self, m, b: (real_loss(self, m, b)[0] * float("nan"), {}))
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        _run(prepared, tmp_path / "b", max_steps=10, max_bad_steps=3, save_every=None)
+
+
+def test_grad_accumulation_matches_big_batch(prepared, tmp_path):
+    big, _ = _run(prepared, tmp_path / "big", max_steps=2, batch_size=4, save_every=None)
+    acc, _ = _run(prepared, tmp_path / "acc", max_steps=2, batch_size=2, grad_accum=2, save_every=None)
+    for a, b in zip(big.parameters(), acc.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_metrics_jsonl_and_tensorboard(prepared, tmp_path):
+    _run(prepared, tmp_path, max_steps=4, save_every=None, log_every=2)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"loss", "lr", "tokens_per_s", "grad_norm", "tokens_seen"} <= set(records[0])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    shutil.rmtree(tmp_path / "tensorboard")
+    json.dumps(records)

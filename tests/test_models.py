@@ -1,0 +1,59 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+from lmforge.models.factory import (
+    FAMILIES,
+    ModelError,
+    build_model,
+    count_parameters,
+    flops_per_token,
+    load_model,
+    preset_config,
+)
+
+AUTO = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_builds_saves_and_loads_with_plain_transformers(tmp_path, family):
+    head = FAMILIES[family][1]
+    model = build_model(preset_config(family, "tiny", 512), head)
+    total, trainable = count_parameters(model)
+    assert 1e6 < total < 2e7 and trainable == total
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    again = AUTO[head].from_pretrained(str(tmp_path))
+    loaded = again.state_dict()
+    assert set(loaded) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded[name]), name
+
+
+def test_presets_grow_and_overrides_apply():
+    sizes = [count_parameters(build_model(preset_config("llama", p, 1024), "causal_lm"))[0] for p in ("tiny", "small")]
+    assert sizes[0] < sizes[1]
+    cfg = preset_config("llama", "tiny", 1024, num_hidden_layers=2)
+    assert cfg.num_hidden_layers == 2
+
+
+def test_flops_per_token_counts_matmuls():
+    model = build_model(preset_config("llama", "tiny", 1024), "causal_lm")
+    total, _ = count_parameters(model)
+    flops = flops_per_token(model, 256)
+    assert flops == pytest.approx(6 * total + 12 * 4 * 256 * 256)  # tied embeddings: the head is a matmul
+
+
+def test_checkpoint_of_another_architecture_refused(tmp_path):
+    build_model(preset_config("bert", "tiny", 512), "masked_lm").save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="'bert' checkpoint cannot be trained with a causal-LM"):
+        load_model(tmp_path, "causal_lm")
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tmp_path / "missing", "causal_lm")
+
+
+def test_unknown_family_and_preset():
+    with pytest.raises(ModelError, match="unknown family"):
+        preset_config("mamba", "tiny", 100)
+    with pytest.raises(ModelError, match="unknown preset"):
+        preset_config("llama", "huge", 100)
