@@ -9,6 +9,7 @@ from lmforge.cli import app
 from lmforge.engine.metrics import read_metrics
 
 runner = CliRunner()
+PRECISION = "trainer.precision=fp32"
 
 
 def _invoke(*args):
@@ -26,7 +27,7 @@ def _tiny_recipe(tmp_path, corpus, **trainer):
                   "overrides": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
                                 "num_key_value_heads": 2, "intermediate_size": 256}},
         "packing": {"seq_len": 64},
-        "trainer": {"max_steps": 60, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "eval_every": 20,
+        "trainer": {"max_steps": 120, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "eval_every": 20,
                     "eval_batches": 4, "log_every": 5, "save_every": 20, "progress": False, **trainer},
         "generate": {"prompts": ["The jury"], "max_new_tokens": 8},
     }
@@ -41,7 +42,7 @@ def test_commands_end_to_end(tmp_path, small_jsonl):
     out = _invoke("prepare", small_jsonl, "--tokenizer", tok, "--out", data, "--val-fraction", 0.1)
     assert "train" in out and "tokens/s" in out
     recipe = _tiny_recipe(tmp_path, small_jsonl)
-    _invoke("train", recipe, f"tokenizer.path={tok}", "tokenizer.train_files=[]", "data.train_files=[]",
+    _invoke("train", recipe, PRECISION, f"tokenizer.path={tok}", "tokenizer.train_files=[]", "data.train_files=[]",
             f"data.prepared_dir={data}")
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")]
     assert losses[-1] < losses[0] - 0.5
@@ -49,7 +50,7 @@ def test_commands_end_to_end(tmp_path, small_jsonl):
     out = _invoke("eval", "--model", final, "--data", data, "--seq-len", 64)
     loss = float(out.split("loss ")[1].split()[0])
     entropy = float(out.split("unigram entropy ")[1].split()[0])
-    assert loss < entropy  # learned more than token frequencies
+    assert loss < entropy - 0.2  # learned more than token frequencies
     out = _invoke("generate", "--model", final, "--prompt", "The jury", "--max-new-tokens", 8, "--temperature", 0)
     assert out.startswith("The jury") and len(out.strip()) > len("The jury")
 

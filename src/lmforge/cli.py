@@ -49,6 +49,29 @@ def _recipe(path: Path | None, overrides: list[str] | None):
     return _guarded(load_recipe, path, overrides or [])
 
 
+def _precheck(cfg) -> None:
+    """The pre-launch check on a sample of each data file; a run never starts on known-bad input."""
+    from lmforge.check import check_recipe
+
+    report = check_recipe(cfg, sample_rows=1000, measure=False)
+    if not report.ok:
+        typer.echo(report.render(), err=True)
+        _fail("pre-launch check failed; nothing was written (details above; `lmforge check` scans every row)")
+
+
+@app.command()
+def check(recipe: RecipeArg, overrides: Overrides = None,
+          measure: Annotated[bool, typer.Option(help="Measure time and memory per step with real steps.")] = True) -> None:
+    """Validate a recipe, scan all its data, and measure time and memory per step."""
+    from lmforge.check import check_recipe
+
+    cfg = _recipe(recipe, overrides)
+    report = _guarded(check_recipe, cfg, None, measure)
+    typer.echo(report.render())
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def tokenizer(
     inputs: Annotated[list[str], typer.Argument(help="Text/JSONL/CSV/Parquet files or globs.")],
@@ -101,6 +124,7 @@ def train(
     from lmforge import pipeline
 
     cfg = _recipe(recipe, overrides)
+    _precheck(cfg)
 
     def run():
         tok = pipeline.tokenizer_stage(cfg)
@@ -158,6 +182,7 @@ def run(
     from lmforge.pipeline import run_recipe
 
     cfg = _recipe(recipe, overrides)
+    _precheck(cfg)
     summary = _guarded(run_recipe, cfg, resume, force)
     if summary.get("interrupted"):
         raise typer.Exit(code=130)

@@ -53,37 +53,70 @@ def _open_text(path: str) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) pairs; decoding line by line so an error names the right line."""
+def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
         with opener(path, "rb") as handle:
             for lineno, raw in enumerate(handle, start=1):  # noqa: B007
-                try:
-                    yield lineno, raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                yield lineno, raw
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}:{lineno + 1}: cannot read ({exc})") from None
 
 
+def _decode(path: str, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs, decoded line by line so that an error names the right line."""
+    for lineno, raw in _raw_lines(path):
+        yield lineno, _decode(path, lineno, raw)
+
+
+def parse_jsonl_line(path: str, lineno: int, line: str, column: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    if column not in row:
+        raise DataError(f"{path}:{lineno}: no column '{column}' (columns: {', '.join(row)})")
+    value = row[column]
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: column '{column}' is {type(value).__name__}, not text")
+    return value
+
+
 def read_jsonl(path: str, column: str) -> Iterator[str]:
     for lineno, line in _lines(path):
-        if not line.strip():
-            continue
+        if line.strip():
+            yield parse_jsonl_line(path, lineno, line, column)
+
+
+def scan_jsonl(path: str, column: str, max_rows: int | None = None) -> Iterator[str | DataError]:
+    """Like `read_jsonl`, but a bad row is yielded as its error and the scan goes on."""
+    lines = _raw_lines(path)
+    while True:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        if column not in row:
-            raise DataError(f"{path}:{lineno}: no column '{column}' (columns: {', '.join(row)})")
-        value = row[column]
-        if not isinstance(value, str):
-            raise DataError(f"{path}:{lineno}: column '{column}' is {type(value).__name__}, not text")
-        yield value
+            lineno, raw = next(lines)
+        except StopIteration:
+            return
+        except DataError as exc:  # the file itself is unreadable past this point
+            yield exc
+            return
+        if max_rows is not None and lineno > max_rows:
+            return
+        try:
+            line = _decode(path, lineno, raw)
+            if line.strip():
+                yield parse_jsonl_line(path, lineno, line, column)
+        except DataError as exc:
+            yield exc
 
 
 def read_text(path: str) -> Iterator[str]:

@@ -174,6 +174,9 @@ def prepare_corpus(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot write the prepared corpus ({exc.strerror or exc}); "
+                        "the previous contents are untouched") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return PreparedCorpus(out_dir, manifest)

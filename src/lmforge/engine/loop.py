@@ -152,6 +152,8 @@ def train(
             ckpt.load_checkpoint(path, model, optimizer)
             scheduler.load_state_dict(saved["scheduler"])
             state = TrainState(**saved["train_state"])
+            # `auto` precision is measured; a resumed run keeps the choice it started with.
+            precision = saved.get("precision", precision)
             log(f"resume: continuing from {path} (step {state.step})")
 
     step_model = torch.compile(model) if cfg.compile else model
@@ -160,7 +162,7 @@ def train(
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
 
     def save(step: int) -> Path:
-        extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state)}
+        extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
         return ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
 
     source = Prefetcher(batches(state.step * cfg.grad_accum))

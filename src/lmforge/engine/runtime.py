@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import random
+import statistics
 import time
 
 import numpy as np
@@ -31,15 +32,16 @@ def bf16_matmul_speedup(width: int = 512) -> float:
     AVX512-BF16 parts oneDNN runs it slower than fp32 (0.6x measured on the dev machines).
     """
     a32, b32 = torch.randn(1024, width), torch.randn(width, 4 * width)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = a32.to(dtype), b32.to(dtype)
-        a @ b  # warm-up: first call picks kernels
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        timings[dtype] = time.perf_counter() - start
-    return timings[torch.float32] / timings[torch.bfloat16]
+    timings: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    for _ in range(3):  # alternate the two and keep medians: the machine is noisy
+        for dtype in timings:
+            a, b = a32.to(dtype), b32.to(dtype)
+            a @ b  # warm-up: the first call picks kernels
+            start = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            timings[dtype].append(time.perf_counter() - start)
+    return statistics.median(timings[torch.float32]) / statistics.median(timings[torch.bfloat16])
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

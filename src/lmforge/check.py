@@ -1,0 +1,245 @@
+"""Pre-launch check: everything that can be known about a run before it starts.
+
+`lmforge check RECIPE` streams through every data file (bad rows listed with file:line), shows
+the document-length histogram and how many documents exceed the sequence length, checks the
+tokenizer / prepared corpus / checkpoint / output folder for mismatches, and measures peak memory
+and time per step with a few real training steps. `lmforge train` runs the same checks on a
+sample of each file (without the measurement) and refuses to start on an error.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import Recipe
+from lmforge.data.formats import DataError, detect_format, expand_inputs, read_documents, scan_jsonl
+from lmforge.data.prepare import read_manifest
+from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    bad_rows: list[str] = field(default_factory=list)
+    bad_row_count: int = 0
+    documents: int = 0
+    histogram: dict[str, int] = field(default_factory=dict)
+    longer_than_seq: int = 0
+    length_unit: str = "tokens"
+    step_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    tokens_per_second: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.bad_row_count == 0
+
+    def render(self, max_listed: int = 5) -> str:
+        lines = [f"documents read: {self.documents:,}"]
+        if self.bad_row_count:
+            lines.append(f"bad rows: {self.bad_row_count} (first {min(max_listed, len(self.bad_rows))}):")
+            lines += [f"  {row}" for row in self.bad_rows[:max_listed]]
+        if self.histogram:
+            lines.append(f"document length ({self.length_unit}):")
+            width = max(self.histogram.values())
+            for bucket, count in self.histogram.items():
+                lines.append(f"  {bucket:>13} {count:>8,} {'#' * max(1, round(30 * count / width)) if count else ''}")
+            lines.append(f"documents longer than seq_len (split across packed rows): {self.longer_than_seq:,}")
+        if self.step_seconds is not None:
+            lines.append(f"measured: {self.step_seconds:.3f} s/step, {self.tokens_per_second:,.0f} tokens/s, "
+                         f"peak RSS {self.peak_rss_mb:,.0f} MB")
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"error: {e}" for e in self.errors]
+        lines.append("check: OK" if self.ok else "check: FAILED")
+        return "\n".join(lines)
+
+
+def _histogram(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    edges = [0, 16, 64, 256, 1024, 4096, 16384]
+    counts = np.histogram(lengths, bins=[*edges, max(max(lengths) + 1, edges[-1] + 1)])[0]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)] + [f">={edges[-1]}"]
+    return dict(zip(labels, counts.tolist(), strict=True))
+
+
+def _scan_files(recipe: Recipe, report: CheckReport, sample_rows: int | None) -> list[str]:
+    """Read every data file (or its first `sample_rows` rows); returns a sample of documents."""
+    sample: list[str] = []
+    cfg = recipe.data
+    sources = list(dict.fromkeys([*cfg.train_files, *recipe.tokenizer.train_files]))
+    if not sources and not recipe.prepared_dir.joinpath("manifest.json").is_file():
+        report.errors.append("data.train_files: no data files and no prepared corpus at " + str(recipe.prepared_dir))
+    try:
+        files = expand_inputs(sources) if sources else []
+    except DataError as exc:
+        report.errors.append(str(exc))
+        return sample
+    for path in files:
+        fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+        if fmt == "hf":
+            report.notes.append(f"{path}: a `datasets` name, not scanned (needs the network)")
+            continue
+        if Path(path).stat().st_size == 0:
+            report.errors.append(f"{path}: empty file")
+            continue
+        rows = scan_jsonl(path, cfg.column, sample_rows) if fmt == "jsonl" else _guarded_rows(path, cfg.column, fmt, sample_rows)
+        found = 0
+        for row in rows:
+            if isinstance(row, DataError):
+                report.bad_row_count += 1
+                report.bad_rows.append(str(row))
+                continue
+            if row.strip():
+                found += 1
+                if len(sample) < 2000:
+                    sample.append(row)
+        report.documents += found
+        if found == 0 and report.bad_row_count == 0:
+            report.errors.append(f"{path}: no non-empty documents")
+    return sample
+
+
+def _guarded_rows(path: str, column: str, fmt: str, limit: int | None):
+    try:
+        for i, doc in enumerate(read_documents(path, column, fmt)):
+            if limit is not None and i >= limit:
+                return
+            yield doc
+    except DataError as exc:
+        yield exc
+
+
+def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
+    tokenizer = None
+    source = recipe.tokenizer.path or (recipe.tokenizer_dir if recipe.tokenizer_dir.joinpath("tokenizer.json").is_file() else None) \
+        or recipe.model.path
+    if source is not None:
+        try:
+            tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            report.errors.append(f"tokenizer {source}: cannot load ({exc})")
+    if tokenizer is not None and sample:
+        lengths = [len(ids) for ids in tokenizer(sample, add_special_tokens=False).input_ids]
+    else:
+        lengths = [len(doc) // 4 for doc in sample]  # rough: ~4 characters per token before a tokenizer exists
+        report.length_unit = "tokens, estimated as characters/4 (tokenizer not trained yet)"
+    report.histogram = _histogram(lengths)
+    report.longer_than_seq = sum(n > recipe.packing.seq_len for n in lengths)
+    if tokenizer is not None:
+        try:
+            manifest = read_manifest(recipe.prepared_dir) if recipe.prepared_dir.is_dir() else None
+        except DataError as exc:
+            report.errors.append(str(exc))
+            return tokenizer
+        if manifest and not recipe.data.train_files and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            report.errors.append(f"{recipe.prepared_dir}/manifest.json: prepared with another tokenizer; prepare it again")
+    return tokenizer
+
+
+def _check_paths(recipe: Recipe, report: CheckReport) -> None:
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        report.errors.append(f"output_dir: {out} exists and is a file")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                report.errors.append(f"output_dir: {parent} (a parent of {out}) is a file")
+            break
+    if recipe.model.path and not Path(recipe.model.path, "config.json").is_file():
+        report.errors.append(f"model.path: {recipe.model.path} is not a model directory (no config.json)")
+    report.notes.append(f"trust_remote_code: {'ON (recipe asks for it)' if recipe.model.trust_remote_code else 'off'}")
+
+
+def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) -> None:
+    """Architecture and length problems, found from the config alone, before anything is built."""
+    from transformers import AutoConfig
+
+    from lmforge.models.factory import FAMILIES, NOT_DECODERS, ModelError, preset_config
+    from lmforge.objectives import get_objective
+
+    cfg = recipe.model
+    try:
+        head = get_objective(recipe.objective.name).head
+        if cfg.path:
+            if not Path(cfg.path, "config.json").is_file():
+                return  # reported by _check_paths
+            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+            if head == "causal_lm" and config.model_type in NOT_DECODERS:
+                raise ModelError(f"model.path: {cfg.path} holds a '{config.model_type}' checkpoint, "
+                                 f"which objective '{recipe.objective.name}' cannot train")
+        else:
+            if FAMILIES[cfg.family][1] != head:
+                raise ModelError(f"model.family: '{cfg.family}' is a {FAMILIES[cfg.family][1]} model; "
+                                 f"objective '{recipe.objective.name}' needs a {head} model")
+            config = preset_config(cfg.family, cfg.preset, vocab_size or 256, max(1024, recipe.packing.seq_len), **cfg.overrides)
+    except (ModelError, ValueError, TypeError, OSError) as exc:
+        report.errors.append(str(exc))
+        return
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and recipe.packing.seq_len > limit:
+        report.errors.append(f"packing.seq_len: {recipe.packing.seq_len} is longer than the model's {limit} positions")
+
+
+def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, float, float]:
+    """(seconds per step, tokens/s, peak RSS MB) from real forward/backward/optimizer steps."""
+    from lmforge.engine.optimizer import build_optimizer
+    from lmforge.engine.runtime import autocast, pick_device, resolve_precision
+    from lmforge.methods import apply_method
+    from lmforge.objectives import get_objective
+    from lmforge.pipeline import model_stage
+
+    objective = get_objective(recipe.objective.name)
+    model = model_stage(recipe, tokenizer, objective.head)
+    model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
+    t = recipe.trainer
+    optimizer = build_optimizer(groups, t.lr, t.betas, t.eps, t.optimizer_impl)
+    device = pick_device()
+    precision = resolve_precision(t.precision, device)
+    model.to(device).train()
+    vocab = len(tokenizer)
+    tokens = torch.randint(0, vocab, (t.batch_size, recipe.packing.seq_len + 1), device=device)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    timings = []
+    for _ in range(steps + 1):  # the first step warms up kernels and allocators
+        start = time.perf_counter()
+        for _ in range(t.grad_accum):
+            with autocast(device, precision):
+                loss, _ = objective.loss(model, batch)
+            (loss / t.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    step = statistics.median(timings[1:])
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return step, t.batch_size * t.grad_accum * recipe.packing.seq_len / step, peak
+
+
+def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True) -> CheckReport:
+    report = CheckReport()
+    _check_paths(recipe, report)
+    sample = _scan_files(recipe, report, sample_rows)
+    tokenizer = _check_lengths(recipe, report, sample)
+    _check_model(recipe, report, len(tokenizer) if tokenizer is not None else None)
+    if measure and not report.errors:
+        if tokenizer is None:
+            report.notes.append("time/memory not measured: no tokenizer yet (train it first)")
+        else:
+            try:
+                report.step_seconds, report.tokens_per_second, report.peak_rss_mb = measure_steps(recipe, tokenizer)
+            except (ValueError, RuntimeError) as exc:
+                report.errors.append(f"model: {exc}")
+    return report
