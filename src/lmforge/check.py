@@ -164,11 +164,11 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
     from transformers import AutoConfig
 
     from lmforge.models.factory import FAMILIES, NOT_DECODERS, ModelError, preset_config
-    from lmforge.objectives import get_objective
+    from lmforge.objectives import HEADS
 
     cfg = recipe.model
     try:
-        head = get_objective(recipe.objective.name).head
+        head = HEADS[recipe.objective.name]
         if cfg.path:
             if not Path(cfg.path, "config.json").is_file():
                 return  # reported by _check_paths
@@ -197,7 +197,7 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
     from lmforge.objectives import get_objective
     from lmforge.pipeline import model_stage
 
-    objective = get_objective(recipe.objective.name)
+    objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
     t = recipe.trainer
@@ -206,7 +206,9 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
     precision = resolve_precision(t.precision, device)
     model.to(device).train()
     vocab = len(tokenizer)
-    tokens = torch.randint(0, vocab, (t.batch_size, recipe.packing.seq_len + 1), device=device)
+    row = objective.row_length(recipe.packing.seq_len)
+    # ordinary ids only: objectives treat special tokens (sentinels, EOS) specially
+    tokens = torch.randint(len(tokenizer.all_special_ids) + 8, vocab, (t.batch_size, row + 1), device=device)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     timings = []
     for _ in range(steps + 1):  # the first step warms up kernels and allocators
@@ -225,7 +227,7 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return step, t.batch_size * t.grad_accum * recipe.packing.seq_len / step, peak
+    return step, t.batch_size * t.grad_accum * row / step, peak
 
 
 def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True) -> CheckReport:

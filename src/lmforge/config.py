@@ -58,7 +58,26 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span"] = "clm"
+    # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
+    random_replace_prob: float = Field(0.1, ge=0.0, le=1.0)
+    whole_word_masking: bool = False
+    # prefix_lm: the prefix length is drawn uniformly between these fractions of the row
+    prefix_min_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    prefix_max_fraction: float = Field(0.9, gt=0.0, lt=1.0)
+    # span: T5 span corruption
+    noise_density: float = Field(0.15, gt=0.0, lt=1.0)
+    mean_span_length: float = Field(3.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> ObjectiveConfig:
+        if self.mask_replace_prob + self.random_replace_prob > 1.0:
+            raise ValueError("mask_replace_prob + random_replace_prob must be at most 1")
+        if self.prefix_min_fraction > self.prefix_max_fraction:
+            raise ValueError("prefix_min_fraction must not exceed prefix_max_fraction")
+        return self
 
 
 class MethodConfig(Section):

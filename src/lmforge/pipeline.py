@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmforge.config import Recipe, dump_recipe
+from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
@@ -27,7 +27,7 @@ from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.methods import apply_method
 from lmforge.models.factory import FAMILIES, ModelError, build_model, describe, load_model, preset_config
-from lmforge.objectives import get_objective
+from lmforge.objectives import HEADS, get_objective
 
 STAMP = "lmforge_stage.json"
 
@@ -143,15 +143,16 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpus: Prep
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
     configure_threads(recipe.trainer.num_threads)
     seed_everything(recipe.seed, recipe.trainer.deterministic)
-    objective = get_objective(recipe.objective.name)
+    objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out_dir / "recipe.yaml")
 
     tcfg, pcfg = recipe.trainer, recipe.packing
-    train_rows = PackedRows(corpus.split("train"), pcfg.seq_len, pcfg.document_mask)
-    val_rows = PackedRows(corpus.split("val"), pcfg.seq_len, pcfg.document_mask) if corpus.tokens("val") > pcfg.seq_len else None
+    row_len = objective.row_length(pcfg.seq_len)
+    train_rows = PackedRows(corpus.split("train"), row_len, pcfg.document_mask)
+    val_rows = PackedRows(corpus.split("val"), row_len, pcfg.document_mask) if corpus.tokens("val") > row_len else None
     device = pick_device()
     precision = resolve_precision(tcfg.precision, device)
 
@@ -163,7 +164,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpus: Prep
         batches=lambda start: iterate_batches(train_rows, tcfg.batch_size, recipe.seed, start),
         cfg=tcfg, out_dir=out_dir,
         batches_per_epoch=len(train_rows) // tcfg.batch_size,
-        tokens_per_batch=tcfg.batch_size * pcfg.seq_len,
+        tokens_per_batch=tcfg.batch_size * row_len,
         evaluate=evaluate if val_rows is not None else None,
         resume=resume,
     )
@@ -176,15 +177,15 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpus: Prep
 
 
 # ---------------------------------------------------------------- eval / generate
-def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_name: str, seq_len: int, batch_size: int,
+def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: ObjectiveConfig | str, seq_len: int, batch_size: int,
                max_batches: int | None = None, document_mask: bool = False) -> dict:
-    objective = get_objective(objective_name)
     tokenizer = load_tokenizer(model_dir)
+    objective = get_objective(objective_cfg, tokenizer)
     load_prepared(corpus.directory, tokenizer)  # refuse a corpus of another tokenizer
     model = load_model(model_dir, objective.head)
     device = pick_device()
     model.to(device)
-    rows = PackedRows(corpus.split("val"), seq_len, document_mask)
+    rows = PackedRows(corpus.split("val"), objective.row_length(seq_len), document_mask)
     metrics = evaluate_loss(model, objective, rows, batch_size, max_batches, device, resolve_precision("auto", device))
     metrics["unigram_entropy"] = corpus.manifest["unigram_entropy_nats"]
     return metrics
@@ -204,15 +205,19 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     outcome = train_stage(recipe, tokenizer, corpus, resume=resume, force=force)
     if outcome.result is not None and outcome.result.interrupted:
         return {"interrupted": True, "step": outcome.result.state.step}
-    metrics = eval_stage(outcome.model_dir, corpus, recipe.objective.name, recipe.packing.seq_len,
+    metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
                          recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
     print(f"eval: validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['ppl']:.1f}) "
           f"vs unigram entropy {metrics['unigram_entropy']:.3f} nats/token over {metrics['tokens']:,} tokens")
+    if "accuracy" in metrics:
+        print(f"eval: accuracy on the objective's targets {metrics['accuracy']:.3f}")
     g = recipe.generate
-    samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
-    for prompt, text in zip(g.prompts, samples, strict=True):
+    samples: list[str] = []
+    if HEADS[recipe.objective.name] == "causal_lm":  # only decoders continue a prompt
+        samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
+    for prompt, text in zip(g.prompts, samples, strict=False):
         print(f"sample: {prompt!r} -> {prompt + text!r}")
-    summary = {"model_dir": str(outcome.model_dir), "eval": metrics, "samples": dict(zip(g.prompts, samples, strict=True))}
+    summary = {"model_dir": str(outcome.model_dir), "eval": metrics, "samples": dict(zip(g.prompts, samples, strict=False))}
     if outcome.result is not None:
         summary["train"] = {"steps": outcome.result.state.step, "seconds": round(outcome.result.seconds, 1),
                             "tokens_per_second": round(outcome.result.tokens_per_second),

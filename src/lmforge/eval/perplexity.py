@@ -13,20 +13,28 @@ from lmforge.engine.runtime import autocast
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, objective, rows: PackedRows, batch_size: int, max_batches: int | None,
-                  device: torch.device, precision: str) -> dict[str, float]:
-    """Mean loss over the first `max_batches` batches of `rows` (in order, so every eval sees the same data)."""
+                  device: torch.device, precision: str, seed: int = 1234) -> dict[str, float]:
+    """Token-weighted mean loss (and accuracy, where the objective counts it) over the first `max_batches` batches of `rows` (in order, so every eval sees the same data)."""
     model.eval()
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, correct = 0.0, 0, 0
     batches = math.ceil(len(rows) / batch_size)
     if max_batches is not None:
         batches = min(batches, max_batches)
-    for b in range(batches):
-        indices = list(range(b * batch_size, min((b + 1) * batch_size, len(rows))))
-        batch = {k: v.to(device) for k, v in rows.batch(indices).items()}
-        with autocast(device, precision):
-            loss, metrics = objective.loss(model, batch)
-        count = int(metrics["tokens"])
-        total_loss += float(loss) * count
-        total_tokens += count
+    # Objectives that draw masks use the torch RNG: evaluate with fixed draws (comparable across
+    # evals) and leave the training RNG exactly where it was (resumed runs stay identical).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for b in range(batches):
+            indices = list(range(b * batch_size, min((b + 1) * batch_size, len(rows))))
+            batch = {k: v.to(device) for k, v in rows.batch(indices).items()}
+            with autocast(device, precision):
+                loss, metrics = objective.loss(model, batch)
+            count = int(metrics["tokens"])
+            total_loss += float(loss) * count
+            total_tokens += count
+            correct += int(metrics.get("correct", 0))
     mean = total_loss / max(total_tokens, 1)
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}
+    result = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}
+    if "correct" in metrics:
+        result["accuracy"] = correct / max(total_tokens, 1)
+    return result

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from lmforge.config import ObjectiveConfig
 from lmforge.objectives.base import Objective
 from lmforge.objectives.clm import CausalLM
+from lmforge.objectives.mlm import MaskedLM
+from lmforge.objectives.prefix_lm import PrefixLM
+from lmforge.objectives.span import SpanCorruption
 
-OBJECTIVES: dict[str, type] = {"clm": CausalLM}
+OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption}
+HEADS = {name: cls.head for name, cls in OBJECTIVES.items()}
 
 
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective.name: unknown objective '{name}' (known: {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[name]()
+def get_objective(cfg: ObjectiveConfig | str, tokenizer=None) -> Objective:
+    cfg = ObjectiveConfig(name=cfg) if isinstance(cfg, str) else cfg
+    if cfg.name not in OBJECTIVES:
+        raise ValueError(f"objective.name: unknown objective '{cfg.name}' (known: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[cfg.name](cfg, tokenizer)

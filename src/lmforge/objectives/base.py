@@ -12,8 +12,12 @@ class Objective(Protocol):
     name: str
     head: str  # the model head it trains: "causal_lm", "masked_lm" or "seq2seq"
 
+    def row_length(self, seq_len: int) -> int:
+        """Raw tokens per packed row that produce model inputs of `seq_len` (span corruption shrinks rows)."""
+        ...
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss (mean over target tokens) and metrics to log."""
+        """Scalar loss (mean over target tokens) and counts: "tokens" (targets), optionally "correct"."""
         ...
 
 

@@ -17,6 +17,12 @@ class CausalLM:
     name = "clm"
     head = "causal_lm"
 
+    def __init__(self, cfg=None, tokenizer=None):
+        pass
+
+    def row_length(self, seq_len: int) -> int:
+        return seq_len
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {"input_ids": batch["input_ids"]}
         if "position_ids" in batch:
