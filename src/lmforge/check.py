@@ -75,8 +75,9 @@ def _scan_files(recipe: Recipe, report: CheckReport, sample_rows: int | None) ->
     """Read every data file (or its first `sample_rows` rows); returns a sample of documents."""
     sample: list[str] = []
     cfg = recipe.data
-    sources = list(dict.fromkeys([*cfg.train_files, *recipe.tokenizer.train_files]))
-    if not sources and not recipe.prepared_dir.joinpath("manifest.json").is_file():
+    mixture_files = [f for m in cfg.mixture for f in m.train_files]
+    sources = list(dict.fromkeys([*cfg.train_files, *mixture_files, *recipe.tokenizer.train_files]))
+    if not sources and not cfg.mixture and not recipe.prepared_dir.joinpath("manifest.json").is_file():
         report.errors.append("data.train_files: no data files and no prepared corpus at " + str(recipe.prepared_dir))
     try:
         files = expand_inputs(sources) if sources else []

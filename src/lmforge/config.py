@@ -35,6 +35,16 @@ class TokenizerConfig(Section):
     max_docs: int | None = Field(None, gt=0)
 
 
+class MixtureSource(Section):
+    """One corpus of a training mixture: raw files to prepare, or an already prepared folder."""
+
+    name: str
+    train_files: list[str] = Field(default_factory=list)
+    prepared_dir: str | None = None
+    column: str = "text"
+    weight: float = Field(1.0, gt=0.0)
+
+
 class DataConfig(Section):
     """Corpus preparation: raw files in, memory-mapped token shards out."""
 
@@ -45,6 +55,17 @@ class DataConfig(Section):
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     max_docs: int | None = Field(None, gt=0)
     shard_tokens: int = Field(100_000_000, gt=0)
+    # Several corpora sampled by weight (continual pretraining with replay); replaces train_files.
+    mixture: list[MixtureSource] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.mixture and self.train_files:
+            raise ValueError("give either train_files or mixture, not both")
+        names = [m.name for m in self.mixture]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mixture source names must be unique (got {names})")
+        return self
 
 
 class ModelConfig(Section):
@@ -113,6 +134,7 @@ class TrainerConfig(Section):
     compile: bool = False
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     eval_every: int = Field(200, gt=0)
+    eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining
     eval_batches: int = Field(20, gt=0)
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)

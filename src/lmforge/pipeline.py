@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
+from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
@@ -66,16 +67,28 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 
 # ---------------------------------------------------------------- prepare
-def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedCorpus:
+def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: Path, label: str) -> PreparedCorpus:
     cfg = recipe.data
-    if not cfg.train_files:
-        return load_prepared(recipe.prepared_dir, tokenizer)
-    corpus = prepare_corpus(cfg.train_files, tokenizer, recipe.prepared_dir, cfg.column, cfg.format,
-                            cfg.val_fraction, cfg.max_docs, cfg.shard_tokens, progress=recipe.trainer.progress)
+    if not files:
+        return load_prepared(out, tokenizer)
+    corpus = prepare_corpus(files, tokenizer, out, column, cfg.format, cfg.val_fraction, cfg.max_docs,
+                            cfg.shard_tokens, progress=recipe.trainer.progress)
     splits = corpus.manifest["splits"]
-    print(f"data: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+    print(f"data{label}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
           f"({splits['train']['docs']:,} / {splits['val']['docs']:,} docs) in {corpus.directory}")
     return corpus
+
+
+def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
+    """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
+    cfg = recipe.data
+    if not cfg.mixture:
+        return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
+    return {
+        m.name: _prepare_one(recipe, tokenizer, m.train_files, m.column,
+                             Path(m.prepared_dir or Path(recipe.output_dir) / f"data_{m.name}"), f" [{m.name}]")
+        for m in cfg.mixture
+    }
 
 
 # ---------------------------------------------------------------- model
@@ -116,10 +129,11 @@ class TrainOutcome:
     skipped: bool = False
 
 
-def _train_key(recipe: Recipe, corpus: PreparedCorpus) -> str:
+def _train_key(recipe: Recipe, corpora: dict[str, PreparedCorpus]) -> str:
     parts = recipe.model_dump(include={"seed", "model", "objective", "method", "packing", "trainer"})
     parts["trainer"].pop("progress", None)
-    return _hash({"recipe": parts, "data": corpus.manifest["fingerprint"]})
+    weights = {m.name: m.weight for m in recipe.data.mixture}
+    return _hash({"recipe": parts, "data": {n: c.manifest["fingerprint"] for n, c in corpora.items()}, "weights": weights})
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, **stamp) -> None:
@@ -134,10 +148,10 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     os.replace(tmp, out)
 
 
-def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpus: PreparedCorpus,
+def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
-    key = _train_key(recipe, corpus)
+    key = _train_key(recipe, corpora)
     if not force and not resume and _stamp_matches(recipe.final_model_dir, key):
         print(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
@@ -151,22 +165,36 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpus: Prep
 
     tcfg, pcfg = recipe.trainer, recipe.packing
     row_len = objective.row_length(pcfg.seq_len)
-    train_rows = PackedRows(corpus.split("train"), row_len, pcfg.document_mask)
-    val_rows = PackedRows(corpus.split("val"), row_len, pcfg.document_mask) if corpus.tokens("val") > row_len else None
+    names = list(corpora)
+    train_rows = [PackedRows(corpora[n].split("train"), row_len, pcfg.document_mask) for n in names]
+    val_rows = {n: PackedRows(c.split("val"), row_len, pcfg.document_mask) for n, c in corpora.items() if c.tokens("val") > row_len}
     device = pick_device()
     precision = resolve_precision(tcfg.precision, device)
 
     def evaluate(m: torch.nn.Module) -> dict:
-        return evaluate_loss(m, objective, val_rows, tcfg.batch_size, tcfg.eval_batches, device, precision)
+        # with several corpora every eval reports each one: what is learned, and what is forgotten
+        out = {}
+        for name, rows in val_rows.items():
+            metrics = evaluate_loss(m, objective, rows, tcfg.batch_size, tcfg.eval_batches, device, precision)
+            out.update(metrics if len(corpora) == 1 else {f"{name}_{k}": v for k, v in metrics.items()})
+        return out
+
+    if len(names) == 1:
+        def batches(start: int):
+            return iterate_batches(train_rows[0], tcfg.batch_size, recipe.seed, start)
+        batches_per_epoch = len(train_rows[0]) // tcfg.batch_size
+    else:
+        weights = [m.weight for m in recipe.data.mixture]
+        print("data: mixture " + ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights, strict=True)))
+
+        def batches(start: int):
+            return iterate_mixture(train_rows, weights, tcfg.batch_size, recipe.seed, start)
+        batches_per_epoch = sum(len(r) for r in train_rows) // tcfg.batch_size
 
     result = train(
-        model, objective, groups,
-        batches=lambda start: iterate_batches(train_rows, tcfg.batch_size, recipe.seed, start),
-        cfg=tcfg, out_dir=out_dir,
-        batches_per_epoch=len(train_rows) // tcfg.batch_size,
-        tokens_per_batch=tcfg.batch_size * row_len,
-        evaluate=evaluate if val_rows is not None else None,
-        resume=resume,
+        model, objective, groups, batches=batches, cfg=tcfg, out_dir=out_dir,
+        batches_per_epoch=batches_per_epoch, tokens_per_batch=tcfg.batch_size * row_len,
+        evaluate=evaluate if val_rows else None, resume=resume, source_names=names if len(names) > 1 else None,
     )
     if result.interrupted:
         return TrainOutcome(result, recipe.checkpoint_dir)
@@ -201,26 +229,33 @@ def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, tem
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
     """The whole pipeline; returns a summary that is also written to OUTPUT_DIR/summary.json."""
     tokenizer = tokenizer_stage(recipe)
-    corpus = prepare_stage(recipe, tokenizer)
-    outcome = train_stage(recipe, tokenizer, corpus, resume=resume, force=force)
+    corpora = prepare_stage(recipe, tokenizer)
+    outcome = train_stage(recipe, tokenizer, corpora, resume=resume, force=force)
     if outcome.result is not None and outcome.result.interrupted:
         return {"interrupted": True, "step": outcome.result.state.step}
-    metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
-                         recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
-    print(f"eval: validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['ppl']:.1f}) "
-          f"vs unigram entropy {metrics['unigram_entropy']:.3f} nats/token over {metrics['tokens']:,} tokens")
-    if "accuracy" in metrics:
-        print(f"eval: accuracy on the objective's targets {metrics['accuracy']:.3f}")
+    evals = {}
+    for name, corpus in corpora.items():
+        metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
+                             recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
+        label = "" if len(corpora) == 1 else f" [{name}]"
+        print(f"eval{label}: validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['ppl']:.1f}) "
+              f"vs unigram entropy {metrics['unigram_entropy']:.3f} nats/token over {metrics['tokens']:,} tokens")
+        if "accuracy" in metrics:
+            print(f"eval{label}: accuracy on the objective's targets {metrics['accuracy']:.3f}")
+        evals[name] = metrics
     g = recipe.generate
     samples: list[str] = []
     if HEADS[recipe.objective.name] == "causal_lm":  # only decoders continue a prompt
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
     for prompt, text in zip(g.prompts, samples, strict=False):
         print(f"sample: {prompt!r} -> {prompt + text!r}")
-    summary = {"model_dir": str(outcome.model_dir), "eval": metrics, "samples": dict(zip(g.prompts, samples, strict=False))}
+    summary = {"model_dir": str(outcome.model_dir), "eval": evals["main"] if len(evals) == 1 else evals,
+               "samples": dict(zip(g.prompts, samples, strict=False))}
     if outcome.result is not None:
         summary["train"] = {"steps": outcome.result.state.step, "seconds": round(outcome.result.seconds, 1),
                             "tokens_per_second": round(outcome.result.tokens_per_second),
                             "final_train_loss": outcome.result.train_loss, "bad_steps": outcome.result.state.bad_steps}
+        if outcome.result.first_eval:
+            summary["eval_before"] = outcome.result.first_eval
     (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

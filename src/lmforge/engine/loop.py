@@ -50,6 +50,8 @@ class TrainResult:
     tokens_per_second: float = 0.0
     interrupted: bool = False
     checkpoint: Path | None = None
+    first_eval: dict = field(default_factory=dict)
+    mix_seen: dict = field(default_factory=dict)  # rows drawn from each source (mixtures only)
 
 
 def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_batch: int) -> int:
@@ -132,6 +134,7 @@ def train(
     evaluate: Callable[[nn.Module], dict] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    source_names: list[str] | None = None,
 ) -> TrainResult:
     device = pick_device()
     precision = resolve_precision(cfg.precision, device)
@@ -172,13 +175,22 @@ def train(
     run_start, start_tokens = time.perf_counter(), state.tokens_seen
     result = TrainResult(state, total_steps, None)
     last_saved: Path | None = None
+    window_mix = torch.zeros(len(source_names or []), dtype=torch.long)
+    total_mix = window_mix.clone()
+    if evaluate is not None and cfg.eval_at_start and state.step == 0:
+        result.first_eval = evaluate(model)
+        metrics.log(0, result.first_eval, prefix="val")
+        log("step 0: " + ", ".join(f"val_{k} {v:.4g}" for k, v in result.first_eval.items()))
     model.train()
     try:
         with StopFlag() as stop:
             while state.step < total_steps:
                 loss_sum, tokens = torch.zeros((), device=device), 0
                 for _ in range(cfg.grad_accum):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in next(source).items()}
+                    host_batch = next(source)
+                    if source_names and "source" in host_batch:  # counted on the host: no device sync
+                        window_mix += torch.bincount(host_batch.pop("source"), minlength=len(source_names))
+                    batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
                     with autocast(device, precision):
                         loss, _ = objective.loss(step_model, batch)
                     (loss / cfg.grad_accum).backward()
@@ -219,6 +231,11 @@ def train(
                         "tokens_seen": state.tokens_seen,
                         "bad_steps": state.bad_steps,
                     }
+                    if source_names:
+                        record.update({f"mix_{n}": c / max(int(window_mix.sum()), 1)
+                                       for n, c in zip(source_names, window_mix.tolist(), strict=True)})
+                        total_mix += window_mix
+                        window_mix.zero_()
                     metrics.log(state.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                     result.train_loss = record["loss"]
@@ -246,4 +263,8 @@ def train(
     result.seconds = time.perf_counter() - run_start
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
+    if source_names:
+        result.mix_seen = dict(zip(source_names, (total_mix + window_mix).tolist(), strict=True))
+        log("data mix seen: " + ", ".join(f"{n} {c / max(sum(result.mix_seen.values()), 1):.1%}"
+                                          for n, c in result.mix_seen.items()))
     return result
