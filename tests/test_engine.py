@@ -37,7 +37,7 @@ def _run(prepared, out, resume=False, crash_after_batches=None, **overrides):
                 raise RuntimeError("simulated crash")
             yield batch
 
-    result = train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), batches, cfg, out,
+    result = train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, out, batches=batches,
                    batches_per_epoch=len(rows) // cfg.batch_size, tokens_per_batch=cfg.batch_size * 32,
                    resume=resume, log=lambda s: None)
     return model, result

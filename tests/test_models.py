@@ -17,7 +17,7 @@ AUTO = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "s
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_builds_saves_and_loads_with_plain_transformers(tmp_path, family):
-    head = FAMILIES[family][1]
+    head = FAMILIES[family][1][0]
     model = build_model(preset_config(family, "tiny", 512), head)
     total, trainable = count_parameters(model)
     assert 1e6 < total < 2e7 and trainable == total

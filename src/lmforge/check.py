@@ -9,6 +9,7 @@ sample of each file (without the measurement) and refuses to start on an error.
 
 from __future__ import annotations
 
+import itertools
 import resource
 import statistics
 import time
@@ -93,6 +94,8 @@ def _scan_files(recipe: Recipe, report: CheckReport, sample_rows: int | None) ->
             report.errors.append(f"{path}: empty file")
             continue
         rows = scan_jsonl(path, cfg.column, sample_rows) if fmt == "jsonl" else _guarded_rows(path, cfg.column, fmt, sample_rows)
+        if cfg.pair_column and fmt == "jsonl":  # the positives' column must be there too
+            rows = itertools.chain(rows, (r for r in scan_jsonl(path, cfg.pair_column, sample_rows) if isinstance(r, DataError)))
         found = 0
         for row in rows:
             if isinstance(row, DataError):
@@ -164,7 +167,13 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
     """Architecture and length problems, found from the config alone, before anything is built."""
     from transformers import AutoConfig
 
-    from lmforge.models.factory import FAMILIES, NOT_DECODERS, ModelError, preset_config
+    from lmforge.models.factory import (
+        NOT_DECODERS,
+        ModelError,
+        ensure_family_fits,
+        ensure_fits_length,
+        preset_config,
+    )
     from lmforge.objectives import HEADS
 
     cfg = recipe.model
@@ -178,16 +187,11 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
                 raise ModelError(f"model.path: {cfg.path} holds a '{config.model_type}' checkpoint, "
                                  f"which objective '{recipe.objective.name}' cannot train")
         else:
-            if FAMILIES[cfg.family][1] != head:
-                raise ModelError(f"model.family: '{cfg.family}' is a {FAMILIES[cfg.family][1]} model; "
-                                 f"objective '{recipe.objective.name}' needs a {head} model")
+            ensure_family_fits(cfg.family, head, recipe.objective.name)
             config = preset_config(cfg.family, cfg.preset, vocab_size or 256, max(1024, recipe.packing.seq_len), **cfg.overrides)
+        ensure_fits_length(config, recipe.packing.seq_len)
     except (ModelError, ValueError, TypeError, OSError) as exc:
         report.errors.append(str(exc))
-        return
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and recipe.packing.seq_len > limit:
-        report.errors.append(f"packing.seq_len: {recipe.packing.seq_len} is longer than the model's {limit} positions")
 
 
 def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, float, float]:
@@ -210,7 +214,10 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
     row = objective.row_length(recipe.packing.seq_len)
     # ordinary ids only: objectives treat special tokens (sentinels, EOS) specially
     tokens = torch.randint(len(tokenizer.all_special_ids) + 8, vocab, (t.batch_size, row + 1), device=device)
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    ones = torch.ones_like(tokens[:, :-1])
+    # every objective finds its keys: packed rows (input_ids, labels) or pairs (input_ids, _b, masks)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "attention_mask": ones,
+             "input_ids_b": tokens[:, 1:], "attention_mask_b": ones}
     timings = []
     for _ in range(steps + 1):  # the first step warms up kernels and allocators
         start = time.perf_counter()

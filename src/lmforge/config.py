@@ -50,6 +50,8 @@ class DataConfig(Section):
 
     train_files: list[str] = Field(default_factory=list)
     column: str = "text"
+    # paired data (contrastive): the positive's column; unset = each text is its own positive (SimCSE)
+    pair_column: str | None = None
     format: Literal["auto", "text", "jsonl", "csv", "parquet", "hf"] = "auto"
     prepared_dir: str | None = None
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
@@ -79,7 +81,7 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -91,6 +93,11 @@ class ObjectiveConfig(Section):
     # span: T5 span corruption
     noise_density: float = Field(0.15, gt=0.0, lt=1.0)
     mean_span_length: float = Field(3.0, ge=1.0)
+    # contrastive: InfoNCE temperature (fixed, or the starting value when learned), pooling
+    temperature: float = Field(0.05, gt=0.0)
+    learn_temperature: bool = False
+    pooling: Literal["mean", "cls"] = "mean"
+    symmetric: bool = False
 
     @model_validator(mode="after")
     def _fractions(self) -> ObjectiveConfig:

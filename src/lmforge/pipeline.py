@@ -20,14 +20,23 @@ from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
 from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
+from lmforge.data.pairs import iterate_pairs, load_pairs
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from lmforge.engine.loop import TrainResult, train
 from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
 from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss
+from lmforge.eval.retrieval import retrieval_metrics
 from lmforge.methods import apply_method
-from lmforge.models.factory import FAMILIES, ModelError, build_model, describe, load_model, preset_config
+from lmforge.models.factory import (
+    build_model,
+    describe,
+    ensure_family_fits,
+    ensure_fits_length,
+    load_model,
+    preset_config,
+)
 from lmforge.objectives import HEADS, get_objective
 
 STAMP = "lmforge_stage.json"
@@ -82,6 +91,8 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
+    if HEADS[recipe.objective.name] == "encoder":  # paired data is tokenized in memory at train time
+        return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
     return {
@@ -92,11 +103,6 @@ def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[st
 
 
 # ---------------------------------------------------------------- model
-def _max_positions(model: PreTrainedModel) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -> PreTrainedModel:
     cfg = recipe.model
     seq_len = recipe.packing.seq_len
@@ -107,16 +113,12 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     else:
-        if FAMILIES[cfg.family][1] != head:
-            raise ModelError(f"model.family: '{cfg.family}' is a {FAMILIES[cfg.family][1]} model; "
-                             f"objective '{recipe.objective.name}' needs a {head} model")
+        ensure_family_fits(cfg.family, head, recipe.objective.name)
         # Embedding rows rounded up to a multiple of 64 keep the output matmul on fast kernel shapes.
         vocab = (len(tokenizer) + 63) // 64 * 64
         config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **cfg.overrides)
         model = build_model(config, head, tokenizer)
-    limit = _max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise ModelError(f"packing.seq_len: {seq_len} is longer than the model's {limit} positions")
+    ensure_fits_length(model.config, seq_len)
     print(describe(model, seq_len))
     return model
 
@@ -133,7 +135,10 @@ def _train_key(recipe: Recipe, corpora: dict[str, PreparedCorpus]) -> str:
     parts = recipe.model_dump(include={"seed", "model", "objective", "method", "packing", "trainer"})
     parts["trainer"].pop("progress", None)
     weights = {m.name: m.weight for m in recipe.data.mixture}
-    return _hash({"recipe": parts, "data": {n: c.manifest["fingerprint"] for n, c in corpora.items()}, "weights": weights})
+    files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in expand_inputs(recipe.data.train_files)] if not corpora else []
+    data = {n: c.manifest["fingerprint"] for n, c in corpora.items()}
+    return _hash({"recipe": parts, "data": data, "files": files, "weights": weights,
+                  "columns": [recipe.data.column, recipe.data.pair_column]})
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, **stamp) -> None:
@@ -146,6 +151,53 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus],
+                   device: torch.device, precision: str) -> dict:
+    """Batches of packed rows from one corpus or a weighted mixture, and per-corpus evaluation."""
+    tcfg, pcfg = recipe.trainer, recipe.packing
+    row_len = objective.row_length(pcfg.seq_len)
+    names = list(corpora)
+    train_rows = [PackedRows(corpora[n].split("train"), row_len, pcfg.document_mask) for n in names]
+    val_rows = {n: PackedRows(c.split("val"), row_len, pcfg.document_mask) for n, c in corpora.items() if c.tokens("val") > row_len}
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        # with several corpora every eval reports each one: what is learned, and what is forgotten
+        out = {}
+        for name, rows in val_rows.items():
+            metrics = evaluate_loss(m, objective, rows, tcfg.batch_size, tcfg.eval_batches, device, precision)
+            out.update(metrics if len(corpora) == 1 else {f"{name}_{k}": v for k, v in metrics.items()})
+        return out
+
+    if len(names) == 1:
+        def batches(start: int):
+            return iterate_batches(train_rows[0], tcfg.batch_size, recipe.seed, start)
+    else:
+        weights = [m.weight for m in recipe.data.mixture]
+        print("data: mixture " + ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights, strict=True)))
+
+        def batches(start: int):
+            return iterate_mixture(train_rows, weights, tcfg.batch_size, recipe.seed, start)
+    return {"batches": batches, "batches_per_epoch": sum(len(r) for r in train_rows) // tcfg.batch_size,
+            "tokens_per_batch": tcfg.batch_size * row_len, "evaluate": evaluate if val_rows else None,
+            "source_names": names if len(names) > 1 else None}
+
+
+def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
+    """Batches of (query, positive) pairs, and retrieval recall on the held-out pairs."""
+    cfg, tcfg = recipe.data, recipe.trainer
+    train_pairs, val_pairs = load_pairs(cfg.train_files, tokenizer, cfg.column, cfg.pair_column,
+                                        recipe.packing.seq_len, cfg.val_fraction)
+    print(f"data: {len(train_pairs)} training pairs, {len(val_pairs)} held out")
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return retrieval_metrics(m, objective, val_pairs, tcfg.batch_size, device, precision)
+
+    return {"batches": lambda start: iterate_pairs(train_pairs, tcfg.batch_size, recipe.seed, start),
+            "batches_per_epoch": len(train_pairs) // tcfg.batch_size,
+            "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len,
+            "evaluate": evaluate if len(val_pairs) > 1 else None}
 
 
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
@@ -163,39 +215,15 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out_dir / "recipe.yaml")
 
-    tcfg, pcfg = recipe.trainer, recipe.packing
-    row_len = objective.row_length(pcfg.seq_len)
-    names = list(corpora)
-    train_rows = [PackedRows(corpora[n].split("train"), row_len, pcfg.document_mask) for n in names]
-    val_rows = {n: PackedRows(c.split("val"), row_len, pcfg.document_mask) for n, c in corpora.items() if c.tokens("val") > row_len}
     device = pick_device()
-    precision = resolve_precision(tcfg.precision, device)
+    precision = resolve_precision(recipe.trainer.precision, device)
+    source = (_pair_source if getattr(objective, "data_kind", "packed") == "pairs" else _packed_source)(
+        recipe, objective, tokenizer, corpora, device, precision)
+    extra = objective.extra_parameters() if hasattr(objective, "extra_parameters") else []
+    if extra:  # objective-owned parameters (a learned temperature) train too, undecayed
+        groups.append({"params": extra, "weight_decay": 0.0, "lr_scale": 1.0})
 
-    def evaluate(m: torch.nn.Module) -> dict:
-        # with several corpora every eval reports each one: what is learned, and what is forgotten
-        out = {}
-        for name, rows in val_rows.items():
-            metrics = evaluate_loss(m, objective, rows, tcfg.batch_size, tcfg.eval_batches, device, precision)
-            out.update(metrics if len(corpora) == 1 else {f"{name}_{k}": v for k, v in metrics.items()})
-        return out
-
-    if len(names) == 1:
-        def batches(start: int):
-            return iterate_batches(train_rows[0], tcfg.batch_size, recipe.seed, start)
-        batches_per_epoch = len(train_rows[0]) // tcfg.batch_size
-    else:
-        weights = [m.weight for m in recipe.data.mixture]
-        print("data: mixture " + ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights, strict=True)))
-
-        def batches(start: int):
-            return iterate_mixture(train_rows, weights, tcfg.batch_size, recipe.seed, start)
-        batches_per_epoch = sum(len(r) for r in train_rows) // tcfg.batch_size
-
-    result = train(
-        model, objective, groups, batches=batches, cfg=tcfg, out_dir=out_dir,
-        batches_per_epoch=batches_per_epoch, tokens_per_batch=tcfg.batch_size * row_len,
-        evaluate=evaluate if val_rows else None, resume=resume, source_names=names if len(names) > 1 else None,
-    )
+    result = train(model, objective, groups, cfg=recipe.trainer, out_dir=out_dir, resume=resume, **source)
     if result.interrupted:
         return TrainOutcome(result, recipe.checkpoint_dir)
     save_final(model, tokenizer, recipe.final_model_dir, key=key, steps=result.state.step)
@@ -234,6 +262,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     if outcome.result is not None and outcome.result.interrupted:
         return {"interrupted": True, "step": outcome.result.state.step}
     evals = {}
+    if not corpora:  # paired data: retrieval on the held-out pairs, measured by the last in-training eval
+        evals["main"] = outcome.result.val if outcome.result is not None else {}
+        print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in evals["main"].items() if isinstance(v, float)))
     for name, corpus in corpora.items():
         metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
                              recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)

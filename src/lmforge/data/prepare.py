@@ -90,7 +90,7 @@ def load_prepared(directory: str | Path, tokenizer: PreTrainedTokenizerBase | No
     return PreparedCorpus(directory, manifest)
 
 
-def _is_validation(doc_index: int, val_fraction: float) -> bool:
+def is_validation(doc_index: int, val_fraction: float) -> bool:
     # Knuth multiplicative hash: a deterministic, evenly spread choice that needs no RNG state.
     # Document 0 always goes to validation so that even a tiny corpus has a validation split.
     if val_fraction <= 0:
@@ -195,7 +195,7 @@ def _write_shards(files, tokenizer, directory, column, fmt, val_fraction, max_do
             by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for ids in encode(texts):
                 doc = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
-                split = "val" if _is_validation(doc_index, val_fraction) else "train"
+                split = "val" if is_validation(doc_index, val_fraction) else "train"
                 by_split[split].append(doc)
                 doc_index += 1
             for split, docs in by_split.items():

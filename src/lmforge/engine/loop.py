@@ -125,10 +125,10 @@ def train(
     model: nn.Module,
     objective,
     param_groups: list[dict],
-    batches: Callable[[int], Iterator[dict]],
     cfg: TrainerConfig,
     out_dir: Path,
     *,
+    batches: Callable[[int], Iterator[dict]],
     batches_per_epoch: int,
     tokens_per_batch: int,
     evaluate: Callable[[nn.Module], dict] | None = None,
@@ -154,6 +154,8 @@ def train(
             path, saved = found
             ckpt.load_checkpoint(path, model, optimizer)
             scheduler.load_state_dict(saved["scheduler"])
+            if "objective" in saved and hasattr(objective, "load_state_dict"):
+                objective.load_state_dict(saved["objective"])
             state = TrainState(**saved["train_state"])
             # `auto` precision is measured; a resumed run keeps the choice it started with.
             precision = saved.get("precision", precision)
@@ -166,6 +168,8 @@ def train(
 
     def save(step: int) -> Path:
         extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
+        if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
+            extra["objective"] = objective.state_dict()
         return ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
 
     source = Prefetcher(batches(state.step * cfg.grad_accum))
@@ -197,7 +201,8 @@ def train(
                     loss_sum += loss.detach()
                     tokens += batch["input_ids"].numel()
                 step_loss = loss_sum / cfg.grad_accum
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+                trainable = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip_grad or float("inf"))
                 # One host sync per step: a NaN must never reach the weights.
                 if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
                     optimizer.step()

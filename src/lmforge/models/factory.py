@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
@@ -24,15 +25,17 @@ from transformers.utils import logging as hf_logging
 # Our own bars show progress; transformers' per-load bars would only clutter the logs.
 hf_logging.disable_progress_bar()
 
-# family -> (model_type, the head its pretraining objective uses)
+# family -> (model_type, the heads its objectives can train; the first is its pretraining head)
 FAMILIES = {
-    "llama": ("llama", "causal_lm"),
-    "gpt2": ("gpt2", "causal_lm"),
-    "bert": ("bert", "masked_lm"),
-    "roberta": ("roberta", "masked_lm"),
-    "t5": ("t5", "seq2seq"),
+    "llama": ("llama", ("causal_lm",)),
+    "gpt2": ("gpt2", ("causal_lm",)),
+    "bert": ("bert", ("masked_lm", "encoder")),
+    "roberta": ("roberta", ("masked_lm", "encoder")),
+    "t5": ("t5", ("seq2seq",)),
 }
-AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}
+# "encoder" is the bare model (hidden states out), for embedding objectives such as contrastive.
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
+                "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel}
 # Model types that cannot be trained as decoders even though some expose a causal-LM head.
 NOT_DECODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "t5", "bart", "mt5"}
 
@@ -68,6 +71,19 @@ def preset_config(family: str, preset: str, vocab_size: int, max_positions: int 
                       num_heads=heads, d_kv=width // heads, dropout_rate=0.0, decoder_start_token_id=0)
     common.update(overrides)
     return AutoConfig.for_model(FAMILIES[family][0], vocab_size=vocab_size, **common)
+
+
+def ensure_family_fits(family: str, head: str, objective: str) -> None:
+    if head not in FAMILIES[family][1]:
+        raise ModelError(f"model.family: '{family}' is a {FAMILIES[family][1][0]} model; "
+                         f"objective '{objective}' needs a {head} model")
+
+
+def ensure_fits_length(config: PretrainedConfig, seq_len: int) -> None:
+    """Refuse sequences longer than the model's learned positions (relative-position models have no limit)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise ModelError(f"packing.seq_len: {seq_len} is longer than the model's {limit} positions")
 
 
 def _set_special_ids(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from lmforge.config import ObjectiveConfig
 from lmforge.objectives.base import Objective
 from lmforge.objectives.clm import CausalLM
+from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.prefix_lm import PrefixLM
 from lmforge.objectives.span import SpanCorruption
 
-OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption}
+OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
+                               "contrastive": Contrastive}
 HEADS = {name: cls.head for name, cls in OBJECTIVES.items()}
 
 
