@@ -195,4 +195,28 @@ def test_objective_loss_falls_through_the_pipeline(tmp_path, tokenizer_dir, prep
     losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl", "train")]
     assert losses[-1] < losses[0] - 0.5, losses
     if objective == "mlm":
-        assert "accuracy on the objective's targets" in result.output
+        assert "accuracy on the objective's targets" in result.output and "pseudo-perplexity" in result.output
+
+
+def test_pseudo_perplexity_matches_one_mask_at_a_time(prepared, tokenizer):
+    from lmforge.data.packing import PackedRows
+    from lmforge.eval.perplexity import pseudo_perplexity
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("bert", "tiny", len(tokenizer), 128, **TINY["bert"]), "masked_lm").eval()
+    rows = PackedRows(prepared.split("val"), 12)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    fast = pseudo_perplexity(model, rows, tokenizer.mask_token_id, special, torch.device("cpu"), max_rows=2)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for r in range(2):
+            tokens = rows.batch([r])["input_ids"][0]
+            for i in range(len(tokens)):
+                if tokens[i] in special:
+                    continue
+                masked = tokens.clone()
+                masked[i] = tokenizer.mask_token_id
+                nll -= model(input_ids=masked[None]).logits[0, i].log_softmax(-1)[tokens[i]].item()
+                n += 1
+    assert fast["pseudo_tokens"] == n
+    assert fast["pseudo_loss"] == pytest.approx(nll / n, rel=1e-5)

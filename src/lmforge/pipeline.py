@@ -26,7 +26,7 @@ from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_
 from lmforge.engine.loop import TrainResult, train
 from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
 from lmforge.eval.generate import generate_text
-from lmforge.eval.perplexity import evaluate_loss
+from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.eval.retrieval import retrieval_metrics
 from lmforge.methods import apply_method
 from lmforge.models.factory import (
@@ -243,6 +243,8 @@ def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: Objective
     model.to(device)
     rows = PackedRows(corpus.split("val"), objective.row_length(seq_len), document_mask)
     metrics = evaluate_loss(model, objective, rows, batch_size, max_batches, device, resolve_precision("auto", device))
+    if objective.head == "masked_lm":
+        metrics.update(pseudo_perplexity(model, rows, tokenizer.mask_token_id, objective.special_ids, device))
     metrics["unigram_entropy"] = corpus.manifest["unigram_entropy_nats"]
     return metrics
 
@@ -273,6 +275,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
               f"vs unigram entropy {metrics['unigram_entropy']:.3f} nats/token over {metrics['tokens']:,} tokens")
         if "accuracy" in metrics:
             print(f"eval{label}: accuracy on the objective's targets {metrics['accuracy']:.3f}")
+        if "pseudo_ppl" in metrics:
+            print(f"eval{label}: pseudo-perplexity {metrics['pseudo_ppl']:.1f} over {metrics['pseudo_tokens']:,} tokens")
         evals[name] = metrics
     g = recipe.generate
     samples: list[str] = []
