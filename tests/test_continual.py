@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +43,10 @@ def _write(path, docs):
     return str(path)
 
 
-def test_general_then_domain_pretraining_lowers_domain_perplexity(tmp_path, small_jsonl):
+@pytest.fixture(scope="module")
+def general_model(tmp_path_factory, small_jsonl):
+    """A tiny decoder pretrained on general English, and a domain corpus (Python docs)."""
+    tmp_path = tmp_path_factory.mktemp("general")
     with gzip.open(PYDOCS, "rt") as handle:
         domain = _write(tmp_path / "domain.jsonl", [json.loads(line)["text"] for line in handle][:15])
     general = {
@@ -57,19 +61,27 @@ def test_general_then_domain_pretraining_lowers_domain_perplexity(tmp_path, smal
     }
     (tmp_path / "general.yaml").write_text(yaml.safe_dump(general))
     assert CliRunner().invoke(app, ["run", str(tmp_path / "general.yaml")]).exit_code == 0
-    final = str(tmp_path / "general" / "final")
-    cpt = {
+    return tmp_path / "general", domain
+
+
+def _cpt_recipe(tmp_path, general_dir, domain, **tokenizer):
+    final = str(general_dir / "final")
+    return {
         "output_dir": str(tmp_path / "domain"),
-        "tokenizer": {"path": final},
+        "tokenizer": {"path": final, **tokenizer},
         "data": {"val_fraction": 0.15, "mixture": [
             {"name": "python_docs", "train_files": [domain], "weight": 0.8},
-            {"name": "general", "prepared_dir": str(tmp_path / "general" / "data"), "weight": 0.2}]},
+            {"name": "general", "prepared_dir": str(general_dir / "data"), "weight": 0.2}]},
         "model": {"path": final},
         "packing": {"seq_len": 64},
         "trainer": {"max_steps": 40, "batch_size": 16, "lr": 2e-3, "warmup_steps": 5, "eval_every": 20,
                     "eval_batches": 4, "eval_at_start": True, "log_every": 10, "progress": False, "precision": "fp32"},
         "generate": {"prompts": ["import"], "max_new_tokens": 4},
     }
+
+
+def test_general_then_domain_pretraining_lowers_domain_perplexity(tmp_path, general_model):
+    cpt = _cpt_recipe(tmp_path, *general_model)
     (tmp_path / "domain.yaml").write_text(yaml.safe_dump(cpt))
     result = CliRunner().invoke(app, ["run", str(tmp_path / "domain.yaml")])
     assert result.exit_code == 0, result.output
@@ -84,3 +96,39 @@ def test_general_then_domain_pretraining_lowers_domain_perplexity(tmp_path, smal
     assert set(summary["eval"]) == {"python_docs", "general"}
     assert summary["eval_before"]["python_docs_loss"] > summary["eval"]["python_docs"]["loss"]
     assert "data mix seen: python_docs" in result.output
+
+
+def test_tokenizer_extension_with_mean_initialised_embeddings(tmp_path, general_model):
+    from lmforge.data.tokenizer import domain_tokens, extend_tokenizer, load_tokenizer
+    from lmforge.models.factory import init_new_embeddings, load_model
+
+    general_dir, domain = general_model
+    base = load_tokenizer(general_dir / "final")
+    texts = [json.loads(line)["text"] for line in Path(domain).read_text().splitlines()]
+    new = domain_tokens(base, texts, 20, min_frequency=3)
+    assert len(new) == 20 and all(t not in base.get_vocab() for t in new)
+    extended = load_tokenizer(general_dir / "final")
+    ids = extend_tokenizer(extended, new)
+    sample = texts[0][:3000]
+    assert len(extended(sample, add_special_tokens=False).input_ids) < len(base(sample, add_special_tokens=False).input_ids)
+    assert extended.decode(extended(sample, add_special_tokens=False).input_ids) == sample
+    model = load_model(general_dir / "final", "causal_lm")
+    old = model.get_input_embeddings().weight.detach().clone()
+    init_new_embeddings(model, base, new, ids)
+    table = model.get_input_embeddings().weight
+    assert table.shape[0] > max(ids) and torch.equal(table[: old.shape[0]], old)
+    pieces = base(new[0], add_special_tokens=False).input_ids
+    torch.testing.assert_close(table[ids[0]], old[pieces].mean(0))
+
+    # and the whole continual-pretraining run with an extended tokenizer
+    cpt = _cpt_recipe(tmp_path, general_dir, str(domain), extend_files=[str(domain)], extend_count=20,
+                      extend_min_frequency=3)
+    # the general corpus was prepared with the old tokenizer, so this run trains on the domain alone
+    cpt["data"]["mixture"] = cpt["data"]["mixture"][:1]
+    cpt["trainer"]["max_steps"] = 10
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cpt))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "ext.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "added 20 domain tokens" in result.output
+    final = load_tokenizer(tmp_path / "domain" / "final")
+    assert len(final) == len(base) + 20

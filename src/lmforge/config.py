@@ -33,6 +33,11 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
     num_sentinels: int = Field(0, ge=0)
     max_docs: int | None = Field(None, gt=0)
+    # Continual pretraining: add the `extend_count` domain words (from `extend_files`) that save the
+    # most tokens to the tokenizer at `path`; the model's new embedding rows start as piece means.
+    extend_files: list[str] = Field(default_factory=list)
+    extend_count: int = Field(0, ge=0)
+    extend_min_frequency: int = Field(5, ge=1)
 
 
 class MixtureSource(Section):
@@ -183,7 +188,10 @@ class Recipe(Section):
     # Derived paths: one place decides where each stage writes.
     @property
     def tokenizer_dir(self) -> Path:
-        return Path(self.tokenizer.path or Path(self.output_dir) / "tokenizer")
+        """Where the run's tokenizer lives: trained or extended ones in the run's folder."""
+        if self.tokenizer.path and not self.tokenizer.extend_count:
+            return Path(self.tokenizer.path)
+        return Path(self.output_dir) / "tokenizer"
 
     @property
     def prepared_dir(self) -> Path:

@@ -22,7 +22,13 @@ from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.pairs import iterate_pairs, load_pairs
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
-from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from lmforge.data.tokenizer import (
+    domain_tokens,
+    extend_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 from lmforge.engine.loop import TrainResult, train
 from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
 from lmforge.eval.generate import generate_text
@@ -34,6 +40,7 @@ from lmforge.models.factory import (
     describe,
     ensure_family_fits,
     ensure_fits_length,
+    init_new_embeddings,
     load_model,
     preset_config,
 )
@@ -59,6 +66,8 @@ def _write_stamp(directory: Path, key: str, **info) -> None:
 def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
     cfg = recipe.tokenizer
     out = recipe.tokenizer_dir
+    if cfg.extend_count:
+        return _extended_tokenizer(recipe)
     if not cfg.train_files:
         source = cfg.path or recipe.model.path
         if source is None:
@@ -73,6 +82,25 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
                                 cfg.vocab_size, cfg.min_frequency, cfg.num_sentinels)
     _write_stamp(out, key, fingerprint=tokenizer_fingerprint(tokenizer))
     return tokenizer
+
+
+def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    cfg = recipe.tokenizer
+    base_dir = cfg.path or recipe.model.path
+    if base_dir is None or not cfg.extend_files:
+        raise ValueError("tokenizer.extend_count: extending needs tokenizer.path (or model.path) and tokenizer.extend_files")
+    out = recipe.tokenizer_dir
+    files = expand_inputs(cfg.extend_files)
+    key = _hash({"cfg": cfg.model_dump(), "inputs": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]})
+    if _stamp_matches(out, key):
+        return load_tokenizer(out)
+    tokenizer = load_tokenizer(base_dir, recipe.model.trust_remote_code)
+    new_tokens = domain_tokens(tokenizer, iter_corpus(files, cfg.column), cfg.extend_count, cfg.extend_min_frequency)
+    new_ids = extend_tokenizer(tokenizer, new_tokens)
+    tokenizer.save_pretrained(out)
+    _write_stamp(out, key, base=str(base_dir), new_tokens=new_tokens, new_ids=new_ids)
+    print(f"tokenizer: added {len(new_tokens)} domain tokens to {base_dir} (e.g. {new_tokens[:5]}); saved to {out}")
+    return load_tokenizer(out)
 
 
 # ---------------------------------------------------------------- prepare
@@ -110,7 +138,11 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         print("model: trust_remote_code is ON (the recipe asked for it): code from the checkpoint will run")
     if cfg.path:
         model = load_model(cfg.path, head, cfg.trust_remote_code)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        stamp = recipe.tokenizer_dir / STAMP
+        added = json.loads(stamp.read_text()) if recipe.tokenizer.extend_count and stamp.is_file() else {}
+        if added.get("new_tokens"):
+            init_new_embeddings(model, load_tokenizer(added["base"]), added["new_tokens"], added["new_ids"])
+        elif len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     else:
         ensure_family_fits(cfg.family, head, recipe.objective.name)
@@ -284,7 +316,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
     for prompt, text in zip(g.prompts, samples, strict=False):
         print(f"sample: {prompt!r} -> {prompt + text!r}")
-    summary = {"model_dir": str(outcome.model_dir), "eval": evals["main"] if len(evals) == 1 else evals,
+    summary = {"model_dir": str(outcome.model_dir), "eval": evals["main"] if list(evals) == ["main"] else evals,
                "samples": dict(zip(g.prompts, samples, strict=False))}
     if outcome.result is not None:
         summary["train"] = {"steps": outcome.result.state.step, "seconds": round(outcome.result.seconds, 1),

@@ -85,3 +85,38 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def domain_tokens(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], count: int, min_frequency: int = 5) -> list[str]:
+    """The `count` domain words that would save the most tokens if they were single tokens.
+
+    Words are the tokenizer's own pre-tokenized pieces (with their leading space, so that
+    " function" is learned and "dysfunction" is left alone); a candidate must be split into two or
+    more tokens today and occur at least `min_frequency` times.
+    """
+    from collections import Counter
+
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    words: Counter[str] = Counter()
+    for text in texts:
+        for _, (start, end) in pre.pre_tokenize_str(text):
+            word = text[start:end]
+            if len(word.strip()) >= 3 and word.strip().replace("_", "").isalnum():
+                words[word] += 1
+    vocab = tokenizer.get_vocab()
+    saved = {}
+    for word, freq in words.items():
+        if freq < min_frequency or word in vocab:
+            continue
+        pieces = len(tokenizer(word, add_special_tokens=False).input_ids)
+        if pieces >= 2:
+            saved[word] = freq * (pieces - 1)
+    return sorted(saved, key=lambda w: (-saved[w], w))[:count]
+
+
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, new_tokens: list[str]) -> list[int]:
+    """Add `new_tokens` (matched in raw text before the model's merges) and return their ids."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in new_tokens])
+    return tokenizer.convert_tokens_to_ids(new_tokens)
