@@ -174,11 +174,11 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
         ensure_fits_length,
         preset_config,
     )
-    from lmforge.objectives import HEADS
+    from lmforge.objectives import objective_head
 
     cfg = recipe.model
     try:
-        head = HEADS[recipe.objective.name]
+        head = objective_head(recipe.objective)
         if cfg.path:
             if not Path(cfg.path, "config.json").is_file():
                 return  # reported by _check_paths

@@ -92,6 +92,7 @@ class ObjectiveConfig(Section):
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
     random_replace_prob: float = Field(0.1, ge=0.0, le=1.0)
     whole_word_masking: bool = False
+    sentence_task: Literal["none", "nsp", "sop"] = "none"  # mlm companion loss (BERT NSP / ALBERT SOP)
     # prefix_lm: the prefix length is drawn uniformly between these fractions of the row
     prefix_min_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     prefix_max_fraction: float = Field(0.9, gt=0.0, lt=1.0)

@@ -20,8 +20,9 @@ from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
 from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
-from lmforge.data.pairs import iterate_pairs, load_pairs
+from lmforge.data.pairs import load_pairs
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
+from lmforge.data.sentence_pairs import SentencePairs
 from lmforge.data.tokenizer import (
     domain_tokens,
     extend_tokenizer,
@@ -44,7 +45,7 @@ from lmforge.models.factory import (
     load_model,
     preset_config,
 )
-from lmforge.objectives import HEADS, get_objective
+from lmforge.objectives import get_objective, objective_data, objective_head
 
 STAMP = "lmforge_stage.json"
 
@@ -119,7 +120,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if HEADS[recipe.objective.name] == "encoder":  # paired data is tokenized in memory at train time
+    if objective_data(recipe.objective) == "pairs":  # paired text is tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
@@ -226,10 +227,28 @@ def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.de
     def evaluate(m: torch.nn.Module) -> dict:
         return retrieval_metrics(m, objective, val_pairs, tcfg.batch_size, device, precision)
 
-    return {"batches": lambda start: iterate_pairs(train_pairs, tcfg.batch_size, recipe.seed, start),
+    return {"batches": lambda start: iterate_batches(train_pairs, tcfg.batch_size, recipe.seed, start),
             "batches_per_epoch": len(train_pairs) // tcfg.batch_size,
             "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len,
             "evaluate": evaluate if len(val_pairs) > 1 else None}
+
+
+def _sentence_pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
+    """Document-aware sentence pairs (NSP / SOP) cut from the prepared corpus, with dynamic MLM masking."""
+    if len(corpora) != 1:
+        raise ValueError("objective.sentence_task: sentence pairs come from one corpus, not a mixture")
+    corpus = next(iter(corpora.values()))
+    tcfg, task, seq_len = recipe.trainer, recipe.objective.sentence_task, recipe.packing.seq_len
+    train_pairs = SentencePairs(corpus.split("train"), tokenizer, seq_len, task, recipe.seed)
+    val_pairs = SentencePairs(corpus.split("val"), tokenizer, seq_len, task, recipe.seed) if corpus.manifest["splits"]["val"]["docs"] >= 2 else None
+    print(f"data: {len(train_pairs)} sentence pairs for {task}" + (f", {len(val_pairs)} held out" if val_pairs else ""))
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return evaluate_loss(m, objective, val_pairs, tcfg.batch_size, tcfg.eval_batches, device, precision)
+
+    return {"batches": lambda start: iterate_batches(train_pairs, tcfg.batch_size, recipe.seed, start),
+            "batches_per_epoch": len(train_pairs) // tcfg.batch_size, "tokens_per_batch": tcfg.batch_size * seq_len,
+            "evaluate": evaluate if val_pairs else None}
 
 
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
@@ -249,8 +268,8 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
 
     device = pick_device()
     precision = resolve_precision(recipe.trainer.precision, device)
-    source = (_pair_source if getattr(objective, "data_kind", "packed") == "pairs" else _packed_source)(
-        recipe, objective, tokenizer, corpora, device, precision)
+    make_source = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source}
+    source = make_source[objective_data(recipe.objective)](recipe, objective, tokenizer, corpora, device, precision)
     extra = objective.extra_parameters() if hasattr(objective, "extra_parameters") else []
     if extra:  # objective-owned parameters (a learned temperature) train too, undecayed
         groups.append({"params": extra, "weight_decay": 0.0, "lr_scale": 1.0})
@@ -296,9 +315,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     if outcome.result is not None and outcome.result.interrupted:
         return {"interrupted": True, "step": outcome.result.state.step}
     evals = {}
-    if not corpora:  # paired data: retrieval on the held-out pairs, measured by the last in-training eval
+    if objective_data(recipe.objective) != "packed":  # pairs: the last in-training eval is the final one
         evals["main"] = outcome.result.val if outcome.result is not None else {}
         print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in evals["main"].items() if isinstance(v, float)))
+        corpora = {}
     for name, corpus in corpora.items():
         metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
                              recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
@@ -312,7 +332,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
         evals[name] = metrics
     g = recipe.generate
     samples: list[str] = []
-    if HEADS[recipe.objective.name] == "causal_lm":  # only decoders continue a prompt
+    if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
     for prompt, text in zip(g.prompts, samples, strict=False):
         print(f"sample: {prompt!r} -> {prompt + text!r}")

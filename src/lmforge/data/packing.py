@@ -68,11 +68,12 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
-def iterate_batches(rows: PackedRows, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[dict]:
-    """Endless stream of batches; batch number `start_batch` comes first (for resuming)."""
+def iterate_batches(rows, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[dict]:
+    """Endless stream of shuffled batches from anything with `len()` and `batch(indices)` (packed rows,
+    text pairs, sentence pairs); batch number `start_batch` comes first (for resuming)."""
     per_epoch = len(rows) // batch_size
     if per_epoch == 0:
-        raise ValueError(f"{len(rows)} packed rows cannot fill one batch of {batch_size}; lower batch_size or seq_len")
+        raise ValueError(f"{len(rows)} training rows cannot fill one batch of {batch_size}; lower batch_size or seq_len")
     batch_number = start_batch
     while True:
         epoch, within = divmod(batch_number, per_epoch)

@@ -7,7 +7,6 @@ deterministic document hash as corpus preparation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,18 +62,3 @@ def load_pairs(files: list[str], tokenizer, column: str, pair_column: str | None
     split = {name: [i for i in range(len(a)) if val[i] == (name == "val")] for name in ("train", "val")}
     sets = tuple(PairSet([a[i] for i in split[s]], [b[i] for i in split[s]], pad) for s in ("train", "val"))
     return sets
-
-
-def iterate_pairs(pairs: PairSet, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[dict]:
-    """Shuffled batches (a permutation per epoch, as for packed rows), endless, resumable by number."""
-    from lmforge.data.packing import epoch_order
-
-    per_epoch = len(pairs) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{len(pairs)} training pairs cannot fill one batch of {batch_size}")
-    number = start_batch
-    while True:
-        epoch, within = divmod(number, per_epoch)
-        order = epoch_order(len(pairs), seed, epoch)
-        yield pairs.batch(order[within * batch_size : (within + 1) * batch_size].tolist())
-        number += 1

@@ -8,15 +8,17 @@ import torch
 from torch import nn
 
 from lmforge.data.packing import PackedRows
+from lmforge.data.sentence_pairs import SentencePairs
 from lmforge.engine.runtime import autocast
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, objective, rows: PackedRows, batch_size: int, max_batches: int | None,
+def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs, batch_size: int, max_batches: int | None,
                   device: torch.device, precision: str, seed: int = 1234) -> dict[str, float]:
     """Token-weighted mean loss (and accuracy, where the objective counts it) over the first `max_batches` batches of `rows` (in order, so every eval sees the same data)."""
     model.eval()
-    total_loss, total_tokens, correct = 0.0, 0, 0
+    total_loss, total_tokens = 0.0, 0
+    counts: dict[str, int] = {}
     batches = math.ceil(len(rows) / batch_size)
     if max_batches is not None:
         batches = min(batches, max_batches)
@@ -32,11 +34,14 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows, batch_size: int
             count = int(metrics["tokens"])
             total_loss += float(loss) * count
             total_tokens += count
-            correct += int(metrics.get("correct", 0))
+            for key, value in metrics.items():
+                counts[key] = counts.get(key, 0) + int(value)
     mean = total_loss / max(total_tokens, 1)
     result = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}
-    if "correct" in metrics:
-        result["accuracy"] = correct / max(total_tokens, 1)
+    if "correct" in counts:
+        result["accuracy"] = counts["correct"] / max(total_tokens, 1)
+    if "sentence_correct" in counts:
+        result["sentence_accuracy"] = counts["sentence_correct"] / max(counts["sentences"], 1)
     return result
 
 

@@ -15,6 +15,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForPreTraining,
     AutoModelForSeq2SeqLM,
     PretrainedConfig,
     PreTrainedModel,
@@ -29,13 +30,14 @@ hf_logging.disable_progress_bar()
 FAMILIES = {
     "llama": ("llama", ("causal_lm",)),
     "gpt2": ("gpt2", ("causal_lm",)),
-    "bert": ("bert", ("masked_lm", "encoder")),
+    "bert": ("bert", ("masked_lm", "encoder", "pretraining")),
     "roberta": ("roberta", ("masked_lm", "encoder")),
     "t5": ("t5", ("seq2seq",)),
 }
-# "encoder" is the bare model (hidden states out), for embedding objectives such as contrastive.
+# "encoder" is the bare model (hidden states out), for embedding objectives such as contrastive;
+# "pretraining" is BERT's MLM + next-sentence head.
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
-                "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel}
+                "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "pretraining": AutoModelForPreTraining}
 # Model types that cannot be trained as decoders even though some expose a causal-LM head.
 NOT_DECODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "t5", "bart", "mt5"}
 

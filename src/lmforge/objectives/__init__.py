@@ -12,7 +12,20 @@ from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
                                "contrastive": Contrastive}
-HEADS = {name: cls.head for name, cls in OBJECTIVES.items()}
+
+
+def objective_head(cfg: ObjectiveConfig) -> str:
+    """The model head an objective trains, known from the recipe alone (before any tokenizer exists)."""
+    if cfg.name == "mlm" and cfg.sentence_task != "none":
+        return "pretraining"
+    return OBJECTIVES[cfg.name].head
+
+
+def objective_data(cfg: ObjectiveConfig) -> str:
+    """What the objective trains on: packed rows, (query, positive) pairs, or sentence pairs."""
+    if cfg.name == "mlm" and cfg.sentence_task != "none":
+        return "sentence_pairs"
+    return getattr(OBJECTIVES[cfg.name], "data_kind", "packed")
 
 
 def get_objective(cfg: ObjectiveConfig | str, tokenizer=None) -> Objective:

@@ -1,5 +1,9 @@
 """Masked language modelling (BERT / RoBERTa): 15% of tokens selected, 80% masked / 10% random / 10% kept.
 
+Optionally with a sentence-level companion loss on document-aware sentence pairs
+(`data/sentence_pairs.py`): next-sentence prediction (BERT) or sentence-order prediction (ALBERT),
+through the model's pretraining head (`BertForPreTraining`).
+
 Rows come from packing, like CLM; the masking is drawn here, on the training thread, from the
 global torch RNG, which checkpoints save, so a resumed run masks exactly as an uninterrupted one.
 The loss covers only the selected positions.
@@ -27,6 +31,9 @@ class MaskedLM:
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.word_starts = word_start_table(tokenizer) if cfg.whole_word_masking else None
+        self.sentence_task = None if cfg.sentence_task == "none" else cfg.sentence_task
+        self.head = "pretraining" if self.sentence_task else "masked_lm"
+        self.data_kind = "sentence_pairs" if self.sentence_task else "packed"
 
     def row_length(self, seq_len: int) -> int:
         return seq_len
@@ -37,10 +44,20 @@ class MaskedLM:
                            c.mask_replace_prob, c.random_replace_prob, self.word_starts)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.masked_loss(model, *self.corrupt(batch["input_ids"]))
+        return self.masked_loss(model, *self.corrupt(batch["input_ids"]), batch)
 
-    def masked_loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(input_ids=inputs).logits
+    def masked_loss(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                    batch: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = batch or {}
+        extra = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+        out = model(input_ids=inputs, **extra)
+        logits = out.prediction_logits if self.sentence_task else out.logits
         loss, count = token_cross_entropy(logits, labels)
-        correct = ((logits.argmax(-1) == labels) & (labels != -100)).sum()
-        return loss, {"tokens": count, "correct": correct}
+        metrics = {"tokens": count, "correct": ((logits.argmax(-1) == labels) & (labels != -100)).sum()}
+        if self.sentence_task:
+            sentence_logits = out.seq_relationship_logits.float()
+            target = batch["next_sentence_label"]
+            loss = loss + nn.functional.cross_entropy(sentence_logits, target)
+            metrics["sentence_correct"] = (sentence_logits.argmax(-1) == target).sum()
+            metrics["sentences"] = torch.tensor(len(target))
+        return loss, metrics
