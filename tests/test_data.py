@@ -136,3 +136,12 @@ def test_truncated_shard_detected(tmp_path, small_jsonl, tokenizer):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         corpus.split("train")
+
+
+def test_fingerprint_ignores_per_call_truncation(tokenizer_dir):
+    from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(tokenizer_dir)
+    before = tokenizer_fingerprint(tok)
+    tok(["some text here"], truncation=True, max_length=3)
+    assert tokenizer_fingerprint(tok) == before

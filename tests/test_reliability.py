@@ -130,6 +130,12 @@ RECIPE_CASES = [
     ("tokenizer-missing", lambda t, s: {"tokenizer": {"path": str(t / "no-tok")}}, r"no-tok.*no tokenizer here"),
     ("output-dir-is-a-file", lambda t, s: {"output_dir": str(t / "out" / "earlier.txt")}, r"output_dir: .*earlier.txt exists and is a file"),
     ("no-data-at-all", lambda t, s: {"data": {"prepared_dir": str(t / "nothing")}}, r"data.train_files: no data files and no prepared corpus"),
+    ("label-not-in-label-set", lambda t, s: {
+        "objective": {"name": "classify"},
+        "data": {"train_files": [_data_file(t, "labels.jsonl", b'{"text": "good", "label": "pos"}\n{"text": "odd", "label": "meh"}\n')],
+                 "label_column": "label", "labels": ["pos", "neg"]},
+        "model": {"family": "bert", "overrides": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}}},
+     r"labels\.jsonl:2: label 'meh' is not in the label set"),
     ("freeze-matches-nothing", lambda t, s: {"method": {"name": "freeze", "trainable": ["no_such_layer"]}}, r"method.trainable: .* matches no parameter"),
 ]
 

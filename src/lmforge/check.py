@@ -21,6 +21,7 @@ import torch
 
 from lmforge.config import Recipe
 from lmforge.data.formats import DataError, detect_format, expand_inputs, read_documents, scan_jsonl
+from lmforge.data.labeled import iter_labeled
 from lmforge.data.prepare import read_manifest
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -72,43 +73,66 @@ def _histogram(lengths: list[int]) -> dict[str, int]:
     return dict(zip(labels, counts.tolist(), strict=True))
 
 
+def _sources(recipe: Recipe) -> list[tuple[str, str, bool]]:
+    """(file or glob, text column, is it the run's main data) for every input the recipe reads."""
+    cfg = recipe.data
+    out = [(f, cfg.column, True) for f in cfg.train_files]
+    out += [(f, m.column, False) for m in cfg.mixture for f in m.train_files]
+    out += [(f, recipe.tokenizer.column, False) for f in [*recipe.tokenizer.train_files, *recipe.tokenizer.extend_files]]
+    return list(dict.fromkeys(out))
+
+
+def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_rows: int | None):
+    cfg = recipe.data
+    if fmt != "jsonl":
+        return _guarded_rows(path, column, fmt, sample_rows)
+    if main and cfg.label_column:  # labels too, against the label set when one is given
+        labeled = itertools.islice(iter_labeled([path], column, cfg.label_column, cfg.labels), sample_rows)
+        return (r if isinstance(r, DataError) else r[0] for r in labeled)
+    rows = scan_jsonl(path, column, sample_rows)
+    if main and cfg.pair_column:  # the positives' column must be there too
+        positives = (r for r in scan_jsonl(path, cfg.pair_column, sample_rows) if isinstance(r, DataError))
+        rows = itertools.chain(rows, positives)
+    return rows
+
+
 def _scan_files(recipe: Recipe, report: CheckReport, sample_rows: int | None) -> list[str]:
-    """Read every data file (or its first `sample_rows` rows); returns a sample of documents."""
+    """Read every input file (or its first `sample_rows` rows); returns a sample of the main documents."""
     sample: list[str] = []
     cfg = recipe.data
-    mixture_files = [f for m in cfg.mixture for f in m.train_files]
-    sources = list(dict.fromkeys([*cfg.train_files, *mixture_files, *recipe.tokenizer.train_files]))
+    sources = _sources(recipe)
     if not sources and not cfg.mixture and not recipe.prepared_dir.joinpath("manifest.json").is_file():
         report.errors.append("data.train_files: no data files and no prepared corpus at " + str(recipe.prepared_dir))
-    try:
-        files = expand_inputs(sources) if sources else []
-    except DataError as exc:
-        report.errors.append(str(exc))
-        return sample
-    for path in files:
-        fmt = detect_format(path) if cfg.format == "auto" else cfg.format
-        if fmt == "hf":
-            report.notes.append(f"{path}: a `datasets` name, not scanned (needs the network)")
+    seen: set[tuple[str, str]] = set()
+    for pattern, column, main in sources:
+        try:
+            files = expand_inputs([pattern])
+        except DataError as exc:
+            report.errors.append(str(exc))
             continue
-        if Path(path).stat().st_size == 0:
-            report.errors.append(f"{path}: empty file")
-            continue
-        rows = scan_jsonl(path, cfg.column, sample_rows) if fmt == "jsonl" else _guarded_rows(path, cfg.column, fmt, sample_rows)
-        if cfg.pair_column and fmt == "jsonl":  # the positives' column must be there too
-            rows = itertools.chain(rows, (r for r in scan_jsonl(path, cfg.pair_column, sample_rows) if isinstance(r, DataError)))
-        found = 0
-        for row in rows:
-            if isinstance(row, DataError):
-                report.bad_row_count += 1
-                report.bad_rows.append(str(row))
+        for path in files:
+            if (path, column) in seen:
                 continue
-            if row.strip():
-                found += 1
-                if len(sample) < 2000:
-                    sample.append(row)
-        report.documents += found
-        if found == 0 and report.bad_row_count == 0:
-            report.errors.append(f"{path}: no non-empty documents")
+            seen.add((path, column))
+            fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+            if fmt == "hf":
+                report.notes.append(f"{path}: a `datasets` name, not scanned (needs the network)")
+                continue
+            if Path(path).stat().st_size == 0:
+                report.errors.append(f"{path}: empty file")
+                continue
+            found, bad_before = 0, report.bad_row_count
+            for row in _rows(path, column, main, fmt, recipe, sample_rows):
+                if isinstance(row, DataError):
+                    report.bad_row_count += 1
+                    report.bad_rows.append(str(row))
+                elif row.strip():
+                    found += 1
+                    if main and len(sample) < 2000:
+                        sample.append(row)
+            report.documents += found
+            if found == 0 and report.bad_row_count == bad_before:
+                report.errors.append(f"{path}: no non-empty documents")
     return sample
 
 

@@ -57,6 +57,9 @@ class DataConfig(Section):
     column: str = "text"
     # paired data (contrastive): the positive's column; unset = each text is its own positive (SimCSE)
     pair_column: str | None = None
+    # labelled data (classify): the label's column, and optionally the allowed labels in order
+    label_column: str | None = None
+    labels: list[str] | None = None
     format: Literal["auto", "text", "jsonl", "csv", "parquet", "hf"] = "auto"
     prepared_dir: str | None = None
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
@@ -86,7 +89,7 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
+from lmforge.data.labeled import iter_labeled, load_labeled
 from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.pairs import load_pairs
@@ -120,7 +121,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if objective_data(recipe.objective) == "pairs":  # paired text is tokenized in memory at train time
+    if objective_data(recipe.objective) in ("pairs", "labeled"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
@@ -132,13 +133,32 @@ def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[st
 
 
 # ---------------------------------------------------------------- model
+def label_names(recipe: Recipe) -> list[str]:
+    """The classification labels: `data.labels`, or the sorted labels found in the data."""
+    cfg = recipe.data
+    if cfg.labels is not None:
+        return list(cfg.labels)
+    return sorted({row[1] for row in iter_labeled(cfg.train_files, cfg.column, cfg.label_column, None)
+                   if not isinstance(row, Exception)})
+
+
+def _head_config(recipe: Recipe, head: str) -> dict:
+    if head != "classifier":
+        return {}
+    names = label_names(recipe)
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
 def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -> PreTrainedModel:
     cfg = recipe.model
     seq_len = recipe.packing.seq_len
+    head_config = _head_config(recipe, head)
     if cfg.trust_remote_code:
         print("model: trust_remote_code is ON (the recipe asked for it): code from the checkpoint will run")
     if cfg.path:
-        model = load_model(cfg.path, head, cfg.trust_remote_code)
+        model = load_model(cfg.path, head, cfg.trust_remote_code, **head_config)
+        if model.config.pad_token_id is None:  # sequence classifiers find each row's end by the pad id
+            model.config.pad_token_id = tokenizer.pad_token_id
         stamp = recipe.tokenizer_dir / STAMP
         added = json.loads(stamp.read_text()) if recipe.tokenizer.extend_count and stamp.is_file() else {}
         if added.get("new_tokens"):
@@ -149,7 +169,7 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         ensure_family_fits(cfg.family, head, recipe.objective.name)
         # Embedding rows rounded up to a multiple of 64 keep the output matmul on fast kernel shapes.
         vocab = (len(tokenizer) + 63) // 64 * 64
-        config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **cfg.overrides)
+        config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **{**head_config, **cfg.overrides})
         model = build_model(config, head, tokenizer)
     ensure_fits_length(model.config, seq_len)
     print(describe(model, seq_len))
@@ -171,7 +191,7 @@ def _train_key(recipe: Recipe, corpora: dict[str, PreparedCorpus]) -> str:
     files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in expand_inputs(recipe.data.train_files)] if not corpora else []
     data = {n: c.manifest["fingerprint"] for n, c in corpora.items()}
     return _hash({"recipe": parts, "data": data, "files": files, "weights": weights,
-                  "columns": [recipe.data.column, recipe.data.pair_column]})
+                  "columns": [recipe.data.column, recipe.data.pair_column, recipe.data.label_column, recipe.data.labels]})
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, **stamp) -> None:
@@ -251,6 +271,23 @@ def _sentence_pair_source(recipe: Recipe, objective, tokenizer, corpora, device:
             "evaluate": evaluate if val_pairs else None}
 
 
+def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
+    """Labelled texts for classification, and accuracy on the held-out rows."""
+    cfg, tcfg = recipe.data, recipe.trainer
+    if not cfg.label_column:
+        raise ValueError("data.label_column: the classify objective needs the column that holds each row's label")
+    train_set, val_set, names = load_labeled(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
+                                             recipe.packing.seq_len, cfg.val_fraction)
+    print(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return evaluate_loss(m, objective, val_set, tcfg.batch_size, tcfg.eval_batches, device, precision)
+
+    return {"batches": lambda start: iterate_batches(train_set, tcfg.batch_size, recipe.seed, start),
+            "batches_per_epoch": len(train_set) // tcfg.batch_size,
+            "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len, "evaluate": evaluate if len(val_set) else None}
+
+
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
@@ -268,7 +305,8 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
 
     device = pick_device()
     precision = resolve_precision(recipe.trainer.precision, device)
-    make_source = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source}
+    make_source = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
+                   "labeled": _labeled_source}
     source = make_source[objective_data(recipe.objective)](recipe, objective, tokenizer, corpora, device, precision)
     extra = objective.extra_parameters() if hasattr(objective, "extra_parameters") else []
     if extra:  # objective-owned parameters (a learned temperature) train too, undecayed

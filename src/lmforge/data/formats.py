@@ -77,19 +77,34 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
         yield lineno, _decode(path, lineno, raw)
 
 
-def parse_jsonl_line(path: str, lineno: int, line: str, column: str) -> str:
+def parse_jsonl_object(path: str, lineno: int, line: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def text_field(path: str, lineno: int, row: dict, column: str) -> str:
     if column not in row:
         raise DataError(f"{path}:{lineno}: no column '{column}' (columns: {', '.join(row)})")
     value = row[column]
     if not isinstance(value, str):
         raise DataError(f"{path}:{lineno}: column '{column}' is {type(value).__name__}, not text")
     return value
+
+
+def parse_jsonl_line(path: str, lineno: int, line: str, column: str) -> str:
+    return text_field(path, lineno, parse_jsonl_object(path, lineno, line), column)
+
+
+def read_jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line."""
+    for lineno, line in _lines(path):
+        if line.strip():
+            yield lineno, parse_jsonl_object(path, lineno, line)
 
 
 def read_jsonl(path: str, column: str) -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -81,9 +82,19 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of the vocabulary and merges: two tokenizers that encode alike hash alike."""
+    """A hash of the vocabulary, merges and pipeline: two tokenizers that encode alike hash alike.
+
+    Truncation and padding are left out: they are per-call settings (a `truncation=True` call
+    switches them on in the backend), not part of what the tokenizer is.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is None:
+        content = repr(sorted(tokenizer.get_vocab().items()))
+    else:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        content = json.dumps(state, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 

@@ -77,16 +77,20 @@ class Prefetcher:
     def _fill(self, source: Iterator[dict]) -> None:
         try:
             for item in source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._offer(item):
                     return
         except BaseException as exc:  # surface data errors on the training thread
-            self._queue.put(exc)
+            self._offer(exc)
+
+    def _offer(self, item) -> bool:
+        """Queue `item` unless the loop has stopped listening; False once it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __next__(self) -> dict:
         item = self._queue.get()
@@ -95,7 +99,10 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        # Join, not just signal: a daemon thread still inside a torch call when the interpreter
+        # exits makes the C++ runtime abort ("terminate called without an active exception").
         self._stop.set()
+        self._thread.join(timeout=30)
 
 
 class StopFlag:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmforge.config import ObjectiveConfig
 from lmforge.objectives.base import Objective
+from lmforge.objectives.classify import SequenceClassification
 from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.mlm import MaskedLM
@@ -11,7 +12,7 @@ from lmforge.objectives.prefix_lm import PrefixLM
 from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
-                               "contrastive": Contrastive}
+                               "contrastive": Contrastive, "classify": SequenceClassification}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:

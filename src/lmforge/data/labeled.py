@@ -1,0 +1,77 @@
+"""Labelled text for sequence classification: JSONL rows with a text column and a label column.
+
+Labelled sets are small, so they are tokenized into memory once. With `data.labels` given, a row
+whose label is not in that set is an error naming the file and line; without it, the label set is
+the sorted set of labels found in the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.data.formats import DataError, expand_inputs, read_jsonl_rows, text_field
+from lmforge.data.prepare import is_validation
+
+
+@dataclass
+class LabeledSet:
+    ids: list[list[int]]
+    labels: list[int]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [self.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([self.labels[i] for i in indices])}
+
+
+def iter_labeled(files: list[str], column: str, label_column: str, labels: list[str] | None) -> Iterator[tuple[str, str] | DataError]:
+    """(text, label) rows; a bad row is yielded as its error (so a scan can list them all)."""
+    allowed = set(labels) if labels is not None else None
+    for path in expand_inputs(files):
+        try:
+            for lineno, row in read_jsonl_rows(path):
+                try:
+                    text = text_field(path, lineno, row, column)
+                    if label_column not in row:
+                        raise DataError(f"{path}:{lineno}: no label column '{label_column}' (columns: {', '.join(row)})")
+                    label = str(row[label_column])
+                    if allowed is not None and label not in allowed:
+                        raise DataError(f"{path}:{lineno}: label '{label}' is not in the label set {sorted(allowed)} (data.labels)")
+                    yield text, label
+                except DataError as exc:
+                    yield exc
+        except DataError as exc:  # an unreadable or malformed line: the rest of the file is not trusted
+            yield exc
+
+
+def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,
+                 max_len: int, val_fraction: float) -> tuple[LabeledSet, LabeledSet, list[str]]:
+    rows = []
+    for item in iter_labeled(files, column, label_column, labels):
+        if isinstance(item, DataError):
+            raise item
+        rows.append(item)
+    if not rows:
+        raise DataError(f"{', '.join(files)}: no labelled rows")
+    names = list(labels) if labels is not None else sorted({label for _, label in rows})
+    index = {name: i for i, name in enumerate(names)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=max_len).input_ids
+    sets = {"train": LabeledSet([], [], pad), "val": LabeledSet([], [], pad)}
+    for i, (ids, (_, label)) in enumerate(zip(encoded, rows, strict=True)):
+        target = sets["val" if is_validation(i, val_fraction) else "train"]
+        target.ids.append(ids or [pad])
+        target.labels.append(index[label])
+    return sets["train"], sets["val"], names
