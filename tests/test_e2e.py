@@ -53,6 +53,15 @@ def test_commands_end_to_end(tmp_path, small_jsonl):
     assert loss < entropy - 0.2  # learned more than token frequencies
     out = _invoke("generate", "--model", final, "--prompt", "The jury", "--max-new-tokens", 8, "--temperature", 0)
     assert out.startswith("The jury") and len(out.strip()) > len("The jury")
+    sampled = _invoke("generate", "--model", final, "--prompt", "The jury", "--max-new-tokens", 8,
+                      "--temperature", 1.0, "--top-k", 20, "--top-p", 0.9, "--seed", 3)
+    assert sampled.startswith("The jury")
+    # a training checkpoint samples too (its tokenizer given), and matches the final model at the last step
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000120"
+    result = runner.invoke(app, ["generate", "--model", str(checkpoint), "--prompt", "The jury", "--temperature", "0"])
+    assert result.exit_code == 2 and "pass --tokenizer" in result.output
+    assert _invoke("generate", "--model", checkpoint, "--tokenizer", tok, "--prompt", "The jury",
+                   "--max-new-tokens", 8, "--temperature", 0) == out
 
 
 def test_run_recipe_then_rerun_skips(tmp_path, small_jsonl):

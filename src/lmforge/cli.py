@@ -143,12 +143,14 @@ def evaluate(
     seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
     max_batches: Annotated[int | None, typer.Option(help="Evaluate at most this many batches.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
 ) -> None:
-    """Validation loss and perplexity of a model on a prepared corpus."""
+    """Validation loss and perplexity of a model (or training checkpoint) on a prepared corpus."""
     from lmforge.data.prepare import load_prepared
     from lmforge.pipeline import eval_stage
 
-    metrics = _guarded(lambda: eval_stage(model, load_prepared(data), objective, seq_len, batch_size, max_batches))
+    metrics = _guarded(lambda: eval_stage(model, load_prepared(data), objective, seq_len, batch_size, max_batches,
+                                          tokenizer_dir=tokenizer))
     typer.echo(f"eval: loss {metrics['loss']:.4f} nats/token, perplexity {metrics['ppl']:.2f}, "
                f"unigram entropy {metrics['unigram_entropy']:.4f} ({metrics['tokens']:,} tokens)")
 
@@ -162,11 +164,12 @@ def generate(
     top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens.")] = 50,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
 ) -> None:
-    """Sample continuations from a causal LM."""
+    """Sample continuations from a causal LM (a final model or a training checkpoint)."""
     from lmforge.pipeline import generate_stage
 
-    texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer))
     for p, text in zip(prompt, texts, strict=True):
         typer.echo(p + text)
 

@@ -322,9 +322,16 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
 
 
 # ---------------------------------------------------------------- eval / generate
+def _tokenizer_for(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
+    """The tokenizer beside a model, or the one given (training checkpoints hold no tokenizer)."""
+    if tokenizer_dir is None and not (Path(model_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no tokenizer here (a training checkpoint?); pass --tokenizer DIR")
+    return load_tokenizer(tokenizer_dir or model_dir)
+
+
 def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: ObjectiveConfig | str, seq_len: int, batch_size: int,
-               max_batches: int | None = None, document_mask: bool = False) -> dict:
-    tokenizer = load_tokenizer(model_dir)
+               max_batches: int | None = None, document_mask: bool = False, tokenizer_dir: Path | None = None) -> dict:
+    tokenizer = _tokenizer_for(model_dir, tokenizer_dir)
     objective = get_objective(objective_cfg, tokenizer)
     load_prepared(corpus.directory, tokenizer)  # refuse a corpus of another tokenizer
     model = load_model(model_dir, objective.head)
@@ -339,8 +346,8 @@ def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: Objective
 
 
 def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, temperature: float,
-                   top_k: int | None, top_p: float | None, seed: int = 0) -> list[str]:
-    tokenizer = load_tokenizer(model_dir)
+                   top_k: int | None, top_p: float | None, seed: int = 0, tokenizer_dir: Path | None = None) -> list[str]:
+    tokenizer = _tokenizer_for(model_dir, tokenizer_dir)
     model = load_model(model_dir, "causal_lm")
     return [generate_text(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed) for p in prompts]
 

@@ -64,6 +64,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
+            # with config.json the folder is also a `from_pretrained` directory (eval, generate)
+            model.config.to_json_file(str(tmp / "config.json"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")}

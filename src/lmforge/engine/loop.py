@@ -13,6 +13,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,7 +225,11 @@ def train(
                             f"{state.consecutive_bad} consecutive steps with non-finite loss or gradients at step "
                             f"{state.step + 1}; last good checkpoint: {last_saved or 'none'}. Lower trainer.lr or check the data.")
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # a skipped (non-finite) first step makes torch warn about the call order; the
+                    # schedule is a pure function of the step number, so nothing is skipped
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
                 state.step += 1
                 state.tokens_seen += tokens
                 if state.consecutive_bad == 0:

@@ -33,7 +33,7 @@ class Contrastive:
         return [self.logit_scale] if self.cfg.learn_temperature else []
 
     def state_dict(self) -> dict:
-        return {"logit_scale": float(self.logit_scale)}
+        return {"logit_scale": float(self.logit_scale.detach())}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
