@@ -5,8 +5,9 @@ Each case runs both tools in separate processes (so peak RSS is each tool's own)
 and reports medians. Both losses must fall. Results go to bench/results/latest.json (and a dated
 copy); one line per case is printed. This is a benchmark, not a test: nothing here asserts speed.
 
-Cases: clm_pretrain_defaults, clm_pretrain_equal, prepare. (sft_variable_length and lora_vs_full
-need the SFT objective and the LoRA method, which lmforge does not have yet.)
+Cases: clm_pretrain_defaults, clm_pretrain_equal, prepare, prepare_memory (peak RSS of preparing a
+generated corpus at two sizes). sft_variable_length and lora_vs_full need the SFT objective and the
+LoRA method, which lmforge does not have yet.
 """
 
 from __future__ import annotations
@@ -193,8 +194,33 @@ def worker_datasets_prepare() -> dict:
     return {"tokens_per_s": total / seconds, "tokens": total, "peak_rss_mb": peak_rss_mb()}
 
 
+def worker_lmforge_prepare_size(megabytes: int) -> dict:
+    """Prepare a generated corpus of `megabytes` of text (Brown documents repeated, each tagged with
+    a counter so no two are equal); the corpus is written, streamed through, and deleted."""
+    from lmforge.data.prepare import prepare_corpus
+    from lmforge.data.tokenizer import load_tokenizer
+
+    docs, path = texts(), WORK / f"generated_{os.getpid()}.jsonl"
+    written, i = 0, 0
+    with open(path, "w") as handle:
+        while written < megabytes * 2**20:
+            line = json.dumps({"text": f"{i} " + docs[i % len(docs)]}) + "\n"
+            handle.write(line)
+            written += len(line)
+            i += 1
+    tok, out = load_tokenizer(tokenizer_dir()), WORK / f"prep_gen_{os.getpid()}"
+    start = time.perf_counter()
+    corpus = prepare_corpus([str(path)], tok, out, val_fraction=0.01, progress=False, shard_tokens=50_000_000)
+    seconds = time.perf_counter() - start
+    tokens = corpus.tokens("train") + corpus.tokens("val")
+    shutil.rmtree(out)
+    path.unlink()
+    return {"megabytes": megabytes, "tokens": tokens, "tokens_per_s": tokens / seconds, "peak_rss_mb": peak_rss_mb()}
+
+
 WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm,
-           "lmforge_prepare": worker_lmforge_prepare, "datasets_prepare": worker_datasets_prepare}
+           "lmforge_prepare": worker_lmforge_prepare, "datasets_prepare": worker_datasets_prepare,
+           "lmforge_prepare_size": worker_lmforge_prepare_size}
 
 
 # ------------------------------------------------------------------ driver
@@ -249,7 +275,8 @@ def main() -> None:
     parser.add_argument("--kwargs", default="{}")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--cases", default="clm_pretrain_defaults,clm_pretrain_equal,prepare")
+    parser.add_argument("--cases", default="clm_pretrain_defaults,clm_pretrain_equal,prepare,prepare_memory")
+    parser.add_argument("--prepare-megabytes", default="50,500", help="corpus sizes for prepare_memory")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](**json.loads(args.kwargs))))
@@ -280,6 +307,11 @@ def main() -> None:
         cases["prepare"] = {"lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
                             "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"], "tokens": ours["tokens"],
                             "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"]}
+    if "prepare_memory" in wanted:
+        # streaming: peak RSS must not grow with the corpus (10x the text, about the same memory)
+        sizes = [int(x) for x in args.prepare_megabytes.split(",")]
+        runs = [run_worker("lmforge_prepare_size", megabytes=mb) for mb in sizes]
+        cases["prepare_memory"] = {"runs": runs, "rss_growth_mb": runs[-1]["peak_rss_mb"] - runs[0]["peak_rss_mb"]}
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "matmul_gflops": peaks, "auto_precision": auto,
@@ -288,11 +320,19 @@ def main() -> None:
     }
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
+    latest = out_dir / "latest.json"
+    if latest.is_file():  # a run of some cases keeps the others' last results (each case records its own run)
+        previous = json.loads(latest.read_text()).get("cases", {})
+        result["cases"] = {**previous, **cases}
     text = json.dumps(result, indent=2)
     (out_dir / "latest.json").write_text(text)
     (out_dir / f"{datetime.date.today().isoformat()}.json").write_text(text)
     print(f"machine: {result['machine']}")
     for name, case in cases.items():
+        if name == "prepare_memory":
+            print(f"{name}: " + "; ".join(f"{r['megabytes']} MB text, {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s, "
+                                          f"peak RSS {r['peak_rss_mb']:,.0f} MB" for r in case["runs"]))
+            continue
         extra = f", mfu {case['mfu']:.2f} (baseline {case['baseline_mfu']:.2f})" if "mfu" in case else ""
         print(f"{name}: lmforge {case['lmforge_tokens_per_s']:,.0f} tok/s vs baseline {case['baseline_tokens_per_s']:,.0f} "
               f"tok/s = {case['ratio']:.2f}x{extra}; peak RSS {case['peak_rss_mb']:,.0f} vs {case['baseline_peak_rss_mb']:,.0f} MB")
