@@ -352,18 +352,14 @@ def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, tem
     return [generate_text(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed) for p in prompts]
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
-    """The whole pipeline; returns a summary that is also written to OUTPUT_DIR/summary.json."""
-    tokenizer = tokenizer_stage(recipe)
-    corpora = prepare_stage(recipe, tokenizer)
-    outcome = train_stage(recipe, tokenizer, corpora, resume=resume, force=force)
-    if outcome.result is not None and outcome.result.interrupted:
-        return {"interrupted": True, "step": outcome.result.state.step}
+def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, PreparedCorpus]) -> dict[str, dict]:
+    """Each validation corpus through the saved model; for pairs and labelled sets (no packed
+    validation split) the last in-training evaluation is the final one."""
+    if objective_data(recipe.objective) != "packed":
+        last = outcome.result.val if outcome.result is not None else {}
+        print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if isinstance(v, float)))
+        return {"main": last}
     evals = {}
-    if objective_data(recipe.objective) != "packed":  # pairs: the last in-training eval is the final one
-        evals["main"] = outcome.result.val if outcome.result is not None else {}
-        print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in evals["main"].items() if isinstance(v, float)))
-        corpora = {}
     for name, corpus in corpora.items():
         metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
                              recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
@@ -375,6 +371,17 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
         if "pseudo_ppl" in metrics:
             print(f"eval{label}: pseudo-perplexity {metrics['pseudo_ppl']:.1f} over {metrics['pseudo_tokens']:,} tokens")
         evals[name] = metrics
+    return evals
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
+    """The whole pipeline; returns a summary that is also written to OUTPUT_DIR/summary.json."""
+    tokenizer = tokenizer_stage(recipe)
+    corpora = prepare_stage(recipe, tokenizer)
+    outcome = train_stage(recipe, tokenizer, corpora, resume=resume, force=force)
+    if outcome.result is not None and outcome.result.interrupted:
+        return {"interrupted": True, "step": outcome.result.state.step}
+    evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []
     if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt

@@ -129,6 +129,75 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+@dataclass
+class LogWindow:
+    """What accumulates between two log lines; the loss stays on the device (no sync until logged)."""
+
+    loss: torch.Tensor
+    mix: torch.Tensor  # rows drawn from each mixture source
+    steps: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def record(self, state: TrainState, lr: float, grad_norm: torch.Tensor, source_names: list[str] | None) -> dict:
+        now = time.perf_counter()
+        record = {
+            "loss": (self.loss / max(self.steps, 1)).item(),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": self.tokens / max(now - self.start, 1e-9),
+            "tokens_seen": state.tokens_seen,
+            "bad_steps": state.bad_steps,
+        }
+        total = max(int(self.mix.sum()), 1)
+        record.update({f"mix_{n}": c / total for n, c in zip(source_names or [], self.mix.tolist(), strict=True)})
+        self.loss.zero_()
+        self.steps, self.tokens, self.start = 0, 0, now
+        return record
+
+
+def _restore(checkpoints: Path, model, optimizer, scheduler, objective, log) -> tuple[TrainState, str | None]:
+    """Load the newest valid checkpoint; (fresh state, None) when there is none."""
+    found = ckpt.latest_valid_checkpoint(checkpoints, warn=log)
+    if found is None:
+        log(f"resume: no valid checkpoint in {checkpoints}; starting from scratch")
+        return TrainState(), None
+    path, saved = found
+    ckpt.load_checkpoint(path, model, optimizer)
+    scheduler.load_state_dict(saved["scheduler"])
+    if "objective" in saved and hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(saved["objective"])
+    log(f"resume: continuing from {path} (step {saved['train_state']['step']})")
+    # `auto` precision is measured; a resumed run keeps the choice it started with
+    return TrainState(**saved["train_state"]), saved.get("precision")
+
+
+def _apply_update(optimizer, scheduler, state: TrainState, step_loss: torch.Tensor, grad_norm: torch.Tensor,
+                  max_bad_steps: int, last_saved: Path | None, log) -> bool:
+    """Step the optimizer unless the loss or gradients are non-finite; False for a skipped step."""
+    # One host sync per step: a NaN must never reach the weights.
+    good = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
+    if good:
+        optimizer.step()
+        state.consecutive_bad = 0
+    else:
+        state.bad_steps += 1
+        state.consecutive_bad += 1
+        log(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
+            f"({state.consecutive_bad} in a row, {state.bad_steps} in all)")
+        if state.consecutive_bad >= max_bad_steps:
+            raise TrainingDiverged(
+                f"{state.consecutive_bad} consecutive steps with non-finite loss or gradients at step "
+                f"{state.step + 1}; last good checkpoint: {last_saved or 'none'}. Lower trainer.lr or check the data.")
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        # a skipped first step makes torch warn about the call order; the schedule is a pure
+        # function of the step number, so nothing is skipped
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+    return good
+
+
 def train(
     model: nn.Module,
     objective,
@@ -152,22 +221,10 @@ def train(
     factor = lr_factor(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.num_cycles)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     checkpoints = out_dir / "checkpoints"
-
     state = TrainState()
     if resume:
-        found = ckpt.latest_valid_checkpoint(checkpoints, warn=log)
-        if found is None:
-            log(f"resume: no valid checkpoint in {checkpoints}; starting from scratch")
-        else:
-            path, saved = found
-            ckpt.load_checkpoint(path, model, optimizer)
-            scheduler.load_state_dict(saved["scheduler"])
-            if "objective" in saved and hasattr(objective, "load_state_dict"):
-                objective.load_state_dict(saved["objective"])
-            state = TrainState(**saved["train_state"])
-            # `auto` precision is measured; a resumed run keeps the choice it started with.
-            precision = saved.get("precision", precision)
-            log(f"resume: continuing from {path} (step {state.step})")
+        state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, log)
+        precision = saved_precision or precision
 
     step_model = torch.compile(model) if cfg.compile else model
     metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None)
@@ -180,28 +237,33 @@ def train(
             extra["objective"] = objective.state_dict()
         return ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
 
+    def run_eval(step: int) -> dict:
+        values = evaluate(model)
+        metrics.log(step, values, prefix="val")
+        # through tqdm while a bar is drawn, so the bar is not torn
+        (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))
+        model.train()
+        return values
+
     source = Prefetcher(batches(state.step * cfg.grad_accum))
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    window_loss = torch.zeros((), device=device)
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    window = LogWindow(torch.zeros((), device=device), torch.zeros(len(source_names or []), dtype=torch.long))
+    total_mix = window.mix.clone()
     run_start, start_tokens = time.perf_counter(), state.tokens_seen
     result = TrainResult(state, total_steps, None)
     last_saved: Path | None = None
-    window_mix = torch.zeros(len(source_names or []), dtype=torch.long)
-    total_mix = window_mix.clone()
     if evaluate is not None and cfg.eval_at_start and state.step == 0:
-        result.first_eval = evaluate(model)
-        metrics.log(0, result.first_eval, prefix="val")
-        log("step 0: " + ", ".join(f"val_{k} {v:.4g}" for k, v in result.first_eval.items()))
+        result.first_eval = run_eval(0)
     model.train()
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     try:
         with StopFlag() as stop:
             while state.step < total_steps:
                 loss_sum, tokens = torch.zeros((), device=device), 0
                 for _ in range(cfg.grad_accum):
                     host_batch = next(source)
-                    if source_names and "source" in host_batch:  # counted on the host: no device sync
-                        window_mix += torch.bincount(host_batch.pop("source"), minlength=len(source_names))
+                    if "source" in host_batch:  # mixture rows, counted on the host: no device sync
+                        window.mix += torch.bincount(host_batch.pop("source"), minlength=len(window.mix))
                     batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
                     with autocast(device, precision):
                         loss, _ = objective.loss(step_model, batch)
@@ -209,63 +271,26 @@ def train(
                     loss_sum += loss.detach()
                     tokens += batch["input_ids"].numel()
                 step_loss = loss_sum / cfg.grad_accum
-                trainable = [p for g in optimizer.param_groups for p in g["params"]]
                 grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip_grad or float("inf"))
-                # One host sync per step: a NaN must never reach the weights.
-                if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
-                    optimizer.step()
-                    state.consecutive_bad = 0
-                else:
-                    state.bad_steps += 1
-                    state.consecutive_bad += 1
-                    log(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
-                        f"({state.consecutive_bad} in a row, {state.bad_steps} in all)")
-                    if state.consecutive_bad >= cfg.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{state.consecutive_bad} consecutive steps with non-finite loss or gradients at step "
-                            f"{state.step + 1}; last good checkpoint: {last_saved or 'none'}. Lower trainer.lr or check the data.")
-                optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():
-                    # a skipped (non-finite) first step makes torch warn about the call order; the
-                    # schedule is a pure function of the step number, so nothing is skipped
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
+                if _apply_update(optimizer, scheduler, state, step_loss, grad_norm, cfg.max_bad_steps, last_saved, log):
+                    window.loss += step_loss
+                    window.steps += 1
                 state.step += 1
                 state.tokens_seen += tokens
-                if state.consecutive_bad == 0:
-                    window_loss += step_loss.detach()
-                    window_steps += 1
-                window_tokens += tokens
+                window.tokens += tokens
                 bar.update(1)
+                last = state.step == total_steps
 
-                if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    now = time.perf_counter()
-                    record = {
-                        "loss": (window_loss / max(window_steps, 1)).item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "tokens_seen": state.tokens_seen,
-                        "bad_steps": state.bad_steps,
-                    }
-                    if source_names:
-                        record.update({f"mix_{n}": c / max(int(window_mix.sum()), 1)
-                                       for n, c in zip(source_names, window_mix.tolist(), strict=True)})
-                        total_mix += window_mix
-                        window_mix.zero_()
+                if state.step % cfg.log_every == 0 or last:
+                    total_mix += window.mix
+                    record = window.record(state, scheduler.get_last_lr()[0], grad_norm, source_names)
+                    window.mix.zero_()
                     metrics.log(state.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                     result.train_loss = record["loss"]
-                    window_loss.zero_()
-                    window_steps, window_tokens, window_start = 0, 0, now
-
-                if evaluate is not None and (state.step % cfg.eval_every == 0 or state.step == total_steps):
-                    result.val = evaluate(model)
-                    metrics.log(state.step, result.val, prefix="val")
-                    bar.write(f"step {state.step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in result.val.items()))
-                    model.train()
-
-                if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == total_steps):
+                if evaluate is not None and (state.step % cfg.eval_every == 0 or last):
+                    result.val = run_eval(state.step)
+                if cfg.save_every and (state.step % cfg.save_every == 0 or last):
                     last_saved = save(state.step)
                 if stop.signal is not None:
                     last_saved = save(state.step)
@@ -281,7 +306,7 @@ def train(
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
     if source_names:
-        result.mix_seen = dict(zip(source_names, (total_mix + window_mix).tolist(), strict=True))
+        result.mix_seen = dict(zip(source_names, (total_mix + window.mix).tolist(), strict=True))
         log("data mix seen: " + ", ".join(f"{n} {c / max(sum(result.mix_seen.values()), 1):.1%}"
                                           for n, c in result.mix_seen.items()))
     return result
