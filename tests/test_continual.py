@@ -96,6 +96,7 @@ def test_general_then_domain_pretraining_lowers_domain_perplexity(tmp_path, gene
     assert set(summary["eval"]) == {"python_docs", "general"}
     assert summary["eval_before"]["python_docs_loss"] > summary["eval"]["python_docs"]["loss"]
     assert "data mix seen: python_docs" in result.output
+    assert "with trust_remote_code off" in result.output  # the log says how a checkpoint was loaded
 
 
 def test_tokenizer_extension_with_mean_initialised_embeddings(tmp_path, general_model):

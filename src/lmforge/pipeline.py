@@ -153,9 +153,9 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
     cfg = recipe.model
     seq_len = recipe.packing.seq_len
     head_config = _head_config(recipe, head)
-    if cfg.trust_remote_code:
-        print("model: trust_remote_code is ON (the recipe asked for it): code from the checkpoint will run")
     if cfg.path:
+        print(f"model: loading {cfg.path} with trust_remote_code "
+              + ("ON (the recipe asked for it): code from the checkpoint will run" if cfg.trust_remote_code else "off"))
         model = load_model(cfg.path, head, cfg.trust_remote_code, **head_config)
         if model.config.pad_token_id is None:  # sequence classifiers find each row's end by the pad id
             model.config.pad_token_id = tokenizer.pad_token_id
