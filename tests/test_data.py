@@ -145,3 +145,20 @@ def test_fingerprint_ignores_per_call_truncation(tokenizer_dir):
     before = tokenizer_fingerprint(tok)
     tok(["some text here"], truncation=True, max_length=3)
     assert tokenizer_fingerprint(tok) == before
+
+
+def test_hf_dataset_names_stream_through_datasets(monkeypatch):
+    """`hf:NAME:CONFIG@SPLIT` goes to `datasets.load_dataset` in streaming mode (network in real use)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first"}, {"text": ""}, {"text": "second"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert list(read_documents("hf:wikitext:wikitext-2-raw-v1@validation")) == ["first", "second"]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation", True)]
+    with pytest.raises(DataError, match="hf:plain: no column 'body'"):
+        list(read_documents("hf:plain", column="body"))

@@ -21,6 +21,19 @@ class Objective(Protocol):
         ...
 
 
+class ObjectiveBase:
+    """Defaults most objectives share: built from (cfg, tokenizer), trained on packed rows as long as
+    the model's input. Objectives override what differs (span corruption's longer raw rows, ...)."""
+
+    data_kind = "packed"
+
+    def __init__(self, cfg=None, tokenizer=None):
+        self.cfg = cfg
+
+    def row_length(self, seq_len: int) -> int:
+        return seq_len
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the labelled positions, in fp32 whatever the autocast dtype; and their count."""
     flat = labels.reshape(-1)

@@ -5,19 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.config import ObjectiveConfig
+from lmforge.objectives.base import ObjectiveBase
 
 
-class SequenceClassification:
+class SequenceClassification(ObjectiveBase):
     name = "classify"
     head = "classifier"
     data_kind = "labeled"
-
-    def __init__(self, cfg: ObjectiveConfig, tokenizer=None):
-        self.cfg = cfg
-
-    def row_length(self, seq_len: int) -> int:
-        return seq_len
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

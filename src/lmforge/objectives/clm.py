@@ -10,18 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.objectives.base import token_cross_entropy
+from lmforge.objectives.base import ObjectiveBase, token_cross_entropy
 
 
-class CausalLM:
+class CausalLM(ObjectiveBase):
     name = "clm"
     head = "causal_lm"
-
-    def __init__(self, cfg=None, tokenizer=None):
-        pass
-
-    def row_length(self, seq_len: int) -> int:
-        return seq_len
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {"input_ids": batch["input_ids"]}

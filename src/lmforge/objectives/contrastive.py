@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from lmforge.config import ObjectiveConfig
+from lmforge.objectives.base import ObjectiveBase
 
 
-class Contrastive:
+class Contrastive(ObjectiveBase):
     name = "contrastive"
     head = "encoder"
     data_kind = "pairs"
@@ -25,9 +26,6 @@ class Contrastive:
         self.cfg = cfg
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)),
                                         requires_grad=cfg.learn_temperature)
-
-    def row_length(self, seq_len: int) -> int:
-        return seq_len
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.logit_scale] if self.cfg.learn_temperature else []

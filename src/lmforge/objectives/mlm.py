@@ -16,10 +16,10 @@ from torch import nn
 
 from lmforge.config import ObjectiveConfig
 from lmforge.data.masking import mask_tokens, word_start_table
-from lmforge.objectives.base import token_cross_entropy
+from lmforge.objectives.base import ObjectiveBase, token_cross_entropy
 
 
-class MaskedLM:
+class MaskedLM(ObjectiveBase):
     name = "mlm"
     head = "masked_lm"
 
@@ -34,9 +34,6 @@ class MaskedLM:
         self.sentence_task = None if cfg.sentence_task == "none" else cfg.sentence_task
         self.head = "pretraining" if self.sentence_task else "masked_lm"
         self.data_kind = "sentence_pairs" if self.sentence_task else "packed"
-
-    def row_length(self, seq_len: int) -> int:
-        return seq_len
 
     def corrupt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.config import ObjectiveConfig
-from lmforge.objectives.base import token_cross_entropy
+from lmforge.objectives.base import ObjectiveBase, token_cross_entropy
 
 
 def prefix_attention_mask(prefix_lengths: torch.Tensor, length: int) -> torch.Tensor:
@@ -23,15 +22,9 @@ def prefix_attention_mask(prefix_lengths: torch.Tensor, length: int) -> torch.Te
     return (causal[None] | (in_prefix & query_in_prefix))[:, None]
 
 
-class PrefixLM:
+class PrefixLM(ObjectiveBase):
     name = "prefix_lm"
     head = "causal_lm"
-
-    def __init__(self, cfg: ObjectiveConfig, tokenizer=None):
-        self.cfg = cfg
-
-    def row_length(self, seq_len: int) -> int:
-        return seq_len
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         input_ids, labels = batch["input_ids"], batch["labels"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ObjectiveConfig
-from lmforge.objectives.base import token_cross_entropy
+from lmforge.objectives.base import ObjectiveBase, token_cross_entropy
 
 
 def _span_counts(tokens_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -65,7 +65,7 @@ def corrupt_row(tokens: np.ndarray, noise: np.ndarray, sentinels: np.ndarray, eo
     return np.concatenate([inputs, [eos_id]]), targets
 
 
-class SpanCorruption:
+class SpanCorruption(ObjectiveBase):
     name = "span"
     head = "seq2seq"
 
