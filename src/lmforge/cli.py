@@ -127,8 +127,8 @@ def train(
     _precheck(cfg)
 
     def run():
-        tok = pipeline.tokenizer_stage(cfg)
-        return pipeline.train_stage(cfg, tok, pipeline.prepare_stage(cfg, tok), resume=resume, force=force)
+        tok, corpora = pipeline.inputs_stage(cfg)
+        return pipeline.train_stage(cfg, tok, corpora, resume=resume, force=force)
 
     outcome = _guarded(run)
     if outcome.result is not None and outcome.result.interrupted:

@@ -31,6 +31,7 @@ from lmforge.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from lmforge.engine.distributed import init_strategy
 from lmforge.engine.loop import TrainResult, train
 from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
 from lmforge.eval.generate import generate_text
@@ -315,6 +316,8 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     result = train(model, objective, groups, cfg=recipe.trainer, out_dir=out_dir, resume=resume, **source)
     if result.interrupted:
         return TrainOutcome(result, recipe.checkpoint_dir)
+    if not result.is_main:  # under torchrun, rank 0 writes the model
+        return TrainOutcome(result, recipe.final_model_dir)
     save_final(model, tokenizer, recipe.final_model_dir, key=key, steps=result.state.step)
     print(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
           f"model saved to {recipe.final_model_dir}")
@@ -374,13 +377,23 @@ def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, Prepa
     return evals
 
 
+def inputs_stage(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, dict[str, PreparedCorpus]]:
+    """Tokenizer and corpora; under torchrun rank 0 builds them while the other ranks wait."""
+    def build():
+        tokenizer = tokenizer_stage(recipe)
+        return tokenizer, prepare_stage(recipe, tokenizer)
+
+    return init_strategy().main_first(build)
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:
     """The whole pipeline; returns a summary that is also written to OUTPUT_DIR/summary.json."""
-    tokenizer = tokenizer_stage(recipe)
-    corpora = prepare_stage(recipe, tokenizer)
+    tokenizer, corpora = inputs_stage(recipe)
     outcome = train_stage(recipe, tokenizer, corpora, resume=resume, force=force)
     if outcome.result is not None and outcome.result.interrupted:
         return {"interrupted": True, "step": outcome.result.state.step}
+    if outcome.result is not None and not outcome.result.is_main:  # torchrun: rank 0 evaluates and reports
+        return {}
     evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []

@@ -24,13 +24,18 @@ from tqdm import tqdm
 
 from lmforge.config import TrainerConfig
 from lmforge.engine import checkpoint as ckpt
-from lmforge.engine.metrics import MetricsLogger
+from lmforge.engine.distributed import init_strategy
+from lmforge.engine.metrics import MetricsLogger, NullMetrics
 from lmforge.engine.optimizer import build_optimizer, lr_factor
-from lmforge.engine.runtime import autocast, pick_device, resolve_precision
+from lmforge.engine.runtime import autocast, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: Path | None = None
     first_eval: dict = field(default_factory=dict)
+    is_main: bool = True  # rank 0 (or the only process): the one that writes outputs
     mix_seen: dict = field(default_factory=dict)  # rows drawn from each source (mixtures only)
 
 
@@ -213,8 +219,11 @@ def train(
     log: Callable[[str], None] = print,
     source_names: list[str] | None = None,
 ) -> TrainResult:
-    device = pick_device()
-    precision = resolve_precision(cfg.precision, device)
+    strategy = init_strategy()
+    device = strategy.device
+    precision = strategy.same_on_all(resolve_precision(cfg.precision, device))
+    if not strategy.is_main:
+        log = _silent
     model.to(device)
     optimizer = build_optimizer(param_groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer_impl)
     total_steps = resolve_total_steps(cfg, batches_per_epoch, tokens_per_batch)
@@ -226,31 +235,40 @@ def train(
         state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, log)
         precision = saved_precision or precision
 
-    step_model = torch.compile(model) if cfg.compile else model
-    metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None)
+    step_model = strategy.wrap(model)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
+    metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None) if strategy.is_main else NullMetrics()
     log(f"train: {total_steps} steps, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
 
     def save(step: int) -> Path:
-        extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
-        if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
-            extra["objective"] = objective.state_dict()
-        return ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
+        path = checkpoints / f"step_{step:08d}"
+        if strategy.is_main:
+            extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
+            if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
+                extra["objective"] = objective.state_dict()
+            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
+        strategy.barrier()
+        return path
 
     def run_eval(step: int) -> dict:
-        values = evaluate(model)
-        metrics.log(step, values, prefix="val")
-        # through tqdm while a bar is drawn, so the bar is not torn
-        (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))
+        values = {}
+        if strategy.is_main:  # the other ranks wait: evaluation is cheap next to training
+            values = evaluate(model)
+            metrics.log(step, values, prefix="val")
+            # through tqdm while a bar is drawn, so the bar is not torn
+            (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))
+        strategy.barrier()
         model.train()
         return values
 
     source = Prefetcher(batches(state.step * cfg.grad_accum))
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not (cfg.progress and strategy.is_main),
+               dynamic_ncols=True)
     window = LogWindow(torch.zeros((), device=device), torch.zeros(len(source_names or []), dtype=torch.long))
     total_mix = window.mix.clone()
     run_start, start_tokens = time.perf_counter(), state.tokens_seen
-    result = TrainResult(state, total_steps, None)
+    result = TrainResult(state, total_steps, None, is_main=strategy.is_main)
     last_saved: Path | None = None
     if evaluate is not None and cfg.eval_at_start and state.step == 0:
         result.first_eval = run_eval(0)
@@ -264,13 +282,14 @@ def train(
                     host_batch = next(source)
                     if "source" in host_batch:  # mixture rows, counted on the host: no device sync
                         window.mix += torch.bincount(host_batch.pop("source"), minlength=len(window.mix))
-                    batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
+                    tokens += host_batch["input_ids"].numel()  # the global batch, all ranks together
+                    batch = {k: v.to(device, non_blocking=True) for k, v in strategy.shard(host_batch).items()}
                     with autocast(device, precision):
                         loss, _ = objective.loss(step_model, batch)
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
-                    tokens += batch["input_ids"].numel()
-                step_loss = loss_sum / cfg.grad_accum
+                # the mean over ranks: every rank must agree on skipping a non-finite step
+                step_loss = strategy.mean(loss_sum / cfg.grad_accum)
                 grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip_grad or float("inf"))
                 if _apply_update(optimizer, scheduler, state, step_loss, grad_norm, cfg.max_bad_steps, last_saved, log):
                     window.loss += step_loss
@@ -292,7 +311,7 @@ def train(
                     result.val = run_eval(state.step)
                 if cfg.save_every and (state.step % cfg.save_every == 0 or last):
                     last_saved = save(state.step)
-                if stop.signal is not None:
+                if strategy.stop_requested(stop.signal is not None):
                     last_saved = save(state.step)
                     result.interrupted = True
                     log(f"\nstopped by signal {stop.signal} at step {state.step}; checkpoint {last_saved}. "

@@ -41,6 +41,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
+
+    def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path, split: str | None = None) -> list[dict]:
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in records if split is None or r.get("split") == split]
