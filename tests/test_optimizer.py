@@ -50,3 +50,15 @@ def test_lr_scale_applies():
     model = torch.nn.Linear(4, 4)
     opt = build_optimizer(decay_groups(model.named_parameters(), 0.0, lr_scale=0.5), 1e-3, (0.9, 0.95), 1e-8)
     assert all(g["lr"] == pytest.approx(5e-4) for g in opt.param_groups)
+
+
+def test_training_length_in_steps_tokens_or_epochs():
+    from lmforge.config import TrainerConfig
+    from lmforge.engine.loop import resolve_total_steps
+
+    # 100 batches per epoch, 2,048 tokens per batch, 2 micro-batches per optimizer step
+    assert resolve_total_steps(TrainerConfig(max_steps=7, grad_accum=2), 100, 2048) == 7
+    assert resolve_total_steps(TrainerConfig(max_tokens=10 * 4096, grad_accum=2), 100, 2048) == 10
+    assert resolve_total_steps(TrainerConfig(max_tokens=10 * 4096 + 1, grad_accum=2), 100, 2048) == 11
+    assert resolve_total_steps(TrainerConfig(epochs=1.5, grad_accum=2), 100, 2048) == 75
+    assert resolve_total_steps(TrainerConfig(grad_accum=1), 100, 2048) == 100  # one epoch by default
