@@ -52,6 +52,12 @@ from lmforge.objectives import get_objective, objective_data, objective_head
 STAMP = "lmforge_stage.json"
 
 
+def say(message: str) -> None:
+    """Print once per run: under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -80,7 +86,7 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
     key = _hash({"cfg": cfg.model_dump(), "inputs": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]})
     if _stamp_matches(out, key):
         return load_tokenizer(out)
-    print(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
+    say(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
     tokenizer = train_tokenizer(iter_corpus(files, cfg.column, max_docs=cfg.max_docs), out, cfg.kind,
                                 cfg.vocab_size, cfg.min_frequency, cfg.num_sentinels)
     _write_stamp(out, key, fingerprint=tokenizer_fingerprint(tokenizer))
@@ -102,7 +108,7 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     new_ids = extend_tokenizer(tokenizer, new_tokens)
     tokenizer.save_pretrained(out)
     _write_stamp(out, key, base=str(base_dir), new_tokens=new_tokens, new_ids=new_ids)
-    print(f"tokenizer: added {len(new_tokens)} domain tokens to {base_dir} (e.g. {new_tokens[:5]}); saved to {out}")
+    say(f"tokenizer: added {len(new_tokens)} domain tokens to {base_dir} (e.g. {new_tokens[:5]}); saved to {out}")
     return load_tokenizer(out)
 
 
@@ -114,7 +120,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
     corpus = prepare_corpus(files, tokenizer, out, column, cfg.format, cfg.val_fraction, cfg.max_docs,
                             cfg.shard_tokens, progress=recipe.trainer.progress)
     splits = corpus.manifest["splits"]
-    print(f"data{label}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+    say(f"data{label}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
           f"({splits['train']['docs']:,} / {splits['val']['docs']:,} docs) in {corpus.directory}")
     return corpus
 
@@ -155,7 +161,7 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
     seq_len = recipe.packing.seq_len
     head_config = _head_config(recipe, head)
     if cfg.path:
-        print(f"model: loading {cfg.path} with trust_remote_code "
+        say(f"model: loading {cfg.path} with trust_remote_code "
               + ("ON (the recipe asked for it): code from the checkpoint will run" if cfg.trust_remote_code else "off"))
         model = load_model(cfg.path, head, cfg.trust_remote_code, **head_config)
         if model.config.pad_token_id is None:  # sequence classifiers find each row's end by the pad id
@@ -173,7 +179,7 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **{**head_config, **cfg.overrides})
         model = build_model(config, head, tokenizer)
     ensure_fits_length(model.config, seq_len)
-    print(describe(model, seq_len))
+    say(describe(model, seq_len))
     return model
 
 
@@ -229,7 +235,7 @@ def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, Prep
             return iterate_batches(train_rows[0], tcfg.batch_size, recipe.seed, start)
     else:
         weights = [m.weight for m in recipe.data.mixture]
-        print("data: mixture " + ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights, strict=True)))
+        say("data: mixture " + ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights, strict=True)))
 
         def batches(start: int):
             return iterate_mixture(train_rows, weights, tcfg.batch_size, recipe.seed, start)
@@ -243,7 +249,7 @@ def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.de
     cfg, tcfg = recipe.data, recipe.trainer
     train_pairs, val_pairs = load_pairs(cfg.train_files, tokenizer, cfg.column, cfg.pair_column,
                                         recipe.packing.seq_len, cfg.val_fraction)
-    print(f"data: {len(train_pairs)} training pairs, {len(val_pairs)} held out")
+    say(f"data: {len(train_pairs)} training pairs, {len(val_pairs)} held out")
 
     def evaluate(m: torch.nn.Module) -> dict:
         return retrieval_metrics(m, objective, val_pairs, tcfg.batch_size, device, precision)
@@ -262,7 +268,7 @@ def _sentence_pair_source(recipe: Recipe, objective, tokenizer, corpora, device:
     tcfg, task, seq_len = recipe.trainer, recipe.objective.sentence_task, recipe.packing.seq_len
     train_pairs = SentencePairs(corpus.split("train"), tokenizer, seq_len, task, recipe.seed)
     val_pairs = SentencePairs(corpus.split("val"), tokenizer, seq_len, task, recipe.seed) if corpus.manifest["splits"]["val"]["docs"] >= 2 else None
-    print(f"data: {len(train_pairs)} sentence pairs for {task}" + (f", {len(val_pairs)} held out" if val_pairs else ""))
+    say(f"data: {len(train_pairs)} sentence pairs for {task}" + (f", {len(val_pairs)} held out" if val_pairs else ""))
 
     def evaluate(m: torch.nn.Module) -> dict:
         return evaluate_loss(m, objective, val_pairs, tcfg.batch_size, tcfg.eval_batches, device, precision)
@@ -279,7 +285,7 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
         raise ValueError("data.label_column: the classify objective needs the column that holds each row's label")
     train_set, val_set, names = load_labeled(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
                                              recipe.packing.seq_len, cfg.val_fraction)
-    print(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
+    say(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
 
     def evaluate(m: torch.nn.Module) -> dict:
         return evaluate_loss(m, objective, val_set, tcfg.batch_size, tcfg.eval_batches, device, precision)
@@ -294,7 +300,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     out_dir = Path(recipe.output_dir)
     key = _train_key(recipe, corpora)
     if not force and not resume and _stamp_matches(recipe.final_model_dir, key):
-        print(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
+        say(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
     configure_threads(recipe.trainer.num_threads)
     seed_everything(recipe.seed, recipe.trainer.deterministic)
@@ -319,7 +325,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     if not result.is_main:  # under torchrun, rank 0 writes the model
         return TrainOutcome(result, recipe.final_model_dir)
     save_final(model, tokenizer, recipe.final_model_dir, key=key, steps=result.state.step)
-    print(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
+    say(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
           f"model saved to {recipe.final_model_dir}")
     return TrainOutcome(result, recipe.final_model_dir)
 
@@ -360,19 +366,19 @@ def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, Prepa
     validation split) the last in-training evaluation is the final one."""
     if objective_data(recipe.objective) != "packed":
         last = outcome.result.val if outcome.result is not None else {}
-        print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if isinstance(v, float)))
+        say("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if isinstance(v, float)))
         return {"main": last}
     evals = {}
     for name, corpus in corpora.items():
         metrics = eval_stage(outcome.model_dir, corpus, recipe.objective, recipe.packing.seq_len,
                              recipe.trainer.batch_size, document_mask=recipe.packing.document_mask)
         label = "" if len(corpora) == 1 else f" [{name}]"
-        print(f"eval{label}: validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['ppl']:.1f}) "
+        say(f"eval{label}: validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['ppl']:.1f}) "
               f"vs unigram entropy {metrics['unigram_entropy']:.3f} nats/token over {metrics['tokens']:,} tokens")
         if "accuracy" in metrics:
-            print(f"eval{label}: accuracy on the objective's targets {metrics['accuracy']:.3f}")
+            say(f"eval{label}: accuracy on the objective's targets {metrics['accuracy']:.3f}")
         if "pseudo_ppl" in metrics:
-            print(f"eval{label}: pseudo-perplexity {metrics['pseudo_ppl']:.1f} over {metrics['pseudo_tokens']:,} tokens")
+            say(f"eval{label}: pseudo-perplexity {metrics['pseudo_ppl']:.1f} over {metrics['pseudo_tokens']:,} tokens")
         evals[name] = metrics
     return evals
 
@@ -400,7 +406,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
     for prompt, text in zip(g.prompts, samples, strict=False):
-        print(f"sample: {prompt!r} -> {prompt + text!r}")
+        say(f"sample: {prompt!r} -> {prompt + text!r}")
     summary = {"model_dir": str(outcome.model_dir), "eval": evals["main"] if list(evals) == ["main"] else evals,
                "samples": dict(zip(g.prompts, samples, strict=False))}
     if outcome.result is not None:
