@@ -62,6 +62,11 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _file_stats(patterns: list[str]) -> list[tuple[str, int, float]]:
+    """Path, size and mtime of each input: enough to notice a rewritten file without reading it."""
+    return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in expand_inputs(patterns)]
+
+
 def _stamp_matches(directory: Path, key: str) -> bool:
     stamp = directory / STAMP
     return stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
@@ -83,7 +88,7 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
             raise ValueError("tokenizer: set tokenizer.train_files to train one, or tokenizer.path / model.path to load one")
         return load_tokenizer(source, recipe.model.trust_remote_code)
     files = expand_inputs(cfg.train_files)
-    key = _hash({"cfg": cfg.model_dump(), "inputs": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]})
+    key = _hash({"cfg": cfg.model_dump(), "inputs": _file_stats(files)})
     if _stamp_matches(out, key):
         return load_tokenizer(out)
     say(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
@@ -100,7 +105,7 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
         raise ValueError("tokenizer.extend_count: extending needs tokenizer.path (or model.path) and tokenizer.extend_files")
     out = recipe.tokenizer_dir
     files = expand_inputs(cfg.extend_files)
-    key = _hash({"cfg": cfg.model_dump(), "inputs": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]})
+    key = _hash({"cfg": cfg.model_dump(), "inputs": _file_stats(files)})
     if _stamp_matches(out, key):
         return load_tokenizer(out)
     tokenizer = load_tokenizer(base_dir, recipe.model.trust_remote_code)
@@ -195,7 +200,7 @@ def _train_key(recipe: Recipe, corpora: dict[str, PreparedCorpus]) -> str:
     parts = recipe.model_dump(include={"seed", "model", "objective", "method", "packing", "trainer"})
     parts["trainer"].pop("progress", None)
     weights = {m.name: m.weight for m in recipe.data.mixture}
-    files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in expand_inputs(recipe.data.train_files)] if not corpora else []
+    files = _file_stats(recipe.data.train_files) if not corpora else []  # in-memory sets: their files
     data = {n: c.manifest["fingerprint"] for n, c in corpora.items()}
     return _hash({"recipe": parts, "data": data, "files": files, "weights": weights,
                   "columns": [recipe.data.column, recipe.data.pair_column, recipe.data.label_column, recipe.data.labels]})
@@ -244,6 +249,14 @@ def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, Prep
             "source_names": names if len(names) > 1 else None}
 
 
+def _in_memory_source(recipe: Recipe, rows, evaluate) -> dict:
+    """What the loop needs from an in-memory set (text pairs, sentence pairs, labelled rows)."""
+    tcfg = recipe.trainer
+    return {"batches": lambda start: iterate_batches(rows, tcfg.batch_size, recipe.seed, start),
+            "batches_per_epoch": len(rows) // tcfg.batch_size,
+            "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len, "evaluate": evaluate}
+
+
 def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
     """Batches of (query, positive) pairs, and retrieval recall on the held-out pairs."""
     cfg, tcfg = recipe.data, recipe.trainer
@@ -254,10 +267,7 @@ def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.de
     def evaluate(m: torch.nn.Module) -> dict:
         return retrieval_metrics(m, objective, val_pairs, tcfg.batch_size, device, precision)
 
-    return {"batches": lambda start: iterate_batches(train_pairs, tcfg.batch_size, recipe.seed, start),
-            "batches_per_epoch": len(train_pairs) // tcfg.batch_size,
-            "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len,
-            "evaluate": evaluate if len(val_pairs) > 1 else None}
+    return _in_memory_source(recipe, train_pairs, evaluate if len(val_pairs) > 1 else None)
 
 
 def _sentence_pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
@@ -273,9 +283,7 @@ def _sentence_pair_source(recipe: Recipe, objective, tokenizer, corpora, device:
     def evaluate(m: torch.nn.Module) -> dict:
         return evaluate_loss(m, objective, val_pairs, tcfg.batch_size, tcfg.eval_batches, device, precision)
 
-    return {"batches": lambda start: iterate_batches(train_pairs, tcfg.batch_size, recipe.seed, start),
-            "batches_per_epoch": len(train_pairs) // tcfg.batch_size, "tokens_per_batch": tcfg.batch_size * seq_len,
-            "evaluate": evaluate if val_pairs else None}
+    return _in_memory_source(recipe, train_pairs, evaluate if val_pairs else None)
 
 
 def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
@@ -290,9 +298,7 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
     def evaluate(m: torch.nn.Module) -> dict:
         return evaluate_loss(m, objective, val_set, tcfg.batch_size, tcfg.eval_batches, device, precision)
 
-    return {"batches": lambda start: iterate_batches(train_set, tcfg.batch_size, recipe.seed, start),
-            "batches_per_epoch": len(train_set) // tcfg.batch_size,
-            "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len, "evaluate": evaluate if len(val_set) else None}
+    return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 
 
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
