@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.data.formats import DataError
-from lmforge.data.labeled import load_labeled
+from lmforge.data.labeled import iter_labeled, load_labeled
 from lmforge.engine.metrics import read_metrics
 
 from .conftest import REPO
@@ -43,6 +43,10 @@ def test_label_set_from_data_and_refusal_of_unknown_labels(tmp_path, genre_file,
     bad.write_text('{"text": "a", "genre": "news"}\n{"text": "b", "genre": "poetry"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: label 'poetry' is not in the label set"):
         load_labeled([str(bad)], tokenizer, "text", "genre", ["fiction", "news"], 64, 0.0)
+    # a scan goes on past a malformed line and lists every bad row
+    bad.write_text('{"text": "a", "genre": "news"}\n{broken\n{"text": "c", "genre": "poetry"}\n')
+    errors = [str(r) for r in iter_labeled([str(bad)], "text", "genre", ["fiction", "news"]) if isinstance(r, DataError)]
+    assert len(errors) == 2 and "bad.jsonl:2: malformed JSON" in errors[0] and "bad.jsonl:3: label 'poetry'" in errors[1]
 
 
 def test_classifier_trains_and_loads_with_plain_transformers(tmp_path, genre_file, tokenizer_dir):

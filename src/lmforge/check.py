@@ -87,7 +87,7 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
     if fmt != "jsonl":
         return _guarded_rows(path, column, fmt, sample_rows)
     if main and cfg.label_column:  # labels too, against the label set when one is given
-        labeled = itertools.islice(iter_labeled([path], column, cfg.label_column, cfg.labels), sample_rows)
+        labeled = iter_labeled([path], column, cfg.label_column, cfg.labels, sample_rows)
         return (r if isinstance(r, DataError) else r[0] for r in labeled)
     rows = scan_jsonl(path, column, sample_rows)
     if main and cfg.pair_column:  # the positives' column must be there too

@@ -100,21 +100,15 @@ def parse_jsonl_line(path: str, lineno: int, line: str, column: str) -> str:
     return text_field(path, lineno, parse_jsonl_object(path, lineno, line), column)
 
 
-def read_jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-empty line."""
-    for lineno, line in _lines(path):
-        if line.strip():
-            yield lineno, parse_jsonl_object(path, lineno, line)
-
-
 def read_jsonl(path: str, column: str) -> Iterator[str]:
     for lineno, line in _lines(path):
         if line.strip():
             yield parse_jsonl_line(path, lineno, line, column)
 
 
-def scan_jsonl(path: str, column: str, max_rows: int | None = None) -> Iterator[str | DataError]:
-    """Like `read_jsonl`, but a bad row is yielded as its error and the scan goes on."""
+def scan_jsonl_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[int, dict] | DataError]:
+    """Every non-empty line as (line number, object), or as its error; the scan goes on past bad
+    lines so that a check can list them all (only a file that cannot be read any further ends it)."""
     lines = _raw_lines(path)
     while True:
         try:
@@ -129,7 +123,19 @@ def scan_jsonl(path: str, column: str, max_rows: int | None = None) -> Iterator[
         try:
             line = _decode(path, lineno, raw)
             if line.strip():
-                yield parse_jsonl_line(path, lineno, line, column)
+                yield lineno, parse_jsonl_object(path, lineno, line)
+        except DataError as exc:
+            yield exc
+
+
+def scan_jsonl(path: str, column: str, max_rows: int | None = None) -> Iterator[str | DataError]:
+    """Like `read_jsonl`, but a bad row is yielded as its error and the scan goes on."""
+    for item in scan_jsonl_rows(path, max_rows):
+        if isinstance(item, DataError):
+            yield item
+            continue
+        try:
+            yield text_field(path, *item, column)
         except DataError as exc:
             yield exc
 
