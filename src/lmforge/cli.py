@@ -165,13 +165,14 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
+    chat: Annotated[bool, typer.Option(help="Each prompt is a user turn, rendered with the model's chat template.")] = False,
 ) -> None:
-    """Sample continuations from a causal LM (a final model or a training checkpoint)."""
+    """Sample continuations from a causal LM (a final model or a training checkpoint), or chat replies."""
     from lmforge.pipeline import generate_stage
 
-    texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer))
+    texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, chat))
     for p, text in zip(prompt, texts, strict=True):
-        typer.echo(p + text)
+        typer.echo(f"{p}\n-> {text}" if chat else p + text)
 
 
 @app.command()

@@ -67,6 +67,14 @@ class DataConfig(Section):
     shard_tokens: int = Field(100_000_000, gt=0)
     # Several corpora sampled by weight (continual pretraining with replay); replaces train_files.
     mixture: list[MixtureSource] = Field(default_factory=list)
+    # Instruction data (sft): a conversation column, or a prompt built from the row's columns
+    # plus the answer's column; rendered with the tokenizer's chat template, this one, or lmforge's.
+    messages_column: str = "messages"
+    prompt_template: str = "{prompt}"
+    response_column: str = "response"
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    long_examples: Literal["drop", "truncate", "error"] = "drop"  # examples longer than packing.seq_len
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -89,7 +97,7 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -117,10 +125,24 @@ class ObjectiveConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA / DoRA adapters (method.name: lora), built by `peft` so `PeftModel.from_pretrained` loads them."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # 0 keeps every step deterministic and cheaper
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    dora: bool = False
+    # the frozen base's storage dtype: bf16 halves its memory; auto = bf16 only where bf16 matmuls
+    # were measured faster (same rule as trainer.precision), else fp32
+    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+
 class MethodConfig(Section):
-    name: Literal["full", "freeze"] = "full"
+    name: Literal["full", "freeze", "lora"] = "full"
     # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
     trainable: list[str] = Field(default_factory=list)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class PackingConfig(Section):
@@ -128,6 +150,11 @@ class PackingConfig(Section):
     # Reset position ids at document starts so attention stays inside each document. With SDPA
     # this means a dense block mask (slower on CPU), hence off by default for pretraining.
     document_mask: bool = False
+    # Variable-length examples (sft): `grouped` batches examples of similar length, right-padded
+    # (sorted inside shuffled chunks of `group_size` batches); `packed` concatenates them into
+    # seq_len rows (with document_mask to keep them apart).
+    examples: Literal["grouped", "packed"] = "grouped"
+    group_size: int = Field(128, gt=0)
 
 
 class TrainerConfig(Section):

@@ -18,6 +18,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
+from lmforge.data.instructions import (
+    InstructionFormat,
+    PackedExamples,
+    ensure_chat_template,
+    load_instructions,
+)
 from lmforge.data.labeled import iter_labeled, load_labeled
 from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
@@ -133,7 +139,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if objective_data(recipe.objective) in ("pairs", "labeled"):  # small sets: tokenized in memory at train time
+    if objective_data(recipe.objective) in ("pairs", "labeled", "instructions"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
@@ -249,12 +255,12 @@ def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, Prep
             "source_names": names if len(names) > 1 else None}
 
 
-def _in_memory_source(recipe: Recipe, rows, evaluate) -> dict:
-    """What the loop needs from an in-memory set (text pairs, sentence pairs, labelled rows)."""
+def _in_memory_source(recipe: Recipe, rows, evaluate, tokens_per_row: float | None = None) -> dict:
+    """What the loop needs from an in-memory set (text pairs, sentence pairs, labelled rows, instructions)."""
     tcfg = recipe.trainer
     return {"batches": lambda start: iterate_batches(rows, tcfg.batch_size, recipe.seed, start),
             "batches_per_epoch": len(rows) // tcfg.batch_size,
-            "tokens_per_batch": tcfg.batch_size * recipe.packing.seq_len, "evaluate": evaluate}
+            "tokens_per_batch": round(tcfg.batch_size * (tokens_per_row or recipe.packing.seq_len)), "evaluate": evaluate}
 
 
 def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
@@ -301,6 +307,30 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 
 
+def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
+    """Chat-templated examples with prompt-masked labels, grouped by length or packed; answer loss on the held-out ones."""
+    cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
+    ensure_chat_template(tokenizer, cfg.chat_template)  # saved with the model: inference renders the same way
+    sets = load_instructions(cfg.train_files, tokenizer, InstructionFormat.of(cfg), pcfg.seq_len, cfg.val_fraction,
+                             cfg.long_examples, pcfg.group_size)
+    train_set = sets.train
+    skipped = f"; {sets.dropped} longer than seq_len {pcfg.seq_len} dropped" if sets.dropped else ""
+    skipped += f"; {sets.truncated} truncated" if sets.truncated else ""
+    if pcfg.examples == "grouped":
+        rows, per_row = train_set, float(train_set.lengths.mean())
+        layout = f"grouped by length, {train_set.padding_fraction(tcfg.batch_size, recipe.seed):.1%} padding"
+    else:
+        rows, per_row = PackedExamples(train_set, pcfg.seq_len, pcfg.document_mask, recipe.seed), None
+        layout = f"packed into {len(rows)} rows of {pcfg.seq_len}"
+    say(f"data: {len(train_set)} training examples ({int(train_set.lengths.sum()):,} tokens, {layout}), "
+        f"{len(sets.val)} held out{skipped}")
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, tcfg.eval_batches, device, precision)
+
+    return _in_memory_source(recipe, rows, evaluate if len(sets.val) else None, per_row)
+
+
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
@@ -319,7 +349,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     device = pick_device()
     precision = resolve_precision(recipe.trainer.precision, device)
     make_source = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
-                   "labeled": _labeled_source}
+                   "labeled": _labeled_source, "instructions": _instruction_source}
     source = make_source[objective_data(recipe.objective)](recipe, objective, tokenizer, corpora, device, precision)
     extra = objective.extra_parameters() if hasattr(objective, "extra_parameters") else []
     if extra:  # objective-owned parameters (a learned temperature) train too, undecayed
@@ -361,9 +391,16 @@ def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: Objective
 
 
 def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, temperature: float,
-                   top_k: int | None, top_p: float | None, seed: int = 0, tokenizer_dir: Path | None = None) -> list[str]:
+                   top_k: int | None, top_p: float | None, seed: int = 0, tokenizer_dir: Path | None = None,
+                   chat: bool = False) -> list[str]:
+    """Continuations of each prompt; with `chat`, the reply to each prompt as a user turn."""
     tokenizer = _tokenizer_for(model_dir, tokenizer_dir)
     model = load_model(model_dir, "causal_lm")
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError(f"{model_dir}: the tokenizer has no chat template (was the model instruction-tuned?)")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
     return [generate_text(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed) for p in prompts]
 
 
@@ -409,10 +446,12 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []
+    chat = recipe.objective.name == "sft"  # instruction-tuned: prompts are user turns
     if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt
-        samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p, recipe.seed)
+        samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p,
+                                 recipe.seed, chat=chat)
     for prompt, text in zip(g.prompts, samples, strict=False):
-        say(f"sample: {prompt!r} -> {prompt + text!r}")
+        say(f"sample: {prompt!r} -> {text if chat else prompt + text!r}")
     summary = {"model_dir": str(outcome.model_dir), "eval": evals["main"] if list(evals) == ["main"] else evals,
                "samples": dict(zip(g.prompts, samples, strict=False))}
     if outcome.result is not None:

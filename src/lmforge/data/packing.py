@@ -68,16 +68,24 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+def epoch_batches(rows, batch_size: int, seed: int, epoch: int) -> list:
+    """The batches (lists of row indices) of one epoch: the rows' own grouping when they have one
+    (variable-length examples batched by length), else consecutive slices of the epoch's permutation."""
+    if hasattr(rows, "epoch_batches"):
+        return rows.epoch_batches(batch_size, seed, epoch)
+    order = epoch_order(len(rows), seed, epoch)
+    return [order[b * batch_size : (b + 1) * batch_size] for b in range(len(rows) // batch_size)]
+
+
 def iterate_batches(rows, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[dict]:
     """Endless stream of shuffled batches from anything with `len()` and `batch(indices)` (packed rows,
-    text pairs, sentence pairs); batch number `start_batch` comes first (for resuming)."""
+    text pairs, sentence pairs, instruction examples); batch number `start_batch` comes first (for resuming)."""
     per_epoch = len(rows) // batch_size
     if per_epoch == 0:
         raise ValueError(f"{len(rows)} training rows cannot fill one batch of {batch_size}; lower batch_size or seq_len")
     batch_number = start_batch
     while True:
         epoch, within = divmod(batch_number, per_epoch)
-        order = epoch_order(len(rows), seed, epoch)
-        for b in range(within, per_epoch):
-            yield rows.batch(order[b * batch_size : (b + 1) * batch_size].tolist())
+        for indices in epoch_batches(rows, batch_size, seed, epoch)[within:]:
+            yield rows.batch(list(map(int, indices)))
         batch_number = (epoch + 1) * per_epoch

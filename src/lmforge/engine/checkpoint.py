@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -63,7 +64,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
             # with config.json the folder is also a `from_pretrained` directory (eval, generate)
             model.config.to_json_file(str(tmp / "config.json"))
@@ -84,6 +85,28 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """All weights; or, when part of the model is frozen (LoRA, freeze), only the trained ones: the
+    frozen rest comes back from the base checkpoint, and a LoRA checkpoint stays megabytes, not gigabytes."""
+    if all(p.requires_grad for p in model.parameters()):
+        save_model(model, str(path))  # handles tied weights
+        return
+    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, str(path), metadata={"lmforge": "trainable-only"})
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) names, as safetensors' `load_model` reports them."""
+    with safe_open(str(path), "pt") as handle:
+        partial = (handle.metadata() or {}).get("lmforge") == "trainable-only"
+    if not partial:
+        return load_model(model, str(path), strict=False)
+    tensors = load_file(str(path))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    result = model.load_state_dict(tensors, strict=False)
+    return sorted(trained - tensors.keys()), list(result.unexpected_keys)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -121,7 +144,7 @@ def latest_valid_checkpoint(root: Path, warn=print) -> tuple[Path, dict] | None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        missing, unexpected = _load_weights(model, path / "model.safetensors")
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not fit this model ({exc})") from None
     if unexpected or missing:

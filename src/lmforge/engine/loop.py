@@ -282,7 +282,8 @@ def train(
                     host_batch = next(source)
                     if "source" in host_batch:  # mixture rows, counted on the host: no device sync
                         window.mix += torch.bincount(host_batch.pop("source"), minlength=len(window.mix))
-                    tokens += host_batch["input_ids"].numel()  # the global batch, all ranks together
+                    # real tokens of the global batch, all ranks together (padding not counted)
+                    tokens += int(host_batch.pop("num_tokens", host_batch["input_ids"].numel()))
                     batch = {k: v.to(device, non_blocking=True) for k, v in strategy.shard(host_batch).items()}
                     with autocast(device, precision):
                         loss, _ = objective.loss(step_model, batch)

@@ -6,6 +6,8 @@ Models are plain `transformers` models, saved with `save_pretrained` (safetensor
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,9 @@ def build_model(config: PretrainedConfig, head: str, tokenizer: PreTrainedTokeni
 def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
                **config_overrides: Any) -> PreTrainedModel:
     """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use."""
-    path = Path(path)
+    path = Path(path).resolve()  # absolute: an adapter trained on it records where its base lives
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _load_adapter(path, head, trust_remote_code, dtype, **config_overrides)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
@@ -125,6 +129,18 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
         )
     except ValueError as exc:  # transformers raises ValueError for an unsupported config/head pair
         raise ModelError(f"{path}: cannot load as {head}: {exc}") from None
+
+
+def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.dtype | None, **config_overrides: Any) -> PreTrainedModel:
+    """A peft adapter folder: its local base model with the adapter merged in (a plain model again)."""
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
+    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise ModelError(f"{path}: adapter's base model '{base_path}' is not a local directory")
+    base = load_model(base_path, head, trust_remote_code, dtype, **config_overrides)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
 
 
 @torch.no_grad()

@@ -9,10 +9,12 @@ from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.prefix_lm import PrefixLM
+from lmforge.objectives.sft import SupervisedFineTuning
 from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
-                               "contrastive": Contrastive, "classify": SequenceClassification}
+                               "contrastive": Contrastive, "classify": SequenceClassification,
+                               "sft": SupervisedFineTuning}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.objectives.base import ObjectiveBase, token_cross_entropy
+from lmforge.objectives.base import ObjectiveBase, causal_lm_loss
 
 
 class CausalLM(ObjectiveBase):
@@ -18,9 +18,5 @@ class CausalLM(ObjectiveBase):
     head = "causal_lm"
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = {"input_ids": batch["input_ids"]}
-        if "position_ids" in batch:
-            inputs["position_ids"] = batch["position_ids"]
-        logits = model(**inputs, use_cache=False).logits
-        loss, count = token_cross_entropy(logits, batch["labels"])
+        loss, count = causal_lm_loss(model, batch)
         return loss, {"tokens": count}

@@ -1,0 +1,234 @@
+"""Instruction data for supervised fine-tuning: rows -> chat messages -> token ids with prompt-masked labels.
+
+A row is either a conversation (`data.messages_column`: a list of {"role", "content"}) or a prompt
+built from its columns (`data.prompt_template`, e.g. "{instruction}\\n\\n{input}") with the answer in
+`data.response_column`. Every conversation is rendered with one chat template: the tokenizer's own,
+`data.chat_template`, or the built-in one below (which the trained model's tokenizer then carries,
+so `apply_chat_template` at inference writes exactly what training saw).
+
+Only assistant turns are learned. Each turn's characters are found by rendering the conversation up
+to the turn (with the generation prompt) and through it; the tokens that start inside that span get
+labels, everything else gets -100. One tokenization of the whole text (with offsets) means no token
+boundary differs from what the model sees at inference.
+
+Batches: `grouped` sorts examples by length inside large shuffled chunks and right-pads each batch
+(padding ~1%, no attention mask needed: with causal attention a real token never sees a pad to its
+right); `packed` concatenates examples into rows of exactly seq_len (`document_mask` keeps them apart).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmforge.data.formats import DataError, expand_inputs, scan_jsonl_rows
+from lmforge.data.packing import document_positions
+from lmforge.data.prepare import is_validation
+
+IGNORE = -100
+
+# Plain-text role markers: works with any tokenizer (no new special tokens), ends each answer in EOS.
+BUILTIN_CHAT_TEMPLATE = (  # newlines as expressions: HF's jinja trims the one after a block tag
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class InstructionFormat:
+    """How a row becomes messages (from the recipe's data section)."""
+
+    prompt_template: str = "{prompt}"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    system_prompt: str | None = None
+
+    @classmethod
+    def of(cls, data_cfg) -> InstructionFormat:
+        """From the recipe's `data` section."""
+        return cls(data_cfg.prompt_template, data_cfg.response_column, data_cfg.messages_column, data_cfg.system_prompt)
+
+    def fields(self) -> list[str]:
+        return [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name]
+
+
+def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> list[dict]:
+    """The conversation in one row, or a DataError naming the file, line and missing column."""
+    where = f"{path}:{lineno}"
+    if fmt.messages_column in row:
+        messages = row[fmt.messages_column]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+            raise DataError(f"{where}: '{fmt.messages_column}' must be a list of {{\"role\", \"content\"}} objects")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: the conversation has no assistant turn to learn")
+        return messages
+    missing = [c for c in [*fmt.fields(), fmt.response_column] if c not in row]
+    if missing:
+        raise DataError(f"{where}: no column {', '.join(repr(c) for c in missing)} for data.prompt_template / "
+                        f"data.response_column, and no '{fmt.messages_column}' conversation (columns: {', '.join(row)})")
+    messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
+    messages.append({"role": "user", "content": fmt.prompt_template.format_map({k: str(v) for k, v in row.items()})})
+    messages.append({"role": "assistant", "content": str(row[fmt.response_column])})
+    return messages
+
+
+def iter_conversations(files: list[str], fmt: InstructionFormat, max_rows: int | None = None) -> Iterator[list[dict] | DataError]:
+    """Each row's messages; a bad row is yielded as its error (a scan lists them all)."""
+    for path in expand_inputs(files):
+        for item in scan_jsonl_rows(path, max_rows):
+            if isinstance(item, DataError):
+                yield item
+                continue
+            try:
+                yield row_messages(path, *item, fmt)
+            except DataError as exc:
+                yield exc
+
+
+def ensure_chat_template(tokenizer, template: str | None) -> None:
+    """The recipe's template, else the tokenizer's own, else the built-in one; set on the tokenizer so it is saved."""
+    if template is not None:
+        tokenizer.chat_template = template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+
+
+def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character span of every assistant turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DataError("the chat template renders a conversation's start differently once it continues, so "
+                            "answers cannot be located; set data.chat_template to a prefix-stable template")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    starts = np.array([s for s, _ in offsets], dtype=np.int64)
+    learned = np.zeros(len(ids), dtype=bool)
+    for lo, hi in spans:
+        learned |= (starts >= lo) & (starts < hi)
+    return np.where(learned, np.asarray(ids, dtype=np.int64), IGNORE)
+
+
+class Examples:
+    """Tokenized examples (ids, labels) in memory; batches are right-padded and shifted by one."""
+
+    def __init__(self, ids: list[np.ndarray], targets: list[np.ndarray], pad_id: int, group_size: int = 128):
+        self.ids, self.targets, self.pad_id, self.group_size = ids, targets, pad_id, group_size
+        self.lengths = np.array([len(i) - 1 for i in ids], dtype=np.int64)  # model inputs per example
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        width = int(self.lengths[indices].max())
+        input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
+        for r, i in enumerate(indices):
+            n = self.lengths[i]
+            input_ids[r, :n] = self.ids[i][:-1]
+            labels[r, :n] = self.targets[i][1:]
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "num_tokens": torch.tensor(int(self.lengths[indices].sum()))}
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+        """Batches of similar length: shuffle, sort inside chunks of `group_size` batches, shuffle the batches."""
+        rng = np.random.default_rng([seed, epoch])
+        per_epoch = len(self) // batch_size
+        order = rng.permutation(len(self))[: per_epoch * batch_size]
+        chunk = batch_size * self.group_size
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = order[start : start + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def padding_fraction(self, batch_size: int, seed: int) -> float:
+        """Share of pad positions in one epoch of grouped batches."""
+        batches = self.epoch_batches(batch_size, seed, 0)
+        real = sum(int(self.lengths[b].sum()) for b in batches)
+        padded = sum(int(self.lengths[b].max()) * len(b) for b in batches)
+        return 1 - real / max(padded, 1)
+
+
+class PackedExamples:
+    """Examples back to back (in a seeded order) cut into rows of seq_len: no padding at all."""
+
+    def __init__(self, examples: Examples, seq_len: int, document_mask: bool, seed: int):
+        order = np.random.default_rng(seed).permutation(len(examples))
+        self.tokens = np.concatenate([examples.ids[i] for i in order])
+        self.targets = np.concatenate([examples.targets[i] for i in order])
+        self.doc_ends = np.cumsum([len(examples.ids[i]) for i in order])
+        self.seq_len, self.document_mask = seq_len, document_mask
+        # an example's first token is never a target of the previous example's last token
+        self.targets[self.doc_ends[:-1]] = IGNORE
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        L = self.seq_len
+        ids = np.stack([self.tokens[i * L : i * L + L] for i in indices])
+        labels = np.stack([self.targets[i * L + 1 : i * L + L + 1] for i in indices])
+        batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+        if self.document_mask:
+            batch["position_ids"] = torch.from_numpy(np.stack([document_positions(self.doc_ends, i * L, L) for i in indices]))
+        return batch
+
+
+@dataclass
+class InstructionSets:
+    train: Examples
+    val: Examples
+    dropped: int  # examples longer than seq_len (long_examples: drop)
+    truncated: int
+
+
+def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_len: int, val_fraction: float,
+                      long_examples: str = "drop", group_size: int = 128) -> InstructionSets:
+    """Read, render, tokenize and label every example; split off the validation rows."""
+    conversations = []
+    for item in iter_conversations(files, fmt):
+        if isinstance(item, DataError):
+            raise item
+        conversations.append(item)
+    if not conversations:
+        raise DataError(f"{', '.join(files)}: no instruction rows")
+    rendered = [render(tokenizer, c) for c in conversations]
+    encoded = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sets = {"train": ([], []), "val": ([], [])}
+    dropped = truncated = 0
+    for i, (ids, offsets, (_, spans)) in enumerate(zip(encoded.input_ids, encoded.offset_mapping, rendered, strict=True)):
+        labels = _labels(ids, offsets, spans)
+        if len(ids) > seq_len:
+            if long_examples == "error":
+                raise DataError(f"{', '.join(files)}: example {i} has {len(ids)} tokens, more than packing.seq_len={seq_len} "
+                                "(data.long_examples: drop or truncate to go on)")
+            if long_examples == "drop":
+                dropped += 1
+                continue
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            truncated += 1
+        if (labels[1:] == IGNORE).all():  # nothing left to learn (an answer cut off entirely)
+            dropped += 1
+            continue
+        split = sets["val" if is_validation(i, val_fraction) else "train"]
+        split[0].append(np.asarray(ids, dtype=np.int64))
+        split[1].append(labels)
+    if not sets["train"][0]:
+        raise DataError(f"{', '.join(files)}: no training example fits packing.seq_len={seq_len} ({dropped} dropped)")
+    return InstructionSets(Examples(*sets["train"], pad, group_size), Examples(*sets["val"], pad, group_size), dropped, truncated)

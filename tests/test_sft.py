@@ -1,0 +1,287 @@
+"""Instruction tuning: chat templates, prompt-masked labels, length-grouped and packed batches, the
+answer-only output layer, and end-to-end runs that lower the held-out answer loss."""
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.data.formats import DataError
+from lmforge.data.instructions import (
+    BUILTIN_CHAT_TEMPLATE,
+    IGNORE,
+    Examples,
+    InstructionFormat,
+    PackedExamples,
+    load_instructions,
+)
+from lmforge.data.packing import iterate_batches
+from lmforge.engine.metrics import read_metrics
+from lmforge.objectives.base import causal_lm_loss
+
+from .conftest import REPO
+
+INSTRUCTIONS = REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture()
+def chat_tokenizer(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = BUILTIN_CHAT_TEMPLATE
+    return tok
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _learned_text(tok, ids, labels) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+
+
+def test_only_answers_and_their_eos_are_learned(tmp_path, chat_tokenizer):
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."}]
+    fmt = InstructionFormat(prompt_template="{instruction}\n{input}", response_column="output")
+    sets = load_instructions([_write(tmp_path / "a.jsonl", rows)], chat_tokenizer, fmt, 128, 0.0)
+    ids, labels = sets.train.ids[0], sets.train.targets[0]
+    assert _learned_text(chat_tokenizer, ids, labels) == "The sum is 5." + chat_tokenizer.eos_token
+    assert "2 and 3" in chat_tokenizer.decode(ids)  # the prompt is in the input, just not learned
+    assert (labels[: len(ids) // 2] == IGNORE).all()
+
+
+def test_multi_turn_conversation_with_the_tokenizers_own_template(tmp_path, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+                {"role": "assistant", "content": "Rome."}]
+    sets = load_instructions([_write(tmp_path / "c.jsonl", [{"messages": messages}])], tok, InstructionFormat(), 256, 0.0)
+    learned = _learned_text(tok, sets.train.ids[0], sets.train.targets[0])
+    assert learned.replace(" ", "") == "Paris.<|im_end|>\nRome.<|im_end|>\n".replace(" ", "")
+    assert "France" not in learned and "Be brief" not in learned
+
+
+def test_unstable_template_and_bad_rows_are_named(tmp_path, chat_tokenizer):
+    chat_tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    good = _write(tmp_path / "g.jsonl", [{"prompt": "p", "response": "r"}])
+    with pytest.raises(DataError, match="prefix-stable"):
+        load_instructions([good], chat_tokenizer, InstructionFormat(), 64, 0.0)
+    bad = _write(tmp_path / "b.jsonl", [{"prompt": "p", "response": "r"}, {"question": "q"}])
+    with pytest.raises(DataError, match=r"b\.jsonl:2: no column 'prompt', 'response'"):
+        load_instructions([bad], chat_tokenizer, InstructionFormat(), 64, 0.0)
+    lonely = _write(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"m\.jsonl:1: the conversation has no assistant turn"):
+        load_instructions([lonely], chat_tokenizer, InstructionFormat(), 64, 0.0)
+
+
+def test_long_examples_dropped_truncated_or_refused(tmp_path, chat_tokenizer):
+    rows = [{"prompt": "short", "response": "ok"}, {"prompt": "long " * 200, "response": "ok"}]
+    path = _write(tmp_path / "l.jsonl", rows)
+    assert load_instructions([path], chat_tokenizer, InstructionFormat(), 64, 0.0).dropped == 1
+    with pytest.raises(DataError, match="example 1 has .* tokens, more than packing.seq_len=64"):
+        load_instructions([path], chat_tokenizer, InstructionFormat(), 64, 0.0, long_examples="error")
+    # truncation that cuts the whole answer off leaves nothing to learn: dropped, not trained on
+    truncated = load_instructions([path], chat_tokenizer, InstructionFormat(), 64, 0.0, long_examples="truncate")
+    assert len(truncated.train) == 1 and truncated.dropped == 1
+
+
+@pytest.fixture(scope="module")
+def excerpt_sets(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = BUILTIN_CHAT_TEMPLATE
+    return tok, load_instructions([str(INSTRUCTIONS)], tok, InstructionFormat(), 512, 0.05)
+
+
+def test_grouped_batches_cover_each_example_once_with_little_padding(excerpt_sets):
+    _, sets = excerpt_sets
+    train = sets.train
+    batches = train.epoch_batches(8, seed=0, epoch=0)
+    seen = np.concatenate(batches)
+    assert len(seen) == len(set(seen.tolist())) == len(train) // 8 * 8
+    assert train.padding_fraction(8, seed=0) < 0.02
+    shuffled = Examples(train.ids, train.targets, train.pad_id, group_size=1)  # no grouping: random batches
+    assert shuffled.padding_fraction(8, seed=0) > 0.3
+    batch = train.batch(batches[0].tolist())
+    real = int(batch["num_tokens"])
+    assert real == int(train.lengths[batches[0]].sum()) and real <= batch["input_ids"].numel()
+    # resuming at batch 5 yields what an uninterrupted stream yields there
+    full = iterate_batches(train, 8, seed=3)
+    for _ in range(5):
+        next(full)
+    assert torch.equal(next(full)["input_ids"], next(iterate_batches(train, 8, seed=3, start_batch=5))["input_ids"])
+
+
+def test_packed_examples_never_learn_across_an_example_boundary(excerpt_sets):
+    _, sets = excerpt_sets
+    packed = PackedExamples(sets.train, 128, document_mask=True, seed=0)
+    assert len(packed) == (int(sum(len(i) for i in sets.train.ids)) - 1) // 128
+    batch = packed.batch([0, 1])
+    assert batch["input_ids"].shape == (2, 128) and batch["position_ids"][0, 0] == 0
+    starts = set(packed.doc_ends[:-1].tolist())
+    targets_at_starts = [packed.targets[s] for s in starts]
+    assert all(t == IGNORE for t in targets_at_starts)
+
+
+def _tiny(family: str, vocab: int):
+    torch.manual_seed(0)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_answer_only_output_layer_matches_transformers_loss(excerpt_sets, family):
+    tok, sets = excerpt_sets
+    model = _tiny(family, len(tok))
+    batch = sets.train.batch(list(range(6)))
+    fast, count = causal_lm_loss(model, batch, labelled_only=True)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, _ = causal_lm_loss(model, batch, labelled_only=False)
+    full.backward()
+    assert int(count) == int((batch["labels"] != IGNORE).sum())
+    torch.testing.assert_close(fast, full)
+    for p, g in zip(model.parameters(), fast_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_equals_transformers_on_the_same_labels(excerpt_sets):
+    """Our pre-shifted labels and HF's shift-inside give the same number on the same inputs."""
+    tok, sets = excerpt_sets
+    model = _tiny("llama", len(tok))
+    index = 3
+    ids = torch.as_tensor(sets.train.ids[index])[None]
+    targets = torch.as_tensor(sets.train.targets[index])[None]
+    ours, _ = causal_lm_loss(model, {"input_ids": ids[:, :-1], "labels": targets[:, 1:]}, labelled_only=True)
+    theirs = model(input_ids=ids, labels=targets).loss
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tokenizer_dir):
+    """A tiny pretrained-looking base checkpoint (a local directory, as LoRA needs)."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.factory import build_model, preset_config
+
+    tok = load_tokenizer(tokenizer_dir)
+    out = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = build_model(preset_config("llama", "tiny", (len(tok) + 63) // 64 * 64, 1024), "causal_lm", tok)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _recipe(tmp_path, base, **sections) -> str:
+    recipe = {
+        "output_dir": str(tmp_path / "run"), "seed": 0,
+        "tokenizer": {"path": str(base)},
+        "data": {"train_files": [str(INSTRUCTIONS)], "val_fraction": 0.05, "max_docs": None},
+        "model": {"path": str(base)},
+        "objective": {"name": "sft"},
+        "packing": {"seq_len": 256},
+        "trainer": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 4, "eval_every": 40, "eval_batches": 4,
+                    "eval_at_start": True, "log_every": 10, "progress": False},
+        "generate": {"prompts": ["Name a colour."], "max_new_tokens": 4},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    recipe["data"].pop("max_docs")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _val_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "val")]
+
+
+def test_sft_run_lowers_held_out_answer_loss_and_saves_the_template(tmp_path, base_model):
+    result = CliRunner().invoke(app, ["run", _recipe(tmp_path, base_model)])
+    assert result.exit_code == 0, result.output
+    assert "grouped by length" in result.output and "sample: 'Name a colour.' ->" in result.output
+    first, last = _val_losses(tmp_path / "run")
+    assert last < first - 0.5
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert tok.chat_template == BUILTIN_CHAT_TEMPLATE  # inference renders prompts as training did
+
+
+def test_packed_sft_trains_too(tmp_path, base_model):
+    path = _recipe(tmp_path, base_model, packing={"examples": "packed", "document_mask": True, "seq_len": 128})
+    result = CliRunner().invoke(app, ["run", path, "trainer.max_steps=20", "trainer.eval_every=20"])
+    assert result.exit_code == 0, result.output
+    assert "packed into" in result.output
+    first, last = _val_losses(tmp_path / "run")
+    assert last < first
+
+
+def test_lora_trains_only_adapters_and_loads_with_plain_peft(tmp_path, base_model):
+    from peft import PeftModel
+
+    from lmforge.models.factory import load_model
+
+    path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"rank": 8, "alpha": 16}},
+                   trainer={"lr": 1e-2, "save_every": 20})
+    result = CliRunner().invoke(app, ["run", path])
+    assert result.exit_code == 0, result.output
+    first, last = _val_losses(tmp_path / "run")
+    assert last < first - 0.2
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    # the checkpoint holds the adapters only (the frozen base comes from model.path)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000040" / "model.safetensors")
+    assert saved and all("lora_" in name for name in saved)
+    # plain peft on the base == lmforge's merged load; the base itself is untouched
+    base = LlamaForCausalLM.from_pretrained(base_model)
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    base_logits = base(ids).logits
+    peft_logits = PeftModel.from_pretrained(base, str(final))(ids).logits
+    merged_logits = load_model(final, "causal_lm")(ids).logits
+    torch.testing.assert_close(peft_logits, merged_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(LlamaForCausalLM.from_pretrained(base_model)(ids).logits, base_logits)
+
+
+def test_lora_resume_is_exact(tmp_path, base_model):
+    path = _recipe(tmp_path, base_model, method={"name": "lora"},
+                   trainer={"max_steps": 12, "save_every": 6, "eval_every": 100, "eval_at_start": False})
+    assert CliRunner().invoke(app, ["train", path]).exit_code == 0
+    straight = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    reference = (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000012")
+    shutil.rmtree(tmp_path / "run" / "final")
+    result = CliRunner().invoke(app, ["train", path, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes() == reference
+    assert [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")][-1] == straight[-1]["loss"]
+
+
+def test_lora_needs_a_pretrained_base(tmp_path, tokenizer_dir):
+    path = _recipe(tmp_path, tokenizer_dir, method={"name": "lora"})
+    recipe = yaml.safe_load(Path(path).read_text())
+    recipe["model"] = {"family": "llama", "preset": "tiny"}
+    Path(path).write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", path])
+    assert result.exit_code == 2 and "set model.path" in result.output
+
+
+def test_bundled_excerpt_is_real_instruction_data():
+    with gzip.open(INSTRUCTIONS, "rt") as handle:
+        rows = [json.loads(line) for line in handle]
+    assert len(rows) > 1000 and len({r["task"] for r in rows}) > 50
+    assert all(r["prompt"] and "response" in r for r in rows)
