@@ -405,7 +405,7 @@ def worker_hf_lora(steps: int) -> dict:
             "last_loss": losses[-1], "peak_rss_mb": peak_rss_mb()}
 
 
-def worker_lmforge_lora(steps: int, method: str) -> dict:
+def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> dict:
     """lmforge LoRA (same rank, alpha and targets) or full fine-tuning, through its recipe objects."""
     import torch
 
@@ -430,7 +430,8 @@ def worker_lmforge_lora(steps: int, method: str) -> dict:
             return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     model = load_model(smollm2_dir(), "causal_lm")
-    cfg = MethodConfig(name=method, lora={"rank": LORA["r"], "alpha": LORA["alpha"], "target_modules": LORA["targets"]})
+    cfg = MethodConfig(name=method, lora={"rank": LORA["r"], "alpha": LORA["alpha"], "target_modules": LORA["targets"],
+                                          "base_dtype": base_dtype})
     model, groups = apply_method(model, cfg, 0.0)
     tcfg = TrainerConfig(max_steps=steps, batch_size=LORA_BATCH, lr=1e-3 if method == "lora" else 5e-5, warmup_steps=0,
                          log_every=1, progress=False, eval_every=10**6)
@@ -528,8 +529,11 @@ def lora_case(repeats: int, steps: int) -> dict:
     """SmolLM2-135M, batch 4 x 128: Trainer + PEFT LoRA vs lmforge LoRA (same r, alpha, targets), and lmforge full."""
     medians = alternate({"lmforge_lora": ("lmforge_lora", {"steps": steps, "method": "lora"}),
                          "baseline_lora": ("hf_lora", {"steps": steps}),
-                         "lmforge_full": ("lmforge_lora", {"steps": steps, "method": "full"})}, repeats)
+                         "lmforge_full": ("lmforge_lora", {"steps": steps, "method": "full"}),
+                         "lmforge_lora_bf16_base": ("lmforge_lora", {"steps": steps, "method": "lora", "base_dtype": "bf16"})},
+                        repeats)
     ours, theirs, full = medians["lmforge_lora"], medians["baseline_lora"], medians["lmforge_full"]
+    bf16 = medians["lmforge_lora_bf16_base"]
     return {
         "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
         "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
@@ -537,6 +541,10 @@ def lora_case(repeats: int, steps: int) -> dict:
         "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
         "lmforge_full_tokens_per_s": full["tokens_per_s"], "lmforge_full_peak_rss_mb": full["peak_rss_mb"],
         "lora_vs_full_speed": ours["tokens_per_s"] / full["tokens_per_s"],
+        # the frozen base stored in bf16: half the weight and activation memory, at bf16 matmul speed
+        "bf16_base_tokens_per_s": bf16["tokens_per_s"], "bf16_base_peak_rss_mb": bf16["peak_rss_mb"],
+        "bf16_base_ratio": bf16["tokens_per_s"] / theirs["tokens_per_s"],
+        "bf16_base_memory_ratio": bf16["peak_rss_mb"] / theirs["peak_rss_mb"],
         "padding_fraction": 0.0, "baseline_padding_fraction": 0.0,
         "losses_fall": all(m["last_loss"] < m["first_loss"] for m in medians.values()),
         "loss_first_last": {k: [v["first_loss"], v["last_loss"]] for k, v in medians.items()},
@@ -622,7 +630,8 @@ def main() -> None:
             extra += (f"; vs {case['packed_baseline']} {case['packed_baseline_tokens_per_s']:,.0f} tok/s = {case['ratio_vs_packed']:.2f}x; "
                       f"padding {case['padding_fraction']:.1%} vs {case['baseline_padding_fraction']:.1%}")
         if "memory_ratio" in case:
-            extra += (f"; memory ratio {case['memory_ratio']:.2f}; lmforge full {case['lmforge_full_tokens_per_s']:,.0f} tok/s, "
+            extra += (f"; memory ratio {case['memory_ratio']:.2f}; bf16 base {case['bf16_base_ratio']:.2f}x at memory ratio "
+                      f"{case['bf16_base_memory_ratio']:.2f}; lmforge full {case['lmforge_full_tokens_per_s']:,.0f} tok/s, "
                       f"{case['lmforge_full_peak_rss_mb']:,.0f} MB")
         print(f"{name}: lmforge {case['lmforge_tokens_per_s']:,.0f} tok/s vs baseline {case['baseline_tokens_per_s']:,.0f} "
               f"tok/s = {case['ratio']:.2f}x{extra}; peak RSS {case['peak_rss_mb']:,.0f} vs {case['baseline_peak_rss_mb']:,.0f} MB")

@@ -26,7 +26,7 @@ from lmforge.data.instructions import (
 )
 from lmforge.data.packing import iterate_batches
 from lmforge.engine.metrics import read_metrics
-from lmforge.objectives.base import causal_lm_loss
+from lmforge.objectives.base import causal_lm_loss, token_cross_entropy
 
 from .conftest import REPO
 
@@ -144,20 +144,41 @@ def _tiny(family: str, vocab: int):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_answer_only_output_layer_matches_transformers_loss(excerpt_sets, family):
+@pytest.mark.parametrize("labelled_only", [True, False])
+def test_fused_output_layer_matches_the_full_logits_path(excerpt_sets, family, labelled_only):
     tok, sets = excerpt_sets
     model = _tiny(family, len(tok))
     batch = sets.train.batch(list(range(6)))
-    fast, count = causal_lm_loss(model, batch, labelled_only=True)
+    fast, count = causal_lm_loss(model, batch, labelled_only=labelled_only)
     fast.backward()
     fast_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    full, _ = causal_lm_loss(model, batch, labelled_only=False)
+    full, _ = token_cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])  # logits for every position
     full.backward()
     assert int(count) == int((batch["labels"] != IGNORE).sum())
     torch.testing.assert_close(fast, full)
     for p, g in zip(model.parameters(), fast_grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_chunked_linear_cross_entropy_equals_torch(monkeypatch):
+    import lmforge.objectives.base as base
+
+    monkeypatch.setattr(base, "LOGITS_PER_CHUNK", 7 * 300)  # 7 rows per chunk: many chunks, a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.3).requires_grad_()
+    labels = torch.randint(0, 300, (45,))
+    labels[::4] = IGNORE
+    ours = base.linear_cross_entropy(hidden, weight, labels) * 3.0  # an upstream gradient other than 1
+    ours.backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE) * 3.0
+    reference.backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)
 
 
 def test_loss_equals_transformers_on_the_same_labels(excerpt_sets):

@@ -42,8 +42,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
 
 # Families whose causal-LM head is exactly `lm_head(hidden)` (no logit scaling or soft-capping), so
-# logits may be computed for a subset of positions.
+# the loss can take the decoder's hidden states and the head's weight directly.
 PLAIN_HEAD_FAMILIES = {"llama", "gpt2", "mistral", "qwen2", "qwen3"}
+LOGITS_PER_CHUNK = 8 * 2**20  # fp32 logits alive at once in linear_cross_entropy (32 MB)
 
 
 def _plain_decoder(model: nn.Module) -> nn.Module | None:
@@ -57,19 +58,70 @@ def _plain_decoder(model: nn.Module) -> nn.Module | None:
     return model
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` without materialising the (tokens x vocab) logits.
+
+    Rows go through the output layer a chunk at a time; each chunk's gradient (softmax - one-hot) is
+    turned into the hidden-state (and, if trained, weight) gradient at once and its logits are freed.
+    Same FLOPs as the plain path, but the fp32 logits, their log-softmax and its gradient (three
+    tokens x vocab tensors, 300 MB for 512 tokens of a 49k vocabulary) never exist together."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        valid = labels != -100
+        count = valid.sum().clamp(min=1)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, y, keep = hidden[start : start + chunk], labels[start : start + chunk], valid[start : start + chunk]
+            logits = (h @ weight.to(h.dtype).t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = y.clamp(min=0)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad[torch.arange(len(y), device=y.device), target] -= 1.0
+            grad = (grad * (keep / count)[:, None]).to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = grad @ weight.to(h.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_output if grad_hidden is not None else None,
+                grad_weight * grad_output if grad_weight is not None else None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`cross_entropy(hidden @ weight.T, labels, ignore_index=-100)` over (N, H) rows, chunked."""
+    chunk = max(16, LOGITS_PER_CHUNK // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy on pre-shifted `labels` (-100 = not learned), and the target count.
 
-    With `labelled_only` (instruction tuning: prompts are not learned), the output layer runs on the
-    labelled positions alone: on short answers after long prompts most of the vocabulary-sized logits
-    (and their fp32 softmax) are never computed. Same loss, less work (tested against the full path)."""
+    For plain decoders the output layer and the loss are fused (`linear_cross_entropy`: no full
+    logits tensor). With `labelled_only` (instruction tuning: prompts are not learned) only labelled
+    positions go through the output layer at all: on short answers after long prompts most of the
+    vocabulary-sized work disappears. Same loss and gradients as the plain path (tested)."""
     inputs = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    plain = _plain_decoder(model) if labelled_only else None
+    labels = batch["labels"]
+    plain = _plain_decoder(model)
     if plain is None:
-        return token_cross_entropy(model(**inputs, use_cache=False).logits, batch["labels"])
+        return token_cross_entropy(model(**inputs, use_cache=False).logits, labels)
     hidden = plain.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    keep = batch["labels"] != -100
-    logits = plain.get_output_embeddings()(hidden[keep])
-    return nn.functional.cross_entropy(logits.float(), batch["labels"][keep]), keep.sum()
+    keep = labels != -100
+    if labelled_only:
+        hidden, labels = hidden[keep], labels[keep]
+    head = plain.get_output_embeddings()
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
+    return loss, keep.sum()
