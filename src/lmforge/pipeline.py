@@ -13,23 +13,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
-from lmforge.data.instructions import (
-    InstructionFormat,
-    PackedExamples,
-    ensure_chat_template,
-    load_instructions,
-)
-from lmforge.data.labeled import iter_labeled, load_labeled
-from lmforge.data.mixing import iterate_mixture
-from lmforge.data.packing import PackedRows, iterate_batches
-from lmforge.data.pairs import load_pairs
+from lmforge.data.labeled import iter_labeled
+from lmforge.data.packing import PackedRows
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
-from lmforge.data.sentence_pairs import SentencePairs
 from lmforge.data.tokenizer import (
     domain_tokens,
     extend_tokenizer,
@@ -37,12 +27,11 @@ from lmforge.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
-from lmforge.engine.distributed import init_strategy
+from lmforge.engine.distributed import init_strategy, say
 from lmforge.engine.loop import TrainResult, train
 from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
 from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
-from lmforge.eval.retrieval import retrieval_metrics
 from lmforge.methods import apply_method
 from lmforge.models.factory import (
     build_model,
@@ -54,14 +43,9 @@ from lmforge.models.factory import (
     preset_config,
 )
 from lmforge.objectives import get_objective, objective_data, objective_head
+from lmforge.sources import training_source
 
 STAMP = "lmforge_stage.json"
-
-
-def say(message: str) -> None:
-    """Print once per run: under torchrun only rank 0 speaks."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message)
 
 
 def _hash(obj) -> str:
@@ -224,113 +208,6 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     os.replace(tmp, out)
 
 
-def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus],
-                   device: torch.device, precision: str) -> dict:
-    """Batches of packed rows from one corpus or a weighted mixture, and per-corpus evaluation."""
-    tcfg, pcfg = recipe.trainer, recipe.packing
-    row_len = objective.row_length(pcfg.seq_len)
-    names = list(corpora)
-    train_rows = [PackedRows(corpora[n].split("train"), row_len, pcfg.document_mask) for n in names]
-    val_rows = {n: PackedRows(c.split("val"), row_len, pcfg.document_mask) for n, c in corpora.items() if c.tokens("val") > row_len}
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        # with several corpora every eval reports each one: what is learned, and what is forgotten
-        out = {}
-        for name, rows in val_rows.items():
-            metrics = evaluate_loss(m, objective, rows, tcfg.batch_size, tcfg.eval_batches, device, precision)
-            out.update(metrics if len(corpora) == 1 else {f"{name}_{k}": v for k, v in metrics.items()})
-        return out
-
-    if len(names) == 1:
-        def batches(start: int):
-            return iterate_batches(train_rows[0], tcfg.batch_size, recipe.seed, start)
-    else:
-        weights = [m.weight for m in recipe.data.mixture]
-        say("data: mixture " + ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights, strict=True)))
-
-        def batches(start: int):
-            return iterate_mixture(train_rows, weights, tcfg.batch_size, recipe.seed, start)
-    return {"batches": batches, "batches_per_epoch": sum(len(r) for r in train_rows) // tcfg.batch_size,
-            "tokens_per_batch": tcfg.batch_size * row_len, "evaluate": evaluate if val_rows else None,
-            "source_names": names if len(names) > 1 else None}
-
-
-def _in_memory_source(recipe: Recipe, rows, evaluate, tokens_per_row: float | None = None) -> dict:
-    """What the loop needs from an in-memory set (text pairs, sentence pairs, labelled rows, instructions)."""
-    tcfg = recipe.trainer
-    return {"batches": lambda start: iterate_batches(rows, tcfg.batch_size, recipe.seed, start),
-            "batches_per_epoch": len(rows) // tcfg.batch_size,
-            "tokens_per_batch": round(tcfg.batch_size * (tokens_per_row or recipe.packing.seq_len)), "evaluate": evaluate}
-
-
-def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
-    """Batches of (query, positive) pairs, and retrieval recall on the held-out pairs."""
-    cfg, tcfg = recipe.data, recipe.trainer
-    train_pairs, val_pairs = load_pairs(cfg.train_files, tokenizer, cfg.column, cfg.pair_column,
-                                        recipe.packing.seq_len, cfg.val_fraction)
-    say(f"data: {len(train_pairs)} training pairs, {len(val_pairs)} held out")
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        return retrieval_metrics(m, objective, val_pairs, tcfg.batch_size, device, precision)
-
-    return _in_memory_source(recipe, train_pairs, evaluate if len(val_pairs) > 1 else None)
-
-
-def _sentence_pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
-    """Document-aware sentence pairs (NSP / SOP) cut from the prepared corpus, with dynamic MLM masking."""
-    if len(corpora) != 1:
-        raise ValueError("objective.sentence_task: sentence pairs come from one corpus, not a mixture")
-    corpus = next(iter(corpora.values()))
-    tcfg, task, seq_len = recipe.trainer, recipe.objective.sentence_task, recipe.packing.seq_len
-    train_pairs = SentencePairs(corpus.split("train"), tokenizer, seq_len, task, recipe.seed)
-    val_pairs = SentencePairs(corpus.split("val"), tokenizer, seq_len, task, recipe.seed) if corpus.manifest["splits"]["val"]["docs"] >= 2 else None
-    say(f"data: {len(train_pairs)} sentence pairs for {task}" + (f", {len(val_pairs)} held out" if val_pairs else ""))
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        return evaluate_loss(m, objective, val_pairs, tcfg.batch_size, tcfg.eval_batches, device, precision)
-
-    return _in_memory_source(recipe, train_pairs, evaluate if val_pairs else None)
-
-
-def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
-    """Labelled texts for classification, and accuracy on the held-out rows."""
-    cfg, tcfg = recipe.data, recipe.trainer
-    if not cfg.label_column:
-        raise ValueError("data.label_column: the classify objective needs the column that holds each row's label")
-    train_set, val_set, names = load_labeled(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
-                                             recipe.packing.seq_len, cfg.val_fraction)
-    say(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        return evaluate_loss(m, objective, val_set, tcfg.batch_size, tcfg.eval_batches, device, precision)
-
-    return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
-
-
-def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device, precision: str) -> dict:
-    """Chat-templated examples with prompt-masked labels, grouped by length or packed; answer loss on the held-out ones."""
-    cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
-    ensure_chat_template(tokenizer, cfg.chat_template)  # saved with the model: inference renders the same way
-    sets = load_instructions(cfg.train_files, tokenizer, InstructionFormat.of(cfg), pcfg.seq_len, cfg.val_fraction,
-                             cfg.long_examples, pcfg.group_size)
-    train_set = sets.train
-    skipped = f"; {sets.dropped} longer than seq_len {pcfg.seq_len} dropped" if sets.dropped else ""
-    skipped += f"; {sets.truncated} truncated" if sets.truncated else ""
-    if pcfg.examples == "grouped":
-        rows, per_row = train_set, float(train_set.lengths.mean())
-        layout = f"grouped by length, {train_set.padding_fraction(tcfg.batch_size, recipe.seed):.1%} padding"
-    else:
-        rows, per_row = PackedExamples(train_set, pcfg.seq_len, pcfg.document_mask, recipe.seed), None
-        layout = f"packed into {len(rows)} rows of {pcfg.seq_len}"
-    say(f"data: {len(train_set)} training examples ({int(train_set.lengths.sum()):,} tokens, {layout}), "
-        f"{len(sets.val)} held out{skipped}")
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, tcfg.eval_batches, device, precision)
-
-    return _in_memory_source(recipe, rows, evaluate if len(sets.val) else None, per_row)
-
-
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
@@ -347,10 +224,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     dump_recipe(recipe, out_dir / "recipe.yaml")
 
     device = pick_device()
-    precision = resolve_precision(recipe.trainer.precision, device)
-    make_source = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
-                   "labeled": _labeled_source, "instructions": _instruction_source}
-    source = make_source[objective_data(recipe.objective)](recipe, objective, tokenizer, corpora, device, precision)
+    source = training_source(recipe, objective, tokenizer, corpora, device)
     extra = objective.extra_parameters() if hasattr(objective, "extra_parameters") else []
     if extra:  # objective-owned parameters (a learned temperature) train too, undecayed
         groups.append({"params": extra, "weight_decay": 0.0, "lr_scale": 1.0})

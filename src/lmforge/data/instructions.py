@@ -198,10 +198,10 @@ class InstructionSets:
 
 
 def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_len: int, val_fraction: float,
-                      long_examples: str = "drop", group_size: int = 128) -> InstructionSets:
-    """Read, render, tokenize and label every example; split off the validation rows."""
+                      long_examples: str = "drop", group_size: int = 128, max_rows: int | None = None) -> InstructionSets:
+    """Read, render, tokenize and label every example (the first `max_rows` of each file); split off the validation rows."""
     conversations = []
-    for item in iter_conversations(files, fmt):
+    for item in iter_conversations(files, fmt, max_rows):
         if isinstance(item, DataError):
             raise item
         conversations.append(item)

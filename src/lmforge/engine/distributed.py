@@ -97,3 +97,9 @@ def init_strategy() -> Strategy:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Strategy(rank=rank, world_size=world, device=device)
+
+
+def say(message: str) -> None:
+    """Print once per run: under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)

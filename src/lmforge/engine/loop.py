@@ -9,7 +9,6 @@ goes into each checkpoint.
 from __future__ import annotations
 
 import math
-import queue
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.config import TrainerConfig
+from lmforge.data.prefetch import Prefetcher
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.distributed import init_strategy
 from lmforge.engine.metrics import MetricsLogger, NullMetrics
@@ -70,46 +70,6 @@ def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_b
         return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
     epochs = cfg.epochs if cfg.epochs is not None else 1.0
     return max(1, math.ceil(epochs * batches_per_epoch / cfg.grad_accum))
-
-
-class Prefetcher:
-    """Builds batches on a background thread so the training thread never waits on the memmap."""
-
-    def __init__(self, source: Iterator[dict], depth: int = 4):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(source,), daemon=True)
-        self._thread.start()
-
-    def _fill(self, source: Iterator[dict]) -> None:
-        try:
-            for item in source:
-                if not self._offer(item):
-                    return
-        except BaseException as exc:  # surface data errors on the training thread
-            self._offer(exc)
-
-    def _offer(self, item) -> bool:
-        """Queue `item` unless the loop has stopped listening; False once it has."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __next__(self) -> dict:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        # Join, not just signal: a daemon thread still inside a torch call when the interpreter
-        # exits makes the C++ runtime abort ("terminate called without an active exception").
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 class StopFlag:
@@ -214,7 +174,7 @@ def train(
     batches: Callable[[int], Iterator[dict]],
     batches_per_epoch: int,
     tokens_per_batch: int,
-    evaluate: Callable[[nn.Module], dict] | None = None,
+    evaluate: Callable[[nn.Module, str], dict] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
     source_names: list[str] | None = None,
@@ -254,7 +214,7 @@ def train(
     def run_eval(step: int) -> dict:
         values = {}
         if strategy.is_main:  # the other ranks wait: evaluation is cheap next to training
-            values = evaluate(model)
+            values = evaluate(model, precision)  # the run's precision, also after a resume
             metrics.log(step, values, prefix="val")
             # through tqdm while a bar is drawn, so the bar is not torn
             (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))

@@ -88,6 +88,12 @@ def ensure_family_fits(family: str, head: str, objective: str) -> None:
                          f"objective '{objective}' needs a {head} model")
 
 
+def ensure_head_fits(config: PretrainedConfig, head: str, where: str) -> None:
+    """Refuse an encoder or encoder-decoder checkpoint for a causal-LM head (known from its config alone)."""
+    if head == "causal_lm" and config.model_type in NOT_DECODERS:
+        raise ModelError(f"{where}: a '{config.model_type}' checkpoint cannot be trained with a causal-LM objective")
+
+
 def ensure_fits_length(config: PretrainedConfig, seq_len: int) -> None:
     """Refuse sequences longer than the model's learned positions (relative-position models have no limit)."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -120,8 +126,7 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-    if head == "causal_lm" and config.model_type in NOT_DECODERS:
-        raise ModelError(f"{path}: a '{config.model_type}' checkpoint cannot be trained with a causal-LM objective")
+    ensure_head_fits(config, head, str(path))
     try:
         return AUTO_CLASSES[head].from_pretrained(
             str(path), trust_remote_code=trust_remote_code, local_files_only=True,
