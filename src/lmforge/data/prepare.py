@@ -20,7 +20,6 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmforge.data.formats import DataError, expand_inputs, read_documents
-from lmforge.data.prefetch import Prefetcher
 from lmforge.data.shards import Shard, ShardWriter, open_shards, token_dtype
 from lmforge.data.tokenizer import tokenizer_fingerprint
 
@@ -191,10 +190,8 @@ def _write_shards(files, tokenizer, directory, column, fmt, val_fraction, max_do
     doc_index = 0
     start = time.perf_counter()
     bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
-    batches = Prefetcher(_batches(files, column, fmt, max_docs), depth=2)
     try:
-        # reading the next batch (JSON, gzip: Python) overlaps encoding this one (Rust, GIL released)
-        for texts in batches:
+        for texts in _batches(files, column, fmt, max_docs):
             by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for ids in encode(texts):
                 doc = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
@@ -207,7 +204,6 @@ def _write_shards(files, tokenizer, directory, column, fmt, val_fraction, max_do
                 counts += np.bincount(np.concatenate(by_split["train"]), minlength=len(counts))
             bar.update(sum(len(d) for docs in by_split.values() for d in docs))
     finally:
-        batches.close()
         bar.close()
         for writer in writers.values():
             writer.close()
