@@ -332,3 +332,12 @@ def test_lora_steps_change_adapters_only(base_model):
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], before[n]) for n in before if n not in trained)
     assert any(not torch.equal(after[n], before[n]) for n in trained if "lora_B" in n)
+
+
+def test_check_lists_bad_instruction_rows_before_anything_runs(tmp_path, base_model):
+    data = _write(tmp_path / "rows.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "only a prompt"}, "not an object"])
+    path = _recipe(tmp_path, base_model, data={"train_files": [data]})
+    result = CliRunner().invoke(app, ["train", path])
+    assert result.exit_code == 2
+    assert "rows.jsonl:2: no column 'response'" in result.output and "rows.jsonl:3" in result.output
+    assert not (tmp_path / "run").exists()

@@ -36,6 +36,7 @@ class CheckReport:
     documents: int = 0
     histogram: dict[str, int] = field(default_factory=dict)
     longer_than_seq: int = 0
+    long_fate: str = "split across packed rows"
     length_unit: str = "tokens"
     step_seconds: float | None = None
     peak_rss_mb: float | None = None
@@ -55,7 +56,7 @@ class CheckReport:
             width = max(self.histogram.values())
             for bucket, count in self.histogram.items():
                 lines.append(f"  {bucket:>13} {count:>8,} {'#' * max(1, round(30 * count / width)) if count else ''}")
-            lines.append(f"documents longer than seq_len (split across packed rows): {self.longer_than_seq:,}")
+            lines.append(f"documents longer than seq_len ({self.long_fate}): {self.longer_than_seq:,}")
         if self.step_seconds is not None:
             lines.append(f"measured: {self.step_seconds:.3f} s/step, {self.tokens_per_second:,.0f} tokens/s, "
                          f"peak RSS {self.peak_rss_mb:,.0f} MB")
@@ -166,6 +167,8 @@ def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
         report.length_unit = "tokens, estimated as characters/4 (tokenizer not trained yet)"
     report.histogram = _histogram(lengths)
     report.longer_than_seq = sum(n > recipe.packing.seq_len for n in lengths)
+    if recipe.objective.name == "sft":  # examples are never split: see data.long_examples
+        report.long_fate = f"data.long_examples: {recipe.data.long_examples}"
     if tokenizer is not None:
         try:
             manifest = read_manifest(recipe.prepared_dir) if recipe.prepared_dir.is_dir() else None
