@@ -138,14 +138,27 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
             "padding_fraction": 0.0}
 
 
-def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
-    """lmforge's own loop with its defaults: packed shards, fused AdamW, dropout 0, precision auto."""
+def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps: int, lr: float, name: str,
+                  tokens_per_batch: int, precision: str = "auto") -> list[dict]:
+    """lmforge's one loop over `rows` for `steps` steps, logging every step; its train records."""
     from lmforge.config import TrainerConfig
-    from lmforge.data.packing import PackedRows, iterate_batches
-    from lmforge.data.prepare import prepare_corpus
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.packing import iterate_batches
     from lmforge.engine.loop import train
     from lmforge.engine.metrics import read_metrics
+
+    cfg = TrainerConfig(max_steps=steps, batch_size=batch, lr=lr, warmup_steps=0, precision=precision, log_every=1,
+                        progress=False, eval_every=10**6)
+    out = WORK / name
+    train(model, objective, groups, cfg, out, batches=lambda start: iterate_batches(rows, batch, 0, start),
+          batches_per_epoch=len(rows) // batch, tokens_per_batch=tokens_per_batch, log=lambda s: None)
+    return read_metrics(out / "metrics.jsonl", "train")
+
+
+def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
+    """lmforge's own loop with its defaults: packed shards, fused AdamW, dropout 0, precision auto."""
+    from lmforge.data.packing import PackedRows
+    from lmforge.data.prepare import prepare_corpus
+    from lmforge.data.tokenizer import load_tokenizer
     from lmforge.engine.optimizer import decay_groups
     from lmforge.engine.runtime import seed_everything
     from lmforge.models.factory import build_model, flops_per_token, preset_config
@@ -157,13 +170,8 @@ def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
     overrides = {**GPT2, "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     model = build_model(preset_config("gpt2", "tiny", VOCAB, 1024, **overrides), "causal_lm", tok)
     rows = PackedRows(corpus.split("train"), SEQ)
-    cfg = TrainerConfig(max_steps=steps, batch_size=BATCH, lr=5e-4, warmup_steps=0, precision=precision,
-                        log_every=1, progress=False, eval_every=10**6)
-    out = WORK / "lmforge_out"
-    train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, out,
-          batches=lambda start: iterate_batches(rows, BATCH, 0, start), batches_per_epoch=len(rows) // BATCH,
-          tokens_per_batch=BATCH * SEQ, log=lambda s: None)
-    records = read_metrics(out / "metrics.jsonl", "train")
+    records = lmforge_steps(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), rows, BATCH, steps, 5e-4,
+                            "lmforge_out", BATCH * SEQ, precision)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
             **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(),
             "flops_per_token": flops_per_token(model, SEQ), "padding_fraction": 0.0}
@@ -315,11 +323,7 @@ def worker_lmforge_sft(steps: int, output_layer: str = "answers", batching: str 
     """lmforge's defaults (length-grouped batches, answer-only fused output layer, precision auto), or
     one lever switched back for the levers table: `output_layer` fused_all (every position through the
     fused layer) or logits (the model's full logits + cross-entropy); `batching` random or packed."""
-    from lmforge.config import TrainerConfig
     from lmforge.data.instructions import Examples, InstructionFormat, PackedExamples, load_instructions
-    from lmforge.data.packing import iterate_batches
-    from lmforge.engine.loop import train
-    from lmforge.engine.metrics import read_metrics
     from lmforge.engine.optimizer import decay_groups
     from lmforge.engine.runtime import seed_everything
     from lmforge.models.factory import flops_per_token
@@ -343,13 +347,8 @@ def worker_lmforge_sft(steps: int, output_layer: str = "answers", batching: str 
     elif batching == "packed":
         rows, padding = PackedExamples(rows, SFT_SEQ, document_mask=False, seed=0), 0.0
     model = sft_model()
-    cfg = TrainerConfig(max_steps=steps, batch_size=BATCH, lr=5e-4, warmup_steps=0, log_every=1, progress=False,
-                        eval_every=10**6)
-    out = WORK / "lmforge_sft_out"
-    train(model, Lever(), decay_groups(model.named_parameters(), 0.1), cfg, out,
-          batches=lambda start: iterate_batches(rows, BATCH, 0, start), batches_per_epoch=len(rows) // BATCH,
-          tokens_per_batch=BATCH * SFT_SEQ, log=lambda s: None)
-    records = read_metrics(out / "metrics.jsonl", "train")
+    records = lmforge_steps(model, Lever(), decay_groups(model.named_parameters(), 0.1), rows, BATCH, steps, 5e-4,
+                            "lmforge_sft_out", BATCH * SFT_SEQ)
     # the loop counts real tokens only (pads are work, not progress)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
             **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(),
@@ -439,10 +438,7 @@ def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> di
     """lmforge LoRA (same rank, alpha and targets) or full fine-tuning, through its recipe objects."""
     import torch
 
-    from lmforge.config import MethodConfig, TrainerConfig
-    from lmforge.data.packing import iterate_batches
-    from lmforge.engine.loop import train
-    from lmforge.engine.metrics import read_metrics
+    from lmforge.config import MethodConfig
     from lmforge.engine.runtime import seed_everything
     from lmforge.methods import apply_method
     from lmforge.models.factory import load_model
@@ -463,13 +459,9 @@ def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> di
     cfg = MethodConfig(name=method, lora={"rank": LORA["r"], "alpha": LORA["alpha"], "target_modules": LORA["targets"],
                                           "base_dtype": base_dtype})
     model, groups = apply_method(model, cfg, 0.0)
-    tcfg = TrainerConfig(max_steps=steps, batch_size=LORA_BATCH, lr=1e-3 if method == "lora" else 5e-5, warmup_steps=0,
-                         log_every=1, progress=False, eval_every=10**6)
-    out = WORK / f"lmforge_{method}_out"
     before = held_out_loss(model, held)
-    train(model, CausalLM(), groups, tcfg, out, batches=lambda start: iterate_batches(Rows(), LORA_BATCH, 0, start),
-          batches_per_epoch=len(chunks) // LORA_BATCH, tokens_per_batch=LORA_BATCH * (LORA_SEQ - 1), log=lambda s: None)
-    records = read_metrics(out / "metrics.jsonl", "train")
+    records = lmforge_steps(model, CausalLM(), groups, Rows(), LORA_BATCH, steps, 1e-3 if method == "lora" else 5e-5,
+                            f"lmforge_{method}_out", LORA_BATCH * (LORA_SEQ - 1))
     # tokens/s counted like the Trainer's: the full 128-token rows
     scale = LORA_SEQ / (LORA_SEQ - 1)
     return {"tokens_per_s": scale * statistics.median(r["tokens_per_s"] for r in records[2:]),
