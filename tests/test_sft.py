@@ -308,8 +308,10 @@ def test_bundled_excerpt_is_real_instruction_data():
     assert all(r["prompt"] and "response" in r for r in rows)
 
 
-def test_lora_steps_change_adapters_only(base_model):
-    """In-process: after real optimizer steps every base weight is bit-identical, the adapters moved."""
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_steps_change_adapters_only(base_model, dora):
+    """In-process: after real optimizer steps every base weight is bit-identical, the adapters moved
+    (DoRA: its magnitude vectors too)."""
     from lmforge.config import MethodConfig, TrainerConfig
     from lmforge.data.instructions import InstructionFormat as Fmt
     from lmforge.data.tokenizer import load_tokenizer
@@ -321,17 +323,20 @@ def test_lora_steps_change_adapters_only(base_model):
     tok = load_tokenizer(base_model)
     tok.chat_template = BUILTIN_CHAT_TEMPLATE
     examples = load_instructions([str(INSTRUCTIONS)], tok, Fmt(), 256, 0.0, max_rows=200).train
-    model, groups = apply_method(load_model(base_model, "causal_lm"), MethodConfig(name="lora", lora={"rank": 4}), 0.0)
+    model, groups = apply_method(load_model(base_model, "causal_lm"), MethodConfig(name="lora", lora={"rank": 4, "dora": dora}), 0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     cfg = TrainerConfig(max_steps=5, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, eval_every=100)
-    train(model, SupervisedFineTuning(), groups, cfg, Path(base_model).parent / "lora_loop",
+    train(model, SupervisedFineTuning(), groups, cfg, Path(base_model).parent / f"lora_loop_{dora}",
           batches=lambda start: iterate_batches(examples, 4, 0, start), batches_per_epoch=len(examples) // 4,
           tokens_per_batch=400, log=lambda s: None)
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], before[n]) for n in before if n not in trained)
     assert any(not torch.equal(after[n], before[n]) for n in trained if "lora_B" in n)
+    assert dora == any("lora_magnitude_vector" in n for n in trained)
+    if dora:
+        assert any(not torch.equal(after[n], before[n]) for n in trained if "magnitude" in n)
 
 
 def test_check_lists_bad_instruction_rows_before_anything_runs(tmp_path, base_model):
