@@ -77,7 +77,7 @@ def test_multi_turn_conversation_with_the_tokenizers_own_template(tmp_path, toke
 def test_unstable_template_and_bad_rows_are_named(tmp_path, chat_tokenizer):
     chat_tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     good = _write(tmp_path / "g.jsonl", [{"prompt": "p", "response": "r"}])
-    with pytest.raises(DataError, match="prefix-stable"):
+    with pytest.raises(DataError, match=r"g\.jsonl:1: the chat template .* prefix-stable"):
         load_instructions([good], chat_tokenizer, InstructionFormat(), 64, 0.0)
     bad = _write(tmp_path / "b.jsonl", [{"prompt": "p", "response": "r"}, {"question": "q"}])
     with pytest.raises(DataError, match=r"b\.jsonl:2: no column 'prompt', 'response'"):
@@ -91,7 +91,7 @@ def test_long_examples_dropped_truncated_or_refused(tmp_path, chat_tokenizer):
     rows = [{"prompt": "short", "response": "ok"}, {"prompt": "long " * 200, "response": "ok"}]
     path = _write(tmp_path / "l.jsonl", rows)
     assert load_instructions([path], chat_tokenizer, InstructionFormat(), 64, 0.0).dropped == 1
-    with pytest.raises(DataError, match="example 1 has .* tokens, more than packing.seq_len=64"):
+    with pytest.raises(DataError, match=r"l\.jsonl:2: the example has .* tokens, more than packing.seq_len=64"):
         load_instructions([path], chat_tokenizer, InstructionFormat(), 64, 0.0, long_examples="error")
     # truncation that cuts the whole answer off leaves nothing to learn: dropped, not trained on
     truncated = load_instructions([path], chat_tokenizer, InstructionFormat(), 64, 0.0, long_examples="truncate")

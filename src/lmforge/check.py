@@ -90,7 +90,7 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
         return _guarded_rows(path, column, fmt, sample_rows)
     if main and recipe.objective.name == "sft":  # conversations: prompt columns, answer column or messages
         conversations = iter_conversations([path], InstructionFormat.of(cfg), sample_rows)
-        return (c if isinstance(c, DataError) else "\n".join(str(m["content"]) for m in c) for c in conversations)
+        return (c if isinstance(c, DataError) else "\n".join(str(m["content"]) for m in c[1]) for c in conversations)
     if main and cfg.label_column:  # labels too, against the label set when one is given
         labeled = iter_labeled([path], column, cfg.label_column, cfg.labels, sample_rows)
         return (r if isinstance(r, DataError) else r[0] for r in labeled)

@@ -77,15 +77,16 @@ def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> l
     return messages
 
 
-def iter_conversations(files: list[str], fmt: InstructionFormat, max_rows: int | None = None) -> Iterator[list[dict] | DataError]:
-    """Each row's messages; a bad row is yielded as its error (a scan lists them all)."""
+def iter_conversations(files: list[str], fmt: InstructionFormat,
+                       max_rows: int | None = None) -> Iterator[tuple[str, list[dict]] | DataError]:
+    """("file:line", messages) for each row; a bad row is yielded as its error (a scan lists them all)."""
     for path in expand_inputs(files):
         for item in scan_jsonl_rows(path, max_rows):
             if isinstance(item, DataError):
                 yield item
                 continue
             try:
-                yield row_messages(path, *item, fmt)
+                yield f"{path}:{item[0]}", row_messages(path, *item, fmt)
             except DataError as exc:
                 yield exc
 
@@ -98,7 +99,7 @@ def ensure_chat_template(tokenizer, template: str | None) -> None:
         tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
 
 
-def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render(tokenizer, messages: list[dict], where: str = "conversation") -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character span of every assistant turn."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -108,8 +109,8 @@ def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through)):
-            raise DataError("the chat template renders a conversation's start differently once it continues, so "
-                            "answers cannot be located; set data.chat_template to a prefix-stable template")
+            raise DataError(f"{where}: the chat template renders the conversation's start differently once it "
+                            "continues, so answers cannot be located; set data.chat_template to a prefix-stable template")
         spans.append((len(before), len(through)))
     return text, spans
 
@@ -200,14 +201,14 @@ class InstructionSets:
 def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_len: int, val_fraction: float,
                       long_examples: str = "drop", group_size: int = 128, max_rows: int | None = None) -> InstructionSets:
     """Read, render, tokenize and label every example (the first `max_rows` of each file); split off the validation rows."""
-    conversations = []
+    rows = []
     for item in iter_conversations(files, fmt, max_rows):
         if isinstance(item, DataError):
             raise item
-        conversations.append(item)
-    if not conversations:
+        rows.append(item)
+    if not rows:
         raise DataError(f"{', '.join(files)}: no instruction rows")
-    rendered = [render(tokenizer, c) for c in conversations]
+    rendered = [render(tokenizer, messages, where) for where, messages in rows]
     encoded = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets = {"train": ([], []), "val": ([], [])}
@@ -216,7 +217,7 @@ def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_l
         labels = _labels(ids, offsets, spans)
         if len(ids) > seq_len:
             if long_examples == "error":
-                raise DataError(f"{', '.join(files)}: example {i} has {len(ids)} tokens, more than packing.seq_len={seq_len} "
+                raise DataError(f"{rows[i][0]}: the example has {len(ids)} tokens, more than packing.seq_len={seq_len} "
                                 "(data.long_examples: drop or truncate to go on)")
             if long_examples == "drop":
                 dropped += 1
