@@ -55,6 +55,8 @@ def _plain_decoder(model: nn.Module) -> nn.Module | None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_FAMILIES or not hasattr(model, "get_decoder"):
         return None
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:  # the fused path has no bias term
+        return None
     return model
 
 
@@ -73,9 +75,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        head = weight.to(hidden.dtype)  # once, not per chunk (a copy only when the dtypes differ)
         for start in range(0, hidden.shape[0], chunk):
             h, y, keep = hidden[start : start + chunk], labels[start : start + chunk], valid[start : start + chunk]
-            logits = (h @ weight.to(h.dtype).t()).float()
+            logits = (h @ head.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             target = y.clamp(min=0)
             total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
@@ -85,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(len(y), device=y.device), target] -= 1.0
             grad = (grad * (keep / count)[:, None]).to(h.dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = grad @ weight.to(h.dtype)
+                grad_hidden[start : start + chunk] = grad @ head
             if grad_weight is not None:
                 grad_weight += (grad.t() @ h).to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
