@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
 
 
 def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps: int, lr: float, name: str,
-                  tokens_per_batch: int, precision: str = "auto") -> list[dict]:
+                  tokens_per_batch: int, precision: str = "auto", compile: str = "off") -> list[dict]:
     """lmforge's one loop over `rows` for `steps` steps, logging every step; its train records."""
     from lmforge.config import TrainerConfig
     from lmforge.data.packing import iterate_batches
@@ -147,7 +148,7 @@ def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps:
     from lmforge.engine.metrics import read_metrics
 
     cfg = TrainerConfig(max_steps=steps, batch_size=batch, lr=lr, warmup_steps=0, precision=precision, log_every=1,
-                        progress=False, eval_every=10**6)
+                        progress=False, eval_every=10**6, compile=compile)
     out = WORK / name
     train(model, objective, groups, cfg, out, batches=lambda start: iterate_batches(rows, batch, 0, start),
           batches_per_epoch=len(rows) // batch, tokens_per_batch=tokens_per_batch, log=lambda s: None)
@@ -434,7 +435,7 @@ def worker_hf_lora(steps: int) -> dict:
             "last_loss": held_out_loss(model, held), "peak_rss_mb": peak_rss_mb()}
 
 
-def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> dict:
+def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto", compile: str = "blocks") -> dict:
     """lmforge LoRA (same rank, alpha and targets) or full fine-tuning, through its recipe objects."""
     import torch
 
@@ -461,10 +462,11 @@ def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto") -> di
     model, groups = apply_method(model, cfg, 0.0)
     before = held_out_loss(model, held)
     records = lmforge_steps(model, CausalLM(), groups, Rows(), LORA_BATCH, steps, 1e-3 if method == "lora" else 5e-5,
-                            f"lmforge_{method}_out", LORA_BATCH * (LORA_SEQ - 1))
+                            f"lmforge_{method}_out", LORA_BATCH * (LORA_SEQ - 1), compile=compile)
     # tokens/s counted like the Trainer's: the full 128-token rows
     scale = LORA_SEQ / (LORA_SEQ - 1)
     return {"tokens_per_s": scale * statistics.median(r["tokens_per_s"] for r in records[2:]),
+            "first_step_s": LORA_BATCH * (LORA_SEQ - 1) / records[0]["tokens_per_s"],  # with compilation, if any
             "first_loss": before, "last_loss": held_out_loss(model, held), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -477,8 +479,11 @@ WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm,
 # ------------------------------------------------------------------ driver
 def run_worker(name: str, **kwargs) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "true"}
+    # a cold torch.compile cache for every worker: compilation is paid (and its memory counted) each time
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "true",
+           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_", dir=WORK)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -552,16 +557,21 @@ def lora_case(repeats: int, steps: int) -> dict:
     """SmolLM2-135M, batch 4 x 128: Trainer + PEFT LoRA vs lmforge LoRA (same r, alpha, targets), and lmforge full."""
     medians = alternate({"lmforge_lora": ("lmforge_lora", {"steps": steps, "method": "lora"}),
                          "baseline_lora": ("hf_lora", {"steps": steps}),
+                         "lmforge_lora_eager": ("lmforge_lora", {"steps": steps, "method": "lora", "compile": "off"}),
                          "lmforge_full": ("lmforge_lora", {"steps": steps, "method": "full"}),
                          "lmforge_lora_bf16_base": ("lmforge_lora", {"steps": steps, "method": "lora", "base_dtype": "bf16"})},
                         repeats)
     ours, theirs, full = medians["lmforge_lora"], medians["baseline_lora"], medians["lmforge_full"]
-    bf16 = medians["lmforge_lora_bf16_base"]
+    bf16, eager = medians["lmforge_lora_bf16_base"], medians["lmforge_lora_eager"]
     return {
         "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
         "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
         "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
         "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+        # trainer.compile=blocks (cold cache: the first step pays the compilation) against eager lmforge
+        "first_step_s": ours["first_step_s"], "eager_first_step_s": eager["first_step_s"],
+        "eager_tokens_per_s": eager["tokens_per_s"], "eager_ratio": eager["tokens_per_s"] / theirs["tokens_per_s"],
+        "eager_memory_ratio": eager["peak_rss_mb"] / theirs["peak_rss_mb"],
         "lmforge_full_tokens_per_s": full["tokens_per_s"], "lmforge_full_peak_rss_mb": full["peak_rss_mb"],
         "lora_vs_full_speed": ours["tokens_per_s"] / full["tokens_per_s"],
         # the frozen base stored in bf16: half the weight and activation memory, at bf16 matmul speed
@@ -671,7 +681,9 @@ def main() -> None:
             extra += (f"; vs {case['packed_baseline']} {case['packed_baseline_tokens_per_s']:,.0f} tok/s = {case['ratio_vs_packed']:.2f}x; "
                       f"padding {case['padding_fraction']:.1%} vs {case['baseline_padding_fraction']:.1%}")
         if "memory_ratio" in case:
-            extra += (f"; memory ratio {case['memory_ratio']:.2f}; bf16 base {case['bf16_base_ratio']:.2f}x at memory ratio "
+            extra += (f"; memory ratio {case['memory_ratio']:.2f}; eager {case['eager_ratio']:.2f}x at memory ratio "
+                      f"{case['eager_memory_ratio']:.2f}; first step {case['first_step_s']:.0f} s compiled vs "
+                      f"{case['eager_first_step_s']:.0f} s eager; bf16 base {case['bf16_base_ratio']:.2f}x at memory ratio "
                       f"{case['bf16_base_memory_ratio']:.2f}; lmforge full {case['lmforge_full_tokens_per_s']:,.0f} tok/s, "
                       f"{case['lmforge_full_peak_rss_mb']:,.0f} MB")
         print(f"{name}: lmforge {case['lmforge_tokens_per_s']:,.0f} tok/s vs baseline {case['baseline_tokens_per_s']:,.0f} "

@@ -41,7 +41,7 @@ def test_overrides_parse_values():
     raw = apply_overrides({"trainer": {"lr": 1.0}}, ["trainer.lr=3e-4", "trainer.compile=true", "generate.prompts=[a, b]"])
     recipe = validate_recipe(raw)
     assert recipe.trainer.lr == pytest.approx(3e-4)
-    assert recipe.trainer.compile is True
+    assert recipe.trainer.compile == "blocks"  # true is the block-wise compile
     assert recipe.generate.prompts == ["a", "b"]
 
 

@@ -133,3 +133,33 @@ def test_metrics_jsonl_and_tensorboard(prepared, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     shutil.rmtree(tmp_path / "tensorboard")
     json.dumps(records)
+
+
+def test_repeated_blocks_are_found_in_each_family_and_through_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmforge.engine.runtime import repeated_blocks
+
+    llama = _model(100)
+    assert repeated_blocks(llama) == list(llama.model.layers)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=2))
+    assert repeated_blocks(gpt2) == list(gpt2.transformer.h)
+    wrapped = get_peft_model(_model(100), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert [type(b).__name__ for b in repeated_blocks(wrapped)] == ["LlamaDecoderLayer"] * 2
+
+
+def test_compiled_blocks_train_like_eager_and_save_the_same_weights(prepared, tmp_path):
+    eager, _ = _run(prepared, tmp_path / "eager", max_steps=3, save_every=3)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled, _ = _run(prepared, tmp_path / "compiled", max_steps=3, save_every=3, compile="blocks")
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks really ran compiled
+    assert all(block._compiled_call_impl is None for block in compiled.model.layers)  # undone after training
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl", "train")] for run in ("eager", "compiled")]
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5) and losses[0][-1] == pytest.approx(losses[1][-1], rel=1e-4)
+    saved = [load_file(next((tmp_path / run / "checkpoints").glob("step_*/model.safetensors"))) for run in ("eager", "compiled")]
+    assert saved[0].keys() == saved[1].keys()  # compiling in place renames nothing in the checkpoint
+    for name, tensor in saved[0].items():
+        torch.testing.assert_close(saved[1][name], tensor, atol=1e-5, rtol=1e-4)

@@ -181,6 +181,29 @@ def test_chunked_linear_cross_entropy_equals_torch(monkeypatch):
     torch.testing.assert_close(got[1], weight.grad)
 
 
+def test_chunked_linear_cross_entropy_under_bf16_autocast_matches_torch(monkeypatch):
+    """Under autocast the output layer runs in bf16 like the model's own forward would, the softmax in fp32."""
+    import lmforge.objectives.base as base
+
+    monkeypatch.setattr(base, "LOGITS_PER_CHUNK", 16 * 300)
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.3).requires_grad_()
+    labels = torch.randint(0, 300, (45,))
+    labels[::5] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = base.linear_cross_entropy(hidden, weight, labels)
+        ours.backward()
+        got = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        reference = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=IGNORE)
+        reference.backward()
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got[0], hidden.grad, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(got[1], weight.grad, atol=2e-3, rtol=2e-2)
+
+
 def test_loss_equals_transformers_on_the_same_labels(excerpt_sets):
     """Our pre-shifted labels and HF's shift-inside give the same number on the same inputs."""
     tok, sets = excerpt_sets

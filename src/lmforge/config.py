@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -174,7 +174,8 @@ class TrainerConfig(Section):
     num_cycles: int = Field(1, gt=0)
     clip_grad: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    compile: bool = False
+    # off | blocks (each transformer block compiled in place; pays on Llama-style blocks) | model
+    compile: Literal["off", "blocks", "model"] = "off"
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     eval_every: int = Field(200, gt=0)
     eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining
@@ -186,6 +187,11 @@ class TrainerConfig(Section):
     num_threads: int | None = Field(None, gt=0)
     deterministic: bool = False
     progress: bool = True
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: object) -> object:
+        return {True: "blocks", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainerConfig:

@@ -27,7 +27,7 @@ from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.distributed import init_strategy
 from lmforge.engine.metrics import MetricsLogger, NullMetrics
 from lmforge.engine.optimizer import build_optimizer, lr_factor
-from lmforge.engine.runtime import autocast, resolve_precision
+from lmforge.engine.runtime import autocast, compile_for_training, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -196,7 +196,7 @@ def train(
         precision = saved_precision or precision
 
     step_model = strategy.wrap(model)
-    step_model = torch.compile(step_model) if cfg.compile else step_model
+    step_model, uncompile = compile_for_training(step_model, cfg.compile)
     metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None) if strategy.is_main else NullMetrics()
     log(f"train: {total_steps} steps, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
@@ -279,6 +279,7 @@ def train(
                         "Resume with the same command plus --resume.")
                     break
     finally:
+        uncompile()
         source.close()
         bar.close()
         metrics.close()

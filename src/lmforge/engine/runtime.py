@@ -8,6 +8,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -74,3 +75,37 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stack of transformer blocks: the longest `ModuleList` whose entries share one
+    class (`model.layers`, `transformer.h`, `encoder.layer`, also inside a peft wrapper)."""
+    stacks = [list(m) for m in model.modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
+    return max(stacks, key=len, default=[])
+
+
+def compile_for_training(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """(the module to step, a function that undoes the compilation) for `trainer.compile`.
+
+    `blocks` compiles each transformer block in place: every block runs the same code, so one graph
+    serves them all and compile time does not grow with depth, while the output layer stays with the
+    fused chunked cross-entropy. It pays where a block has many small unfused operations (Llama's
+    RMSNorm, rotary embedding and SwiGLU: +25% steps and -20% memory on SmolLM2-135M LoRA, CPU),
+    not where they are fused already (GPT-2's LayerNorm and GELU: slower on CPU). `model` hands the
+    whole module to `torch.compile` (the fused output layer then falls back to full logits)."""
+    if mode == "off":
+        return model, lambda: None
+    if mode == "model":
+        return torch.compile(model), lambda: None
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError("trainer.compile: blocks needs a model with a stack of identical blocks; use `model`")
+    for block in blocks:
+        block.compile()
+
+    def undo() -> None:  # later inference (generation, other shapes) runs eagerly, no recompiles
+        for block in blocks:
+            block._compiled_call_impl = None
+
+    return model, undo
