@@ -121,6 +121,20 @@ def test_prepare_many_shards_streams(tmp_path, small_jsonl, tokenizer):
     assert sum(len(s.tokens) for s in corpus.split("train")) == corpus.tokens("train")
 
 
+def test_prepare_in_many_pipelined_batches_keeps_document_order(tmp_path, small_jsonl, tokenizer, monkeypatch):
+    import lmforge.data.prepare as prepare
+
+    one_batch = prepare_corpus([str(small_jsonl)], tokenizer, tmp_path / "one", val_fraction=0.2, progress=False)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)  # a few documents per batch: encoding runs ahead of writing
+    many = prepare_corpus([str(small_jsonl)], tokenizer, tmp_path / "many", val_fraction=0.2, progress=False)
+    docs = [json.loads(line)["text"] for line in small_jsonl.read_text().splitlines()]
+    for split in ("train", "val"):
+        expected = [t for i, d in enumerate(docs) if prepare.is_validation(i, 0.2) == (split == "val")
+                    for t in tokenizer(d, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]]
+        assert np.concatenate([s.tokens for s in many.split(split)]).tolist() == expected
+    assert many.manifest["unigram_entropy_nats"] == one_batch.manifest["unigram_entropy_nats"]
+
+
 def test_prepare_empty_input_is_error_and_leaves_nothing(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

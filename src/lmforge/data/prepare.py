@@ -6,12 +6,15 @@ preparation never leaves a half-written corpus that looks finished.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from lmforge.data.tokenizer import tokenizer_fingerprint
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 BATCH_DOCS = 1024
+BATCH_CHARS = 1 << 18
 
 
 @dataclass
@@ -99,15 +103,18 @@ def is_validation(doc_index: int, val_fraction: float) -> bool:
 
 
 def _batches(files: list[str], column: str, fmt: str, max_docs: int | None) -> Iterator[list[str]]:
+    """Documents in batches of BATCH_DOCS or BATCH_CHARS, whichever comes first: small enough that
+    reading and writing overlap the encoding of the next batch, big enough to keep all cores busy."""
     batch: list[str] = []
-    count = 0
+    count = chars = 0
     for path in files:
         for doc in read_documents(path, column, fmt):
             batch.append(doc)
             count += 1
-            if len(batch) == BATCH_DOCS:
+            chars += len(doc)
+            if len(batch) == BATCH_DOCS or chars >= BATCH_CHARS:
                 yield batch
-                batch = []
+                batch, chars = [], 0
             if max_docs is not None and count >= max_docs:
                 break
         if max_docs is not None and count >= max_docs:
@@ -120,9 +127,37 @@ def _encoder(tokenizer: PreTrainedTokenizerBase):
     """The fastest batch encoder available: the Rust tokenizer, parallel across cores."""
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return lambda docs: [enc.ids for enc in encode(docs, add_special_tokens=False)]
+    return lambda texts: encode(texts, add_special_tokens=False)
 
 
+def _encoded(batches: Iterator[list[str]], encode) -> Iterator[list]:
+    """`encode` over `batches` in order, one batch ahead on a worker thread: the Rust encoder
+    releases the GIL, so reading, converting and writing run while the next batch is encoded."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for texts in batches:
+            ahead = pool.submit(encode, texts)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while tokenizing: the containers this creates hold no cycles,
+    and a full collection over the interpreter's heap (torch, transformers) costs ~0.1 s each time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def prepare_corpus(
     files: list[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -186,17 +221,16 @@ def _write_shards(files, tokenizer, directory, column, fmt, val_fraction, max_do
     encode = _encoder(tokenizer)
     writers = {s: ShardWriter(directory, s, dtype, shard_tokens) for s in ("train", "val")}
     counts = np.zeros(len(tokenizer), dtype=np.int64)
-    eos = np.array([eos_id], dtype=np.int64)
     doc_index = 0
     start = time.perf_counter()
     bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
     try:
-        for texts in _batches(files, column, fmt, max_docs):
+        for encodings in _encoded(_batches(files, column, fmt, max_docs), encode):
             by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-            for ids in encode(texts):
-                doc = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
-                split = "val" if is_validation(doc_index, val_fraction) else "train"
-                by_split[split].append(doc)
+            for enc in encodings:
+                ids = enc.ids
+                ids.append(eos_id)
+                by_split["val" if is_validation(doc_index, val_fraction) else "train"].append(np.array(ids, dtype=dtype))
                 doc_index += 1
             for split, docs in by_split.items():
                 writers[split].add(docs)
