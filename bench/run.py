@@ -56,6 +56,11 @@ def tokenizer_dir() -> Path:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not `ru_maxrss`: Linux carries it over from the parent
+    across fork and exec, so every worker would report at least the driver's own RSS."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -215,7 +220,9 @@ def worker_datasets_prepare() -> dict:
     seconds = time.perf_counter() - start
     shutil.rmtree(WORK / f"hf_cache_{os.getpid()}", ignore_errors=True)
     os.remove(WORK / f"hf_tokens_{os.getpid()}.bin")
-    return {"tokens_per_s": total / seconds, "tokens": total, "peak_rss_mb": peak_rss_mb()}
+    # its two map workers tokenize in processes of their own: their peak is reported beside the main one
+    return {"tokens_per_s": total / seconds, "tokens": total, "peak_rss_mb": peak_rss_mb(),
+            "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def worker_lmforge_prepare_size(megabytes: int) -> dict:
@@ -400,13 +407,14 @@ def lora_chunks() -> tuple[list[list[int]], list[list[int]]]:
 
 def held_out_loss(model, held: list[list[int]]) -> float:
     """Mean loss on fixed held-out chunks, the same function for every tool: a 135M model already
-    knows English, so a dozen steps move single-batch losses less than batches differ."""
+    knows English, so a dozen steps move single-batch losses less than batches differ. One chunk at
+    a time (equal lengths: the same mean): the full-vocabulary logits of a batch would otherwise set
+    the process's peak memory, and the peak measured should be the training's."""
     import torch
 
     model.eval()
     with torch.no_grad():
-        losses = [float(model(input_ids=torch.tensor(held[i : i + LORA_BATCH]), labels=torch.tensor(held[i : i + LORA_BATCH])).loss)
-                  for i in range(0, len(held), LORA_BATCH)]
+        losses = [float(model(input_ids=torch.tensor([row]), labels=torch.tensor([row])).loss) for row in held]
     model.train()
     return statistics.mean(losses)
 
@@ -645,7 +653,8 @@ def main() -> None:
         ours, theirs = medians["lmforge"], medians["baseline"]
         cases["prepare"] = {"lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
                             "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"], "tokens": ours["tokens"],
-                            "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"]}
+                            "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+                            "baseline_workers_peak_rss_mb": theirs["workers_peak_rss_mb"]}
     if "prepare_memory" in wanted:
         # streaming: peak RSS must not grow with the corpus (10x the text, about the same memory)
         sizes = [int(x) for x in args.prepare_megabytes.split(",")]
