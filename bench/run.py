@@ -34,6 +34,7 @@ SHARED_BROWN = REPO.parent / "shared" / "data" / "brown.jsonl.gz"
 EXCERPT = REPO / "assets" / "corpora" / "brown_excerpt.jsonl.gz"
 # The reference model: GPT-2, 8 layers, 512 wide, vocab 8192, seq 256, batch 8 (29.6M).
 GPT2 = {"n_layer": 8, "n_embd": 512, "n_head": 8}
+PRESET_ACTIVATION = "gelu"  # lmforge's GPT-2 preset activation (models/factory.py); the equal cases give it to both tools
 SEQ, BATCH, VOCAB = 256, 8, 8192
 
 
@@ -175,6 +176,7 @@ def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
     corpus = prepare_corpus([str(corpus_path())], tok, WORK / "prepared", val_fraction=0.0, progress=False)
     overrides = {**GPT2, "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     model = build_model(preset_config("gpt2", "tiny", VOCAB, 1024, **overrides), "causal_lm", tok)
+    assert model.config.activation_function == PRESET_ACTIVATION, "the equal case would compare different models"
     rows = PackedRows(corpus.split("train"), SEQ)
     records = lmforge_steps(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), rows, BATCH, steps, 5e-4,
                             "lmforge_out", BATCH * SEQ, precision)
@@ -290,9 +292,9 @@ def sft_model():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)  # the identical model for every tool: dropout 0, tanh-GELU
+    torch.manual_seed(0)  # the identical model for every tool: dropout 0, the preset GELU
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=1024, **GPT2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0, activation_function="gelu_pytorch_tanh"))
+                                      attn_pdrop=0.0, activation_function=PRESET_ACTIVATION))
 
 
 def worker_trl_sft(steps: int, packing: bool, strategy: str = "bfd") -> dict:
@@ -636,9 +638,9 @@ def main() -> None:
         cases["clm_pretrain_defaults"] = clm_case(args.repeats, args.steps, peaks,
                                                   {"dropout": 0.0, "precision": auto}, {"dropout": 0.1, "precision": "fp32"})
     if "clm_pretrain_equal" in wanted:
-        # both at their best on the identical config: dropout 0, fused tanh-GELU, the faster precision here
+        # both at their best on the identical config: dropout 0, lmforge's preset GELU, the faster precision here
         cases["clm_pretrain_equal"] = clm_case(args.repeats, args.steps, peaks, {"dropout": 0.0, "precision": best},
-                                               {"dropout": 0.0, "precision": best, "activation": "gelu_pytorch_tanh"})
+                                               {"dropout": 0.0, "precision": best, "activation": PRESET_ACTIVATION})
     if "sft_variable_length" in wanted:
         cases["sft_variable_length"] = sft_case(args.repeats, args.steps, peaks, auto)
     if "lora_vs_full" in wanted:
