@@ -191,7 +191,7 @@ class TrainerConfig(Section):
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_switch(cls, value: object) -> object:
-        return {True: "blocks", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        return ("blocks" if value else "off") if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainerConfig:

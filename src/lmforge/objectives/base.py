@@ -86,10 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h, y = h_all[start : start + chunk], labels[start : start + chunk].clamp(min=0)
                 logits = buffer[: len(h)]
-                if dtype == torch.float32:
-                    torch.mm(h, head.t(), out=logits)
-                else:
-                    logits.copy_(h @ head.t())
+                _mm_into(logits, h, head.t())
                 target_logit = logits.gather(1, y[:, None]).squeeze(1)
                 row_max = logits.amax(dim=1, keepdim=True)
                 sum_exp = logits.sub_(row_max).exp_().sum(dim=1)
