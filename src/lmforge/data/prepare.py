@@ -31,8 +31,8 @@ FORMAT_VERSION = 1
 BATCH_DOCS = 4096
 # 1 MB of text: ~70 book-length documents (Brown's), enough for the encoder's threads to share the
 # work evenly; at 256 KB (17 such documents) Brown prepared at 0.93M tok/s against 0.96M
-# (medians of 5 alternating runs). Two
-# batches are alive at a time (one encoding, one writing): ~25 MB more peak memory than at 256 KB.
+# (medians of 5 alternating runs). Two batches are alive at a time (one encoding, one writing):
+# ~25 MB more peak memory than at 256 KB.
 BATCH_CHARS = 1 << 20
 
 
