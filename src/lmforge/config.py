@@ -176,6 +176,9 @@ class TrainerConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # off | blocks (each transformer block compiled in place; pays on Llama-style blocks) | model
     compile: Literal["off", "blocks", "model"] = "off"
+    # Recompute each block's activations in the backward pass instead of keeping them: less memory
+    # for one more forward pass per step.
+    activation_checkpointing: bool = False
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     eval_every: int = Field(200, gt=0)
     eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining

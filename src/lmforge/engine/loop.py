@@ -27,7 +27,7 @@ from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.distributed import init_strategy
 from lmforge.engine.metrics import MetricsLogger, NullMetrics
 from lmforge.engine.optimizer import build_optimizer, lr_factor
-from lmforge.engine.runtime import autocast, compile_for_training, resolve_precision
+from lmforge.engine.runtime import autocast, checkpoint_activations, compile_for_training, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -195,6 +195,7 @@ def train(
         state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, log)
         precision = saved_precision or precision
 
+    uncheckpoint = checkpoint_activations(model, cfg.activation_checkpointing)
     step_model = strategy.wrap(model)
     step_model, uncompile = compile_for_training(step_model, cfg.compile)
     metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None) if strategy.is_main else NullMetrics()
@@ -280,6 +281,7 @@ def train(
                     break
     finally:
         uncompile()
+        uncheckpoint()
         source.close()
         bar.close()
         metrics.close()

@@ -110,3 +110,23 @@ def compile_for_training(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Mo
             block._compiled_call_impl = None
 
     return model, undo
+
+
+def checkpoint_activations(model: torch.nn.Module, enabled: bool) -> Callable[[], None]:
+    """`trainer.activation_checkpointing`: each transformer block keeps only its input and runs its
+    forward again in the backward pass, trading one more forward for the block's activations.
+    Hugging Face's own switch, so every architecture it supports works the same way; returns the
+    function that switches it off again."""
+    if not enabled:
+        return lambda: None
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"trainer.activation_checkpointing: {type(model).__name__} does not support it")
+    # transformers >= 5.x renamed it; getattr also reaches through a peft wrapper to the model
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable({"use_reentrant": False})
+    # HF also hooks the embeddings to output tensors that require grad, for the reentrant variant;
+    # non-reentrant checkpointing needs no such thing, and with frozen embeddings (LoRA) the hook
+    # would make the backward pass compute an input gradient nobody uses.
+    model.disable_input_require_grads()
+    return disable
