@@ -33,12 +33,18 @@ WORK = REPO / "runs" / "bench"
 SHARED_BROWN = REPO.parent / "shared" / "data" / "brown.jsonl.gz"
 EXCERPT = REPO / "assets" / "corpora" / "brown_excerpt.jsonl.gz"
 # The issue's reference model: GPT-2, 8 layers, 512 wide, vocab 8192, seq 256, batch 8 (29.6M).
-GPT2 = {"n_layer": 8, "n_embd": 512, "n_head": 8}
+# LMFORGE_BENCH_GPU=1 (read by the workers too): the GPU shape of the CLM cases, GPT-2 small's
+# 12 x 768 blocks at seq 1024 on CUDA (bench/gpu.sh); MFU also against the datasheet bf16 peak.
+GPU = os.environ.get("LMFORGE_BENCH_GPU") == "1"
+GPT2 = {"n_layer": 12, "n_embd": 768, "n_head": 12} if GPU else {"n_layer": 8, "n_embd": 512, "n_head": 8}
 PRESET_ACTIVATION = "gelu"  # lmforge's GPT-2 preset activation (models/factory.py); the equal cases give it to both tools
-SEQ, BATCH, VOCAB = 256, 8, 8192
+SEQ, BATCH, VOCAB = (1024, 16, 8192) if GPU else (256, 8, 8192)
+HOPPER_BF16_DENSE_TFLOPS = 989.4  # H100 SXM and H200 datasheets, dense (no sparsity)
 
 
 def corpus_path() -> Path:
+    if os.environ.get("LMFORGE_BENCH_CORPUS"):  # a copy carried to a machine without ../shared
+        return Path(os.environ["LMFORGE_BENCH_CORPUS"])
     return SHARED_BROWN if SHARED_BROWN.is_file() else EXCERPT
 
 
@@ -65,10 +71,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gpu_memory() -> dict:
+    """On CUDA, the peak of allocated GPU memory (the RSS is then the host process's, not the model's)."""
+    import torch
+
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if GPU else {}
+
+
 def matmul_peaks() -> dict[str, float]:
     """Best measured fp32 and bf16 matmul GFLOP/s on this machine, over the model's own GEMM shapes
     (the MFU denominators; a peak that the model's steps exceed would be no peak)."""
     import torch
+
+    if GPU:
+        return cuda_matmul_peaks()
 
     shapes = [(BATCH * SEQ, GPT2["n_embd"], 4 * GPT2["n_embd"]), (BATCH * SEQ, 4 * GPT2["n_embd"], GPT2["n_embd"]),
               (BATCH * SEQ, GPT2["n_embd"], VOCAB), (2048, 2048, 2048)]
@@ -84,6 +100,24 @@ def matmul_peaks() -> dict[str, float]:
                 a @ b
                 best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
         out[name] = best
+    return out
+
+
+def cuda_matmul_peaks() -> dict[str, float]:
+    """bf16 and fp32 GFLOP/s of an 8192^3 product on the GPU (mean of 10 after warm-up), and the datasheet's."""
+    import torch
+
+    out = {"bf16_datasheet": HOPPER_BF16_DENSE_TFLOPS * 1e3}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(8192, 8192, dtype=dtype, device="cuda"), torch.randn(8192, 8192, dtype=dtype, device="cuda")
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        out[name] = 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e9
     return out
 
 
@@ -136,17 +170,18 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
     model = GPT2LMHeadModel(cfg)
     clock = step_clock()
     args = TrainingArguments(output_dir=str(WORK / "hf_out"), per_device_train_batch_size=BATCH, max_steps=steps,
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=not GPU,
                              bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]).train()
     step_times = [b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False)]  # the first steps warm up
     return {"tokens_per_s": BATCH * SEQ / statistics.median(step_times), **loss_ends(clock.losses),
-            "peak_rss_mb": peak_rss_mb(), "params": model.num_parameters(),
+            "peak_rss_mb": peak_rss_mb(), **gpu_memory(), "params": model.num_parameters(),
             "padding_fraction": 0.0}
 
 
 def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps: int, lr: float, name: str,
-                  tokens_per_batch: int, precision: str = "auto", compile: str = "off") -> list[dict]:
+                  tokens_per_batch: int, precision: str = "auto", compile: str = "off",
+                  activation_checkpointing: bool = False) -> list[dict]:
     """lmforge's one loop over `rows` for `steps` steps, logging every step; its train records."""
     from lmforge.config import TrainerConfig
     from lmforge.data.packing import iterate_batches
@@ -154,7 +189,7 @@ def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps:
     from lmforge.engine.metrics import read_metrics
 
     cfg = TrainerConfig(max_steps=steps, batch_size=batch, lr=lr, warmup_steps=0, precision=precision, log_every=1,
-                        progress=False, eval_every=10**6, compile=compile)
+                        progress=False, eval_every=10**6, compile=compile, activation_checkpointing=activation_checkpointing)
     out = WORK / name
     train(model, objective, groups, cfg, out, batches=lambda start: iterate_batches(rows, batch, 0, start),
           batches_per_epoch=len(rows) // batch, tokens_per_batch=tokens_per_batch, log=lambda s: None)
@@ -181,7 +216,7 @@ def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
     records = lmforge_steps(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), rows, BATCH, steps, 5e-4,
                             "lmforge_out", BATCH * SEQ, precision)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
-            **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(),
+            **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(), **gpu_memory(),
             "flops_per_token": flops_per_token(model, SEQ), "padding_fraction": 0.0}
 
 
@@ -447,7 +482,8 @@ def worker_hf_lora(steps: int, compile: bool = False) -> dict:
             "last_loss": held_out_loss(model, held), "peak_rss_mb": peak_rss_mb(), "first_step_s": clock.times[0] - start}
 
 
-def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto", compile: str = "blocks") -> dict:
+def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto", compile: str = "blocks",
+                        activation_checkpointing: bool = False) -> dict:
     """lmforge LoRA (same rank, alpha and targets) or full fine-tuning, through its recipe objects."""
     import torch
 
@@ -474,7 +510,8 @@ def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto", compi
     model, groups = apply_method(model, cfg, 0.0)
     before = held_out_loss(model, held)
     records = lmforge_steps(model, CausalLM(), groups, Rows(), LORA_BATCH, steps, 1e-3 if method == "lora" else 5e-5,
-                            f"lmforge_{method}_out", LORA_BATCH * (LORA_SEQ - 1), compile=compile)
+                            f"lmforge_{method}_out", LORA_BATCH * (LORA_SEQ - 1), compile=compile,
+                            activation_checkpointing=activation_checkpointing)
     # tokens/s counted like the Trainer's: the full 128-token rows
     scale = LORA_SEQ / (LORA_SEQ - 1)
     return {"tokens_per_s": scale * statistics.median(r["tokens_per_s"] for r in records[2:]),
@@ -522,7 +559,11 @@ def clm_case(repeats: int, steps: int, peaks: dict, lm_kwargs: dict, hf_kwargs: 
                          "baseline": ("hf_clm", {"steps": steps, **hf_kwargs})}, repeats)
     ours, theirs = medians["lmforge"], medians["baseline"]
     peak = peaks["bf16" if lm_kwargs["precision"] == "bf16" else "fp32"] * 1e9
+    on_gpu = {"mfu_vs_datasheet": ours["tokens_per_s"] * ours["flops_per_token"] / (peaks["bf16_datasheet"] * 1e9),
+              "baseline_mfu_vs_datasheet": theirs["tokens_per_s"] * ours["flops_per_token"] / (peaks["bf16_datasheet"] * 1e9),
+              "peak_gpu_mb": ours["peak_gpu_mb"], "baseline_peak_gpu_mb": theirs["peak_gpu_mb"]} if GPU else {}
     return {
+        **on_gpu,
         "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
         "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
         "mfu": ours["tokens_per_s"] * ours["flops_per_token"] / peak,
@@ -624,6 +665,19 @@ def levers_case(repeats: int, steps: int) -> dict:
                 "vs_defaults": v["tokens_per_s"] / medians["defaults"]["tokens_per_s"]} for k, v in medians.items()}
 
 
+def checkpointing_case(repeats: int, steps: int) -> dict:
+    """`trainer.activation_checkpointing` on SmolLM2-135M, LoRA (compiled blocks) and full: the memory
+    it saves against the speed it costs (a lever of lmforge's, not a tool comparison)."""
+    jobs = {f"{method}_{switch}": ("lmforge_lora", {"steps": steps, "method": method, "activation_checkpointing": switch == "on"})
+            for method in ("lora", "full") for switch in ("off", "on")}
+    medians = alternate(jobs, repeats)
+    return {k: {"tokens_per_s": v["tokens_per_s"], "peak_rss_mb": v["peak_rss_mb"],
+                "held_out_loss_before_after": [v["first_loss"], v["last_loss"]],
+                "vs_off_speed": v["tokens_per_s"] / medians[k.replace("_on", "_off")]["tokens_per_s"],
+                "vs_off_memory": v["peak_rss_mb"] / medians[k.replace("_on", "_off")]["peak_rss_mb"]}
+            for k, v in medians.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker")
@@ -643,6 +697,8 @@ def main() -> None:
 
     from lmforge.engine.runtime import pick_device, resolve_precision
 
+    if GPU and not torch.cuda.is_available():
+        sys.exit("LMFORGE_BENCH_GPU=1 but torch sees no CUDA device")
     WORK.mkdir(parents=True, exist_ok=True)
     tokenizer_dir()
     peaks = matmul_peaks()
@@ -669,6 +725,8 @@ def main() -> None:
         cases["lora_compiled_baseline"] = lora_compiled_case(args.repeats, args.steps)
     if "levers" in wanted:
         cases["levers"] = levers_case(args.repeats, args.steps)
+    if "activation_checkpointing" in wanted and smollm2_dir() is not None:
+        cases["activation_checkpointing"] = checkpointing_case(args.repeats, args.steps)
     if "prepare" in wanted:
         medians = alternate({"lmforge": ("lmforge_prepare", {}), "baseline": ("datasets_prepare", {})}, args.repeats)
         ours, theirs = medians["lmforge"], medians["baseline"]
@@ -683,24 +741,30 @@ def main() -> None:
         cases["prepare_memory"] = {"runs": runs, "rss_growth_mb": runs[-1]["peak_rss_mb"] - runs[0]["peak_rss_mb"]}
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name() if GPU else None,
                     "torch": torch.__version__, "matmul_gflops": peaks, "auto_precision": auto,
                     "corpus": str(corpus_path().name), "date": datetime.datetime.now().isoformat(timespec="seconds")},
         "cases": cases,
     }
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    latest = out_dir / "latest.json"
+    prefix = "gpu-" if GPU else ""  # the GPU shape's results never mix with the CPU's
+    latest = out_dir / f"{prefix}latest.json"
     if latest.is_file():  # a run of some cases keeps the others' last results (each case records its own run)
         previous = json.loads(latest.read_text()).get("cases", {})
         result["cases"] = {**previous, **cases}
     text = json.dumps(result, indent=2)
-    (out_dir / "latest.json").write_text(text)
-    (out_dir / f"{datetime.date.today().isoformat()}.json").write_text(text)
+    latest.write_text(text)
+    (out_dir / f"{prefix}{datetime.date.today().isoformat()}.json").write_text(text)
     print(f"machine: {result['machine']}")
     for name, case in cases.items():
         if name == "levers":
             print("levers (sft): " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_defaults']:.2f}x), {v['peak_rss_mb']:,.0f} MB"
                                               for k, v in case.items()))
+            continue
+        if name == "activation_checkpointing":
+            print(f"{name}: " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_off_speed']:.2f}x), {v['peak_rss_mb']:,.0f} MB "
+                                          f"({v['vs_off_memory']:.2f}x)" for k, v in case.items()))
             continue
         if name == "prepare_memory":
             print(f"{name}: " + "; ".join(f"{r['megabytes']} MB text, {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s, "
@@ -712,6 +776,10 @@ def main() -> None:
                   f"first step {case['first_step_s']:.0f} vs {case['baseline_first_step_s']:.0f} s")
             continue
         extra = f", mfu {case['mfu']:.2f}" + (f" (baseline {case['baseline_mfu']:.2f})" if "baseline_mfu" in case else "") if "mfu" in case else ""
+        if "mfu_vs_datasheet" in case:
+            extra += (f"; vs the {HOPPER_BF16_DENSE_TFLOPS:.0f} TFLOP/s datasheet peak {case['mfu_vs_datasheet']:.2f} "
+                      f"(baseline {case['baseline_mfu_vs_datasheet']:.2f}); peak GPU memory {case['peak_gpu_mb']:,.0f} vs "
+                      f"{case['baseline_peak_gpu_mb']:,.0f} MB")
         if "ratio_vs_packed" in case:
             extra += (f"; vs {case['packed_baseline']} {case['packed_baseline_tokens_per_s']:,.0f} tok/s = {case['ratio_vs_packed']:.2f}x; "
                       f"padding {case['padding_fraction']:.1%} vs {case['baseline_padding_fraction']:.1%}")
