@@ -199,6 +199,7 @@ def test_activation_checkpointing_keeps_less_and_computes_the_same_gradients(mon
     mlp_forward = modeling_llama.LlamaMLP.forward
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: forwards.append(1) or mlp_forward(self, x))
     undo = checkpoint_activations(model, True)
+    assert not model.get_input_embeddings()(ids).requires_grad  # no gradient computed for frozen embeddings
     kept_bytes, grads = _saved_bytes_and_lora_grads(model, batch)
     assert len(forwards) == 2 * 4  # every block ran again in the backward pass
     assert kept_bytes < plain_bytes / 3, (kept_bytes, plain_bytes)

@@ -125,8 +125,9 @@ def checkpoint_activations(model: torch.nn.Module, enabled: bool) -> Callable[[]
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     enable({"use_reentrant": False})
-    # HF also hooks the embeddings to output tensors that require grad, for the reentrant variant;
-    # non-reentrant checkpointing needs no such thing, and with frozen embeddings (LoRA) the hook
-    # would make the backward pass compute an input gradient nobody uses.
-    model.disable_input_require_grads()
+    # HF (5.x) also hooks the embeddings to output tensors that require grad, for the reentrant
+    # variant; non-reentrant checkpointing needs no such thing, and with frozen embeddings (LoRA) the
+    # hook would make the backward pass compute an input gradient nobody uses.
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
     return disable
