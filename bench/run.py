@@ -7,7 +7,10 @@ copy); one line per case is printed. This is a benchmark, not a test: nothing he
 
 Cases: clm_pretrain_defaults, clm_pretrain_equal, sft_variable_length (vs TRL SFTTrainer: its
 defaults and its packing strategies), lora_vs_full (SmolLM2-135M: Trainer + PEFT LoRA vs lmforge
-LoRA, and lmforge full), prepare, prepare_memory (peak RSS of preparing a generated corpus at two sizes).
+LoRA, and lmforge full), lora_compiled_baseline (vs Trainer's own torch_compile), prepare,
+prepare_memory (peak RSS of preparing a generated corpus at two sizes). lmforge's own levers, on
+request: levers (SFT), activation_checkpointing (SmolLM2 LoRA and full, with and without).
+LMFORGE_BENCH_GPU=1 runs the CLM cases in a GPU shape on CUDA (bench/gpu.sh).
 """
 
 from __future__ import annotations
