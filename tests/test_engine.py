@@ -225,3 +225,21 @@ def test_activation_checkpointing_refuses_a_model_without_blocks():
 
     with pytest.raises(ValueError, match="trainer.activation_checkpointing: Linear"):
         checkpoint_activations(torch.nn.Linear(2, 2), True)
+
+
+def test_auto_precision_is_not_flipped_by_a_disturbed_timing(monkeypatch):
+    """bf16 is picked only where it measured faster; other work slowing some fp32 timings (here 4 of
+    5) must not make a slow bf16 look fast."""
+    from lmforge.engine import runtime
+
+    durations = iter([2.0, 1.6, 2.0, 1.6, 2.0, 1.6, 1.0, 1.6, 2.0, 1.6])  # fp32, bf16 alternating
+    clock = iter([t for d in durations for t in (0.0, d)])
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
+    assert runtime.bf16_matmul_speedup.__wrapped__(64) == pytest.approx(1.0 / 1.6)
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    cpu = torch.device("cpu")
+    for speedup, picked in ((0.6, "fp32"), (1.05, "fp32"), (2.0, "bf16")):
+        monkeypatch.setattr(runtime, "bf16_matmul_speedup", lambda speedup=speedup: speedup)
+        assert runtime.resolve_precision("auto", cpu) == picked
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
