@@ -204,6 +204,25 @@ def test_check_lists_bad_rows_with_lines_and_measures(tmp_path, tokenizer_dir, p
     assert "documents longer than seq_len" in result.output or "documents read" in result.output
 
 
+def test_check_measures_steps_with_the_runs_activation_checkpointing(tmp_path, tokenizer_dir, prepared, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    from lmforge.check import measure_steps
+    from lmforge.config import load_recipe
+    from lmforge.data.tokenizer import load_tokenizer
+
+    calls = []
+    mlp_forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))
+    counts = []
+    for switch in ("false", "true"):
+        calls.clear()
+        recipe = load_recipe(_recipe(tmp_path, tokenizer_dir, prepared.directory), [f"trainer.activation_checkpointing={switch}"])
+        measure_steps(recipe, load_tokenizer(tokenizer_dir), steps=1)
+        counts.append(len(calls))
+    assert counts[1] == 2 * counts[0]  # the measured steps recompute the blocks, as the run will
+
+
 # ------------------------------------------------------------------ kills, signals, resume
 def _train_cmd(recipe: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lmforge.cli", "train", str(recipe), *extra]

@@ -226,7 +226,7 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
 def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, float, float]:
     """(seconds per step, tokens/s, peak RSS MB) from real forward/backward/optimizer steps."""
     from lmforge.engine.optimizer import build_optimizer
-    from lmforge.engine.runtime import autocast, pick_device, resolve_precision
+    from lmforge.engine.runtime import autocast, checkpoint_activations, pick_device, resolve_precision
     from lmforge.methods import apply_method
     from lmforge.objectives import get_objective
     from lmforge.pipeline import model_stage
@@ -239,6 +239,7 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
     device = pick_device()
     precision = resolve_precision(t.precision, device)
     model.to(device).train()
+    checkpoint_activations(model, t.activation_checkpointing)  # it sets the memory the run will need
     vocab = len(tokenizer)
     row = objective.row_length(recipe.packing.seq_len)
     # ordinary ids only: objectives treat special tokens (sentinels, EOS) specially
