@@ -546,6 +546,13 @@ def _median(results: list[dict]) -> dict:
             for k in results[0]}
 
 
+def side_by_side(ours: dict, theirs: dict) -> dict:
+    """The keys every tool comparison reports: both speeds, their ratio, both peak memories."""
+    return {"lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
+            "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"]}
+
+
 def alternate(jobs: dict[str, tuple[str, dict]], repeats: int) -> dict[str, dict]:
     """Run each job (label -> worker, kwargs) `repeats` times, alternating the order; medians per label."""
     runs: dict[str, list[dict]] = {label: [] for label in jobs}
@@ -566,12 +573,9 @@ def clm_case(repeats: int, steps: int, peaks: dict, lm_kwargs: dict, hf_kwargs: 
               "baseline_mfu_vs_datasheet": theirs["tokens_per_s"] * ours["flops_per_token"] / (peaks["bf16_datasheet"] * 1e9),
               "peak_gpu_mb": ours["peak_gpu_mb"], "baseline_peak_gpu_mb": theirs["peak_gpu_mb"]} if GPU else {}
     return {
-        **on_gpu,
-        "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
-        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        **on_gpu, **side_by_side(ours, theirs),
         "mfu": ours["tokens_per_s"] * ours["flops_per_token"] / peak,
         "baseline_mfu": theirs["tokens_per_s"] * ours["flops_per_token"] / peak,
-        "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
         "padding_fraction": 0.0, "baseline_padding_fraction": 0.0,
         "loss_first_last": [ours["first_loss"], ours["last_loss"]],
         "baseline_loss_first_last": [theirs["first_loss"], theirs["last_loss"]],
@@ -593,12 +597,10 @@ def sft_case(repeats: int, steps: int, peaks: dict, precision: str) -> dict:
     packed = medians[best_packed]
     runs = list(medians.values())
     return {
-        "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
-        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        **side_by_side(ours, theirs),
         "packed_baseline": best_packed, "packed_baseline_tokens_per_s": packed["tokens_per_s"],
         "ratio_vs_packed": ours["tokens_per_s"] / packed["tokens_per_s"],
         "mfu": ours["tokens_per_s"] * ours["flops_per_token"] / (peaks["bf16" if precision == "bf16" else "fp32"] * 1e9),
-        "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
         "packed_baseline_peak_rss_mb": packed["peak_rss_mb"],
         "padding_fraction": ours["padding_fraction"], "baseline_padding_fraction": theirs["padding_fraction"],
         "all": {k: {"tokens_per_s": v["tokens_per_s"], "padding_fraction": v["padding_fraction"], "peak_rss_mb": v["peak_rss_mb"],
@@ -620,9 +622,7 @@ def lora_case(repeats: int, steps: int) -> dict:
     ours, theirs, full = medians["lmforge_lora"], medians["baseline_lora"], medians["lmforge_full"]
     bf16, eager = medians["lmforge_lora_bf16_base"], medians["lmforge_lora_eager"]
     return {
-        "lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
-        "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-        "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+        **side_by_side(ours, theirs),
         "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
         # trainer.compile=blocks (cold cache: the first step pays the compilation) against eager lmforge
         "first_step_s": ours["first_step_s"], "eager_first_step_s": eager["first_step_s"],
@@ -647,9 +647,7 @@ def lora_compiled_case(repeats: int, steps: int) -> dict:
     medians = alternate({"lmforge_lora": ("lmforge_lora", {"steps": steps, "method": "lora"}),
                          "baseline_lora_compiled": ("hf_lora", {"steps": steps, "compile": True})}, repeats)
     ours, theirs = medians["lmforge_lora"], medians["baseline_lora_compiled"]
-    return {"lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
-            "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-            "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+    return {**side_by_side(ours, theirs),
             "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
             "first_step_s": ours["first_step_s"], "baseline_first_step_s": theirs["first_step_s"],
             "held_out_loss_before_after": {k: [v["first_loss"], v["last_loss"]] for k, v in medians.items()},
@@ -733,9 +731,7 @@ def main() -> None:
     if "prepare" in wanted:
         medians = alternate({"lmforge": ("lmforge_prepare", {}), "baseline": ("datasets_prepare", {})}, args.repeats)
         ours, theirs = medians["lmforge"], medians["baseline"]
-        cases["prepare"] = {"lmforge_tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": theirs["tokens_per_s"],
-                            "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"], "tokens": ours["tokens"],
-                            "peak_rss_mb": ours["peak_rss_mb"], "baseline_peak_rss_mb": theirs["peak_rss_mb"],
+        cases["prepare"] = {**side_by_side(ours, theirs), "tokens": ours["tokens"],
                             "baseline_workers_peak_rss_mb": theirs["workers_peak_rss_mb"]}
     if "prepare_memory" in wanted:
         # streaming: peak RSS must not grow with the corpus (10x the text, about the same memory)
