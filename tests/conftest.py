@@ -54,3 +54,15 @@ def prepared(tmp_path_factory, small_jsonl, tokenizer):
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     return prepare_corpus([str(small_jsonl)], tokenizer, out, val_fraction=0.1, progress=False)
+
+
+@pytest.fixture
+def llama_mlp_calls(monkeypatch) -> list[int]:
+    """One entry per run of a Llama block's MLP. Counted in `forward` itself: forward hooks do not
+    fire when activation checkpointing recomputes a block in the backward pass."""
+    from transformers.models.llama import modeling_llama
+
+    calls: list[int] = []
+    forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    return calls

@@ -181,9 +181,8 @@ def _saved_bytes_and_lora_grads(model, batch) -> tuple[int, dict[str, torch.Tens
     return sum(saved), grads
 
 
-def test_activation_checkpointing_keeps_less_and_computes_the_same_gradients(monkeypatch):
+def test_activation_checkpointing_keeps_less_and_computes_the_same_gradients(llama_mlp_calls):
     from peft import LoraConfig, get_peft_model
-    from transformers.models.llama import modeling_llama
 
     from lmforge.engine.runtime import checkpoint_activations
 
@@ -195,9 +194,8 @@ def test_activation_checkpointing_keeps_less_and_computes_the_same_gradients(mon
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     plain_bytes, plain_grads = _saved_bytes_and_lora_grads(model, batch)
 
-    forwards = []  # counted in the MLP's forward: forward hooks do not fire when a block is recomputed
-    mlp_forward = modeling_llama.LlamaMLP.forward
-    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: forwards.append(1) or mlp_forward(self, x))
+    forwards = llama_mlp_calls
+    forwards.clear()
     undo = checkpoint_activations(model, True)
     assert not model.get_input_embeddings()(ids).requires_grad  # no gradient computed for frozen embeddings
     kept_bytes, grads = _saved_bytes_and_lora_grads(model, batch)

@@ -204,16 +204,12 @@ def test_check_lists_bad_rows_with_lines_and_measures(tmp_path, tokenizer_dir, p
     assert "documents longer than seq_len" in result.output or "documents read" in result.output
 
 
-def test_check_measures_steps_with_the_runs_activation_checkpointing(tmp_path, tokenizer_dir, prepared, monkeypatch):
-    from transformers.models.llama import modeling_llama
-
+def test_check_measures_steps_with_the_runs_activation_checkpointing(tmp_path, tokenizer_dir, prepared, llama_mlp_calls):
     from lmforge.check import measure_steps
     from lmforge.config import load_recipe
     from lmforge.data.tokenizer import load_tokenizer
 
-    calls = []
-    mlp_forward = modeling_llama.LlamaMLP.forward
-    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))
+    calls = llama_mlp_calls
     counts = []
     for switch in ("false", "true"):
         calls.clear()
