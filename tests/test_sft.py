@@ -274,12 +274,13 @@ def test_packed_sft_trains_too(tmp_path, base_model):
     assert last < first
 
 
-def test_lora_trains_only_adapters_and_loads_with_plain_peft(tmp_path, base_model):
+@pytest.mark.parametrize("base_dtype", ["auto", "int8"])
+def test_lora_trains_only_adapters_and_loads_with_plain_peft(tmp_path, base_model, base_dtype):
     from peft import PeftModel
 
     from lmforge.models.factory import load_model
 
-    path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"rank": 8, "alpha": 16}},
+    path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"rank": 8, "alpha": 16, "base_dtype": base_dtype}},
                    trainer={"lr": 1e-2, "save_every": 20})
     result = CliRunner().invoke(app, ["run", path])
     assert result.exit_code == 0, result.output
@@ -301,8 +302,9 @@ def test_lora_trains_only_adapters_and_loads_with_plain_peft(tmp_path, base_mode
     torch.testing.assert_close(LlamaForCausalLM.from_pretrained(base_model)(ids).logits, base_logits)
 
 
-def test_lora_resume_is_exact(tmp_path, base_model):
-    path = _recipe(tmp_path, base_model, method={"name": "lora"},
+@pytest.mark.parametrize("base_dtype", ["auto", "int8"])
+def test_lora_resume_is_exact(tmp_path, base_model, base_dtype):
+    path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"base_dtype": base_dtype}},
                    trainer={"max_steps": 12, "save_every": 6, "eval_every": 100, "eval_at_start": False})
     assert CliRunner().invoke(app, ["train", path]).exit_code == 0
     straight = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -360,6 +362,55 @@ def test_lora_steps_change_adapters_only(base_model, dora):
     assert dora == any("lora_magnitude_vector" in n for n in trained)
     if dora:
         assert any(not torch.equal(after[n], before[n]) for n in trained if "magnitude" in n)
+
+
+def test_lora_on_an_int8_base_quantizes_every_block_layer_and_trains_like_fp32(base_model):
+    """Every frozen projection of every block becomes int8 (a quarter of the bytes), the adapters are
+    the same as on an fp32 base, the losses stay close, compiled blocks compute what eager ones do,
+    and after real steps the int8 weights are untouched while the adapters moved."""
+    from lmforge.config import MethodConfig, TrainerConfig
+    from lmforge.engine.loop import train
+    from lmforge.engine.runtime import compile_for_training
+    from lmforge.methods import apply_method
+    from lmforge.models.factory import load_model
+    from lmforge.models.int8 import Int8Linear
+    from lmforge.objectives.clm import CausalLM
+
+    def lora(base_dtype):
+        torch.manual_seed(0)
+        return apply_method(load_model(base_model, "causal_lm"), MethodConfig(name="lora", lora={"rank": 4, "base_dtype": base_dtype}), 0.0)
+
+    reference, _ = lora("fp32")
+    model, groups = lora("int8")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert len(layers) == 7 * model.config.num_hidden_layers  # q k v o gate up down
+    assert all(n.endswith(".base_layer") for n in layers)
+    fp32_bytes = sum(m.weight.numel() * 4 for n, m in reference.named_modules() if n in layers)
+    assert sum(m.qweight.numel() for m in layers.values()) * 4 == fp32_bytes
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in reference.named_parameters() if p.requires_grad}
+
+    rows = torch.randint(0, model.config.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+    int8_loss = CausalLM().loss(model, batch)[0].detach()
+    assert abs(float(int8_loss) - float(CausalLM().loss(reference, batch)[0])) < 0.02 * float(int8_loss)
+    compiled, undo = compile_for_training(model, "blocks")
+    torch.testing.assert_close(CausalLM().loss(compiled, batch)[0], int8_loss, rtol=1e-4, atol=1e-4)
+    undo()
+
+    before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("qweight")}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = TrainerConfig(max_steps=3, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, eval_every=100)
+    train(model, CausalLM(), groups, cfg, Path(base_model).parent / "lora_int8",
+          batches=lambda start: iter([batch] * 3), batches_per_epoch=3, tokens_per_batch=128, log=lambda s: None)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers() if n in before)
+    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_int8_base_and_dora_are_refused_by_name(tmp_path, base_model):
+    path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"base_dtype": "int8", "dora": True}})
+    result = CliRunner().invoke(app, ["train", path])
+    assert result.exit_code == 2 and "method.lora" in result.output and "dora" in result.output
 
 
 def test_check_lists_bad_instruction_rows_before_anything_runs(tmp_path, base_model):

@@ -134,8 +134,16 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     dora: bool = False
     # the frozen base's storage dtype: bf16 halves its memory; auto = bf16 only where bf16 matmuls
-    # were measured faster (same rule as trainer.precision), else fp32
-    base_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # were measured faster (same rule as trainer.precision), else fp32; int8 (opt-in: it changes the
+    # base's outputs slightly) quantizes the blocks' linear layers and multiplies in int8 (models/int8.py)
+    base_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+
+    @model_validator(mode="after")
+    def _int8_without_dora(self) -> LoraConfig:
+        if self.base_dtype == "int8" and self.dora:
+            raise ValueError("base_dtype int8 does not combine with dora (DoRA rescales by the norms of the "
+                             "base weights, which int8 does not keep)")
+        return self
 
 
 class MethodConfig(Section):
