@@ -7,7 +7,9 @@ float. The weight is frozen, so the backward pass needs only the input gradient:
 product with the gradient quantized per row (the "SwitchBack" recipe, Wortsman et al. 2023).
 
 Why: on CPUs without a fast bf16 path the frozen GEMMs are most of a LoRA step, and int8 runs them
-2-3x faster than fp32, quantization included (the README's performance table has the measured step). The price is the
+2-3x faster than fp32, quantization included, when `trainer.compile: blocks` fuses the quantizing
+and rescaling passes into few kernels (eagerly they cost most of the gain; the README's performance
+table has the measured steps). The price is the
 quantization error: SmolLM2-135M's held-out loss rises by ~0.03 nats (0.7%) before training. The
 adapters are trained against the quantized base and saved in peft's format, like QLoRA's.
 """
