@@ -28,9 +28,10 @@ _INT8_MAX = 127.0
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 rows of a 2-D tensor and each row's scale (its absolute maximum / 127)."""
     x = x.float()
-    # aminmax and in-place steps: one temporary instead of four (eager mode keeps every one)
-    low, high = x.aminmax(dim=-1, keepdim=True)
-    scale = torch.maximum(-low, high).clamp_min_(torch.finfo(torch.float32).tiny).div_(_INT8_MAX)
+    # amax and amin, not abs().amax() (a full-size temporary) nor aminmax (8x slower on CPU);
+    # in place after the division: eager mode pays for every temporary
+    high, low = x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)
+    scale = torch.maximum(high, low.neg_()).clamp_min_(torch.finfo(torch.float32).tiny).div_(_INT8_MAX)
     return torch.div(x, scale).round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
 
 
@@ -53,7 +54,7 @@ class _Int8LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(qweight, scale)
         ctx.input_dtype = x.dtype
         rows, row_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-        out = torch.mul(int8_matmul(rows, qweight.t()), row_scale).mul_(scale)
+        out = int8_matmul(rows, qweight.t()).float().mul_(row_scale).mul_(scale)  # not int32 * float: 1.3x slower
         return out.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)
 
     @staticmethod
@@ -63,7 +64,7 @@ class _Int8LinearFunction(torch.autograd.Function):
         qweight, scale = ctx.saved_tensors
         # dW is never needed; dX = dY @ (scale * Q) = (dY * scale) @ Q, so the scales move onto dY's columns
         rows, row_scale = quantize_rows(grad.reshape(-1, grad.shape[-1]) * scale)
-        grad_input = torch.mul(int8_matmul(rows, qweight), row_scale)
+        grad_input = int8_matmul(rows, qweight).float().mul_(row_scale)
         return grad_input.reshape(*grad.shape[:-1], qweight.shape[1]).to(ctx.input_dtype), None, None
 
 
