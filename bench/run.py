@@ -659,6 +659,15 @@ def lora_compiled_case(repeats: int, steps: int) -> dict:
             "settings": {"steps": steps, "repeats": repeats, "batch": LORA_BATCH, "seq_len": LORA_SEQ, "lora": LORA}}
 
 
+def int8_base_long_case(repeats: int, steps: int) -> dict:
+    """LoRA on SmolLM2's fp32 base and on its int8 base over a longer run (`--steps 100`): whether the
+    quantized base still learns as much (held-out loss), beside the speed (a lever, not a comparison)."""
+    jobs = {f"{base}_base": ("lmforge_lora", {"steps": steps, "method": "lora", "base_dtype": base}) for base in ("fp32", "int8")}
+    medians = alternate(jobs, repeats)
+    return {k: {"tokens_per_s": v["tokens_per_s"], "peak_rss_mb": v["peak_rss_mb"],
+                "held_out_loss_before_after": [v["first_loss"], v["last_loss"]]} for k, v in medians.items()}
+
+
 def levers_case(repeats: int, steps: int) -> dict:
     """The SFT levers one at a time, against lmforge's defaults (not a tool comparison: `levers`)."""
     jobs = {"defaults": ("lmforge_sft", {"steps": steps}),
@@ -731,6 +740,8 @@ def main() -> None:
         cases["lora_compiled_baseline"] = lora_compiled_case(args.repeats, args.steps)
     if "levers" in wanted:
         cases["levers"] = levers_case(args.repeats, args.steps)
+    if "int8_base_long" in wanted and smollm2_dir() is not None:
+        cases["int8_base_long"] = int8_base_long_case(args.repeats, args.steps)
     if "activation_checkpointing" in wanted and smollm2_dir() is not None:
         cases["activation_checkpointing"] = checkpointing_case(args.repeats, args.steps)
     if "prepare" in wanted:
@@ -765,6 +776,11 @@ def main() -> None:
         if name == "levers":
             print("levers (sft): " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_defaults']:.2f}x), {v['peak_rss_mb']:,.0f} MB"
                                               for k, v in case.items()))
+            continue
+        if name == "int8_base_long":
+            print(f"{name}: " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s, {v['peak_rss_mb']:,.0f} MB, held-out loss "
+                                          f"{v['held_out_loss_before_after'][0]:.3f} -> {v['held_out_loss_before_after'][1]:.3f}"
+                                          for k, v in case.items()))
             continue
         if name == "activation_checkpointing":
             print(f"{name}: " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_off_speed']:.2f}x), {v['peak_rss_mb']:,.0f} MB "
