@@ -6,13 +6,14 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from lmforge.config import TrainerConfig
+from lmforge.config import MethodConfig, TrainerConfig
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.prepare import load_prepared
 from lmforge.engine.loop import train
 from lmforge.engine.metrics import read_metrics
 from lmforge.engine.optimizer import decay_groups
-from lmforge.models.factory import build_model, preset_config
+from lmforge.methods import apply_method
+from lmforge.models.factory import build_model, load_model, preset_config
 from lmforge.objectives.clm import CausalLM
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 128}
@@ -30,25 +31,31 @@ class RowCountingCLM(CausalLM):
         return super().loss(model, batch)
 
 
-def _train(prepared_dir: str, out: str, objective: CausalLM | None = None) -> torch.nn.Module:
+def _train(prepared_dir: str, out: str, objective: CausalLM | None = None, lora_base: str | None = None) -> torch.nn.Module:
+    """Full training of a fresh tiny Llama; or, given `lora_base` (a saved checkpoint), LoRA on its int8 base."""
     corpus = load_prepared(prepared_dir)
     torch.manual_seed(0)
-    model = build_model(preset_config("llama", "tiny", corpus.vocab_size, 128, **TINY), "causal_lm")
+    if lora_base is None:
+        model = build_model(preset_config("llama", "tiny", corpus.vocab_size, 128, **TINY), "causal_lm")
+        groups = decay_groups(model.named_parameters(), 0.1)
+    else:
+        lora = MethodConfig(name="lora", lora={"rank": 4, "base_dtype": "int8"})
+        model, groups = apply_method(load_model(lora_base, "causal_lm"), lora, 0.0)
     rows = PackedRows(corpus.split("train"), 32)
     cfg = TrainerConfig(max_steps=4, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, eval_every=100,
                         save_every=4, progress=False, precision="fp32")
-    train(model, objective or CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, __import__("pathlib").Path(out),
+    train(model, objective or CausalLM(), groups, cfg, __import__("pathlib").Path(out),
           batches=lambda start: iterate_batches(rows, 8, 0, start), batches_per_epoch=len(rows) // 8,
           tokens_per_batch=8 * 32, log=lambda s: None)
     return model
 
 
-def _worker(rank: int, world: int, port: int, prepared_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, prepared_dir: str, out: str, lora_base: str | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     objective = RowCountingCLM()
-    model = _train(prepared_dir, out, objective)
+    model = _train(prepared_dir, out, objective, lora_base)
     if rank == 0:
         torch.save({"weights": model.state_dict(), "rows": torch.tensor(objective.rows)}, os.path.join(out, "weights.pt"))
     torch.distributed.destroy_process_group()
@@ -75,3 +82,20 @@ def test_ddp_two_processes_match_one_process(prepared, tmp_path):
     for a, b in zip(single_losses, ddp_losses, strict=True):
         assert abs(a - b) < 1e-4
     assert (tmp_path / "ddp" / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
+
+
+def test_ddp_lora_on_an_int8_base_matches_one_process(prepared, tmp_path):
+    """Per-row quantization does not depend on which rows share a batch, so each rank's half gives
+    what one process gives; the int8 buffers travel with DDP's broadcast."""
+    corpus = load_prepared(str(prepared.directory))
+    torch.manual_seed(0)
+    build_model(preset_config("llama", "tiny", corpus.vocab_size, 128, **TINY), "causal_lm").save_pretrained(tmp_path / "base")
+    single = _train(str(prepared.directory), str(tmp_path / "single"), lora_base=str(tmp_path / "base"))
+    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "ddp"), str(tmp_path / "base")),
+             nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp" / "weights.pt", weights_only=True)["weights"]
+    trained = {n: p for n, p in single.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # they trained (B starts at zero)
+    for name, tensor in trained.items():
+        torch.testing.assert_close(ddp[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
