@@ -200,7 +200,7 @@ def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps:
     return read_metrics(out / "metrics.jsonl", "train")
 
 
-def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
+def worker_lmforge_clm(steps: int, dropout: float, precision: str, compile: str = "off") -> dict:
     """lmforge's own loop with its defaults: packed shards, fused AdamW, dropout 0, precision auto."""
     from lmforge.data.packing import PackedRows
     from lmforge.data.prepare import prepare_corpus
@@ -218,8 +218,9 @@ def worker_lmforge_clm(steps: int, dropout: float, precision: str) -> dict:
     assert model.config.activation_function == PRESET_ACTIVATION, "the equal case would compare different models"
     rows = PackedRows(corpus.split("train"), SEQ)
     records = lmforge_steps(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), rows, BATCH, steps, 5e-4,
-                            "lmforge_out", BATCH * SEQ, precision)
+                            "lmforge_out", BATCH * SEQ, precision, compile)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
+            "first_step_s": BATCH * SEQ / records[0]["tokens_per_s"],  # with compilation, if any
             **loss_ends([r["loss"] for r in records]), "peak_rss_mb": peak_rss_mb(), **gpu_memory(),
             "flops_per_token": flops_per_token(model, SEQ), "padding_fraction": 0.0}
 
@@ -586,6 +587,20 @@ def clm_case(repeats: int, steps: int, peaks: dict, lm_kwargs: dict, hf_kwargs: 
     }
 
 
+def compiled_clm_variants(steps: int, peaks: dict, lm_kwargs: dict, baseline_tokens_per_s: float) -> dict:
+    """GPU only, once each: lmforge's `trainer.compile` modes on the equal case's settings, against
+    that case's baseline median (compilation pays on a GPU, where eager launches and unfused
+    elementwise passes cost most; the CPU measurements are in the README's levers table)."""
+    out = {}
+    for mode in ("blocks", "model"):
+        run = run_worker("lmforge_clm", steps=steps, compile=mode, **lm_kwargs)
+        out[mode] = {"tokens_per_s": run["tokens_per_s"], "ratio": run["tokens_per_s"] / baseline_tokens_per_s,
+                     "mfu_vs_datasheet": run["tokens_per_s"] * run["flops_per_token"] / (peaks["bf16_datasheet"] * 1e9),
+                     "first_step_s": run["first_step_s"], "peak_gpu_mb": run["peak_gpu_mb"],
+                     "loss_first_last": [run["first_loss"], run["last_loss"]]}
+    return out
+
+
 def sft_case(repeats: int, steps: int, peaks: dict, precision: str) -> dict:
     """lmforge vs TRL SFTTrainer's defaults and each of its packing strategies; real (non-pad) tokens/s."""
     instruction_file()
@@ -731,8 +746,12 @@ def main() -> None:
                                                   {"dropout": 0.0, "precision": auto}, {"dropout": 0.1, "precision": "fp32"})
     if "clm_pretrain_equal" in wanted:
         # both at their best on the identical config: dropout 0, lmforge's preset GELU, the faster precision here
-        cases["clm_pretrain_equal"] = clm_case(args.repeats, args.steps, peaks, {"dropout": 0.0, "precision": best},
+        lm_kwargs = {"dropout": 0.0, "precision": best}
+        cases["clm_pretrain_equal"] = clm_case(args.repeats, args.steps, peaks, lm_kwargs,
                                                {"dropout": 0.0, "precision": best, "activation": PRESET_ACTIVATION})
+        if GPU:
+            cases["clm_pretrain_equal"]["compiled"] = compiled_clm_variants(
+                args.steps, peaks, lm_kwargs, cases["clm_pretrain_equal"]["baseline_tokens_per_s"])
     if "sft_variable_length" in wanted:
         cases["sft_variable_length"] = sft_case(args.repeats, args.steps, peaks, auto)
     if "lora_vs_full" in wanted:
@@ -804,6 +823,10 @@ def main() -> None:
             extra += (f"; vs the {HOPPER_BF16_DENSE_TFLOPS:.0f} TFLOP/s datasheet peak {case['mfu_vs_datasheet']:.2f} "
                       f"(baseline {case['baseline_mfu_vs_datasheet']:.2f}); peak GPU memory {case['peak_gpu_mb']:,.0f} vs "
                       f"{case['baseline_peak_gpu_mb']:,.0f} MB")
+        if "compiled" in case:
+            extra += "; " + "; ".join(f"compile {mode} {v['tokens_per_s']:,.0f} tok/s = {v['ratio']:.2f}x, datasheet MFU "
+                                      f"{v['mfu_vs_datasheet']:.2f}, first step {v['first_step_s']:.0f} s"
+                                      for mode, v in case["compiled"].items())
         if "ratio_vs_packed" in case:
             extra += (f"; vs {case['packed_baseline']} {case['packed_baseline_tokens_per_s']:,.0f} tok/s = {case['ratio_vs_packed']:.2f}x; "
                       f"padding {case['padding_fraction']:.1%} vs {case['baseline_padding_fraction']:.1%}")
