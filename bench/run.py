@@ -531,16 +531,22 @@ WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm,
 
 
 # ------------------------------------------------------------------ driver
-def run_worker(name: str, **kwargs) -> dict:
+def run_worker(name: str, timeout: float | None = None, **kwargs) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
     # a cold torch.compile cache for every worker: compilation is paid (and its memory counted) each time
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "true",
+    # src first, and whatever the caller's PYTHONPATH holds (bench/gpu.sh's carried packages)
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "true",
            "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_", dir=WORK)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
+    finally:
+        shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {name} {kwargs}: {result}", flush=True)  # each run as it ends: a cut-off run keeps what it measured
+    return result
 
 
 def _median(results: list[dict]) -> dict:
@@ -593,7 +599,11 @@ def compiled_clm_variants(steps: int, peaks: dict, lm_kwargs: dict, baseline_tok
     elementwise passes cost most; the CPU measurements are in the README's levers table)."""
     out = {}
     for mode in ("blocks", "model"):
-        run = run_worker("lmforge_clm", steps=steps, compile=mode, **lm_kwargs)
+        try:
+            run = run_worker("lmforge_clm", timeout=150, steps=steps, compile=mode, **lm_kwargs)
+        except subprocess.TimeoutExpired:
+            out[mode] = {"timed_out_s": 150}
+            continue
         out[mode] = {"tokens_per_s": run["tokens_per_s"], "ratio": run["tokens_per_s"] / baseline_tokens_per_s,
                      "mfu_vs_datasheet": run["tokens_per_s"] * run["flops_per_token"] / (peaks["bf16_datasheet"] * 1e9),
                      "first_step_s": run["first_step_s"], "peak_gpu_mb": run["peak_gpu_mb"],
@@ -826,7 +836,7 @@ def main() -> None:
         if "compiled" in case:
             extra += "; " + "; ".join(f"compile {mode} {v['tokens_per_s']:,.0f} tok/s = {v['ratio']:.2f}x, datasheet MFU "
                                       f"{v['mfu_vs_datasheet']:.2f}, first step {v['first_step_s']:.0f} s"
-                                      for mode, v in case["compiled"].items())
+                                      if "tokens_per_s" in v else f"compile {mode} timed out" for mode, v in case["compiled"].items())
         if "ratio_vs_packed" in case:
             extra += (f"; vs {case['packed_baseline']} {case['packed_baseline_tokens_per_s']:,.0f} tok/s = {case['ratio_vs_packed']:.2f}x; "
                       f"padding {case['padding_fraction']:.1%} vs {case['baseline_padding_fraction']:.1%}")

@@ -225,7 +225,7 @@ def _train_cmd(recipe: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])), "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")

@@ -356,7 +356,7 @@ def test_lora_steps_change_adapters_only(base_model, dora):
     train(model, SupervisedFineTuning(), groups, cfg, Path(base_model).parent / f"lora_loop_{dora}",
           batches=lambda start: iterate_batches(examples, 4, 0, start), batches_per_epoch=len(examples) // 4,
           tokens_per_batch=400, log=lambda s: None)
-    after = dict(model.named_parameters())
+    after = {n: p.detach().cpu() for n, p in model.named_parameters()}  # train() moved it to the GPU, if any
     assert all(torch.equal(after[n], before[n]) for n in before if n not in trained)
     assert any(not torch.equal(after[n], before[n]) for n in trained if "lora_B" in n)
     assert dora == any("lora_magnitude_vector" in n for n in trained)
@@ -403,8 +403,9 @@ def test_lora_on_an_int8_base_quantizes_every_block_layer_and_trains_like_fp32(b
     cfg = TrainerConfig(max_steps=3, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, eval_every=100)
     train(model, CausalLM(), groups, cfg, Path(base_model).parent / "lora_int8",
           batches=lambda start: iter([batch] * 3), batches_per_epoch=3, tokens_per_batch=128, log=lambda s: None)
-    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers() if n in before)
-    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if "lora_B" in n)
+    # .cpu(): train() moved the model to the GPU, if any
+    assert all(torch.equal(b.cpu(), before[n]) for n, b in model.named_buffers() if n in before)
+    assert any(not torch.equal(p.detach().cpu(), adapters[n]) for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def test_int8_base_and_dora_are_refused_by_name(tmp_path, base_model):

@@ -46,6 +46,10 @@ def _int_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) int8 @ (K, N) int8 -> (M, N) int32."""
     if _int_mm_fits(a, b):
+        if a.device.type == "cuda" and b.stride(0) != 1:
+            # cuBLASLt's int8 kernels want B column-major (the "TN" layout); a copy of B is cheap next
+            # to the product (the input gradient's frozen weight, once per backward)
+            b = b.t().contiguous().t()
         return torch._int_mm(a, b)
     # float32 holds these sums exactly while K * 127^2 < 2^24 (K < 1040), closely beyond
     return (a.float() @ b.float()).round().to(torch.int32)
