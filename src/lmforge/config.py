@@ -182,7 +182,7 @@ class TrainerConfig(Section):
     num_cycles: int = Field(1, gt=0)
     clip_grad: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    # off | blocks (each transformer block compiled in place; pays on Llama-style blocks) | model
+    # off | blocks (each transformer block compiled in place; pays on Llama-style blocks and on GPUs) | model
     compile: Literal["off", "blocks", "model"] = "off"
     # Recompute each block's activations in the backward pass instead of keeping them: less memory
     # for one more forward pass per step.
