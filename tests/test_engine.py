@@ -24,7 +24,7 @@ def _model(vocab: int):
     return build_model(preset_config("llama", "tiny", vocab, 128, **TINY), "causal_lm")
 
 
-def _run(prepared, out, resume=False, crash_after_batches=None, **overrides):
+def _run(prepared, out, resume=False, crash_after_batches=None, objective=None, evaluate=None, **overrides):
     cfg = TrainerConfig(**{"max_steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
                            "eval_every": 100, "save_every": 3, "keep_last": 2, "progress": False, "precision": "fp32",
                            **overrides})
@@ -37,9 +37,9 @@ def _run(prepared, out, resume=False, crash_after_batches=None, **overrides):
                 raise RuntimeError("simulated crash")
             yield batch
 
-    result = train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, out, batches=batches,
+    result = train(model, objective or CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, out, batches=batches,
                    batches_per_epoch=len(rows) // cfg.batch_size, tokens_per_batch=cfg.batch_size * 32,
-                   resume=resume, log=lambda s: None)
+                   evaluate=evaluate, resume=resume, log=lambda s: None)
     return model, result
 
 
@@ -163,6 +163,35 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_weights(prepared, tm
     assert saved[0].keys() == saved[1].keys()  # compiling in place renames nothing in the checkpoint
     for name, tensor in saved[0].items():
         torch.testing.assert_close(saved[1][name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluation_runs_compiled_blocks_eagerly_and_training_goes_on_compiled(prepared, tmp_path):
+    """No second (inference) graph for evaluation under no_grad: the blocks run eagerly there, and
+    every training step, also after an evaluation, runs them compiled."""
+    from torch._dynamo.utils import counters
+
+    compiled_in = {"train": [], "eval": []}
+
+    def blocks_compiled(model) -> bool:
+        return all(block._compiled_call_impl is not None for block in model.model.layers)
+
+    class Recording(CausalLM):
+        def loss(self, model, batch):
+            compiled_in["train"].append(blocks_compiled(model))
+            return super().loss(model, batch)
+
+    def evaluate(model, precision):
+        compiled_in["eval"].append(blocks_compiled(model))
+        with torch.no_grad():
+            return {"loss": float(CausalLM().loss(model, {"input_ids": held[:, :-1], "labels": held[:, 1:]})[0])}
+
+    held = torch.randint(0, prepared.vocab_size, (3, 21))  # another shape than training's 4 x 32
+    torch._dynamo.reset()  # graphs cached by earlier tests would not be counted
+    counters.clear()
+    _run(prepared, tmp_path, max_steps=4, save_every=None, eval_every=2, compile="blocks", objective=Recording(),
+         evaluate=evaluate)
+    assert compiled_in == {"train": [True] * 4, "eval": [False, False]}
+    assert counters["stats"]["unique_graphs"] == 1  # the training graph only
 
 
 def _saved_bytes_and_lora_grads(model, batch) -> tuple[int, dict[str, torch.Tensor]]:

@@ -197,7 +197,8 @@ def train(
 
     uncheckpoint = checkpoint_activations(model, cfg.activation_checkpointing)
     step_model = strategy.wrap(model)
-    step_model, uncompile = compile_for_training(step_model, cfg.compile)
+    compiled = compile_for_training(step_model, cfg.compile)
+    step_model = compiled.module
     metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None) if strategy.is_main else NullMetrics()
     log(f"train: {total_steps} steps, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
@@ -215,7 +216,8 @@ def train(
     def run_eval(step: int) -> dict:
         values = {}
         if strategy.is_main:  # the other ranks wait: evaluation is cheap next to training
-            values = evaluate(model, precision)  # the run's precision, also after a resume
+            with compiled.eager():
+                values = evaluate(model, precision)  # the run's precision, also after a resume
             metrics.log(step, values, prefix="val")
             # through tqdm while a bar is drawn, so the bar is not torn
             (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))
@@ -280,7 +282,7 @@ def train(
                         "Resume with the same command plus --resume.")
                     break
     finally:
-        uncompile()
+        compiled.undo()
         uncheckpoint()
         source.close()
         bar.close()

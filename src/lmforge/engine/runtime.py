@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -86,8 +87,33 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return max(stacks, key=len, default=[])
 
 
-def compile_for_training(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """(the module to step, a function that undoes the compilation) for `trainer.compile`.
+@dataclasses.dataclass
+class Compiled:
+    """What `compile_for_training` did: the module to step, and the blocks it compiled in place."""
+
+    module: torch.nn.Module
+    blocks: list[torch.nn.Module] = dataclasses.field(default_factory=list)
+
+    def undo(self) -> None:
+        """Blocks run eagerly from now on (later generation and other shapes: no recompiles)."""
+        for block in self.blocks:
+            block._compiled_call_impl = None
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """The blocks run eagerly inside (evaluation under no_grad would otherwise compile a second,
+        inference graph: 10-30 s on a CPU for a few short passes), compiled again after."""
+        saved = [block._compiled_call_impl for block in self.blocks]
+        self.undo()
+        try:
+            yield
+        finally:
+            for block, impl in zip(self.blocks, saved, strict=True):
+                block._compiled_call_impl = impl
+
+
+def compile_for_training(model: torch.nn.Module, mode: str) -> Compiled:
+    """`trainer.compile` applied to `model`: the module to step and how to go back to eager.
 
     `blocks` compiles each transformer block in place: every block runs the same code, so one graph
     serves them all and compile time does not grow with depth, while the output layer stays with the
@@ -98,20 +124,15 @@ def compile_for_training(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Mo
     (GPT-2's LayerNorm and GELU: slower there). `model` hands the whole module to `torch.compile`
     (the fused output layer then falls back to full logits; on that H100 as fast, 1.7 GB more memory)."""
     if mode == "off":
-        return model, lambda: None
-    if mode == "model":
-        return torch.compile(model), lambda: None
+        return Compiled(model)
+    if mode == "model":  # a wrapper: evaluation, given the unwrapped model, runs eagerly anyway
+        return Compiled(torch.compile(model))
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError("trainer.compile: blocks needs a model with a stack of identical blocks; use `model`")
     for block in blocks:
         block.compile()
-
-    def undo() -> None:  # later inference (generation, other shapes) runs eagerly, no recompiles
-        for block in blocks:
-            block._compiled_call_impl = None
-
-    return model, undo
+    return Compiled(model, blocks)
 
 
 def checkpoint_activations(model: torch.nn.Module, enabled: bool) -> Callable[[], None]:
