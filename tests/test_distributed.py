@@ -1,8 +1,9 @@
-"""Data parallel (DDP, gloo, 2 CPU processes) trains exactly what one process trains on the same batch."""
+"""Data parallel (DDP, and FSDP2; gloo, 2 CPU processes) trains exactly what one process trains on the same batch."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -31,34 +32,49 @@ class RowCountingCLM(CausalLM):
         return super().loss(model, batch)
 
 
-def _train(prepared_dir: str, out: str, objective: CausalLM | None = None, lora_base: str | None = None) -> torch.nn.Module:
-    """Full training of a fresh tiny Llama; or, given `lora_base` (a saved checkpoint), LoRA on its int8 base."""
+def _train(prepared_dir: str, out: str, objective: CausalLM | None = None, lora_base: str | None = None,
+           base_dtype: str = "int8", strategy: str = "ddp", crash_after_batches: int | None = None,
+           resume: bool = False) -> torch.nn.Module:
+    """Full training of a fresh tiny Llama; or, given `lora_base` (a saved checkpoint), LoRA on it
+    (its frozen layers in `base_dtype`)."""
     corpus = load_prepared(prepared_dir)
     torch.manual_seed(0)
     if lora_base is None:
         model = build_model(preset_config("llama", "tiny", corpus.vocab_size, 128, **TINY), "causal_lm")
         groups = decay_groups(model.named_parameters(), 0.1)
     else:
-        lora = MethodConfig(name="lora", lora={"rank": 4, "base_dtype": "int8"})
+        lora = MethodConfig(name="lora", lora={"rank": 4, "base_dtype": base_dtype})
         model, groups = apply_method(load_model(lora_base, "causal_lm"), lora, 0.0)
     rows = PackedRows(corpus.split("train"), 32)
     cfg = TrainerConfig(max_steps=4, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, eval_every=100,
-                        save_every=4, progress=False, precision="fp32")
-    train(model, objective or CausalLM(), groups, cfg, __import__("pathlib").Path(out),
-          batches=lambda start: iterate_batches(rows, 8, 0, start), batches_per_epoch=len(rows) // 8,
-          tokens_per_batch=8 * 32, log=lambda s: None)
+                        save_every=2, progress=False, precision="fp32", strategy=strategy)
+
+    def batches(start):
+        for i, batch in enumerate(iterate_batches(rows, 8, 0, start)):
+            if i == crash_after_batches:
+                raise RuntimeError("simulated crash")
+            yield batch
+
+    train(model, objective or CausalLM(), groups, cfg, __import__("pathlib").Path(out), batches=batches,
+          batches_per_epoch=len(rows) // 8, tokens_per_batch=8 * 32, resume=resume, log=lambda s: None)
     return model
 
 
-def _worker(rank: int, world: int, port: int, prepared_dir: str, out: str, lora_base: str | None = None) -> None:
+def _worker(rank: int, world: int, port: int, prepared_dir: str, out: str, options: dict | None = None) -> None:
+    """One rank of `_train(prepared_dir, out, **options)`; what it held and (DDP) trained are saved."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     objective = RowCountingCLM()
-    model = _train(prepared_dir, out, objective, lora_base)
-    if rank == 0:
-        torch.save({"weights": model.state_dict(), "rows": torch.tensor(objective.rows)}, os.path.join(out, "weights.pt"))
-    torch.distributed.destroy_process_group()
+    try:
+        model = _train(prepared_dir, out, objective, **(options or {}))
+        # what this rank holds: a DTensor's local shard under FSDP, the whole parameter under DDP
+        held = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
+        torch.save({"held": held, "total": sum(p.numel() for p in model.parameters())}, os.path.join(out, f"held{rank}.pt"))
+        if rank == 0 and (options or {}).get("strategy", "ddp") == "ddp":
+            torch.save({"weights": model.state_dict(), "rows": torch.tensor(objective.rows)}, os.path.join(out, "weights.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -91,7 +107,7 @@ def test_ddp_lora_on_an_int8_base_matches_one_process(prepared, tmp_path):
     torch.manual_seed(0)
     build_model(preset_config("llama", "tiny", corpus.vocab_size, 128, **TINY), "causal_lm").save_pretrained(tmp_path / "base")
     single = _train(str(prepared.directory), str(tmp_path / "single"), lora_base=str(tmp_path / "base"))
-    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "ddp"), str(tmp_path / "base")),
+    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "ddp"), {"lora_base": str(tmp_path / "base")}),
              nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "weights.pt", weights_only=True)["weights"]
     trained = {n: p for n, p in single.named_parameters() if p.requires_grad}
@@ -99,3 +115,60 @@ def test_ddp_lora_on_an_int8_base_matches_one_process(prepared, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # they trained (B starts at zero)
     for name, tensor in trained.items():
         torch.testing.assert_close(ddp[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _checkpoint_weights(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(sorted((out / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+
+
+def test_fsdp_two_processes_hold_half_each_and_match_one_process(prepared, tmp_path):
+    """FSDP2: each rank holds half of every parameter, the gathered checkpoint equals one process's
+    weights, and the logged losses match."""
+    single = _train(str(prepared.directory), str(tmp_path / "single"))
+    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "fsdp"), {"strategy": "fsdp"}), nprocs=2, join=True)
+    for rank in (0, 1):
+        held = torch.load(tmp_path / "fsdp" / f"held{rank}.pt", weights_only=True)
+        assert held["held"] <= held["total"] // 2 + 64 * 2  # a half, give or take odd rows
+    saved = _checkpoint_weights(tmp_path / "fsdp")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(saved[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    single_losses = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl", "train")]
+    fsdp_losses = [r["loss"] for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl", "train")]
+    assert len(fsdp_losses) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(single_losses, fsdp_losses, strict=True))
+
+
+def test_fsdp_run_killed_mid_way_resumes_to_the_same_weights(prepared, tmp_path):
+    """A sharded run that dies after its step-2 checkpoint, resumed (each rank takes its shards of the
+    gathered checkpoint, optimizer states included), ends where an uninterrupted run ends."""
+    single = _train(str(prepared.directory), str(tmp_path / "single"))
+    out, port = str(tmp_path / "fsdp"), _free_port()
+    with pytest.raises(Exception, match="simulated crash"):
+        mp.spawn(_worker, args=(2, port, str(prepared.directory), out, {"strategy": "fsdp", "crash_after_batches": 3}),
+                 nprocs=2, join=True)
+    assert [p.name for p in sorted((tmp_path / "fsdp" / "checkpoints").glob("step_*"))] == ["step_00000002"]
+    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), out, {"strategy": "fsdp", "resume": True}), nprocs=2, join=True)
+    saved = _checkpoint_weights(tmp_path / "fsdp")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(saved[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fsdp_lora_trains_the_adapters_one_process_trains(prepared, tmp_path):
+    """LoRA under FSDP: frozen and trained parameters share each block's shards; the checkpoint holds
+    the adapters only, moved as one process moves them. Not to DDP's 1e-5: the gathered parameters sit
+    in another memory layout, so the products round differently, and Adam's first steps, normalized
+    by the gradients' own size, magnify that in the adapters' near-zero entries."""
+    corpus = load_prepared(str(prepared.directory))
+    torch.manual_seed(0)
+    build_model(preset_config("llama", "tiny", corpus.vocab_size, 128, **TINY), "causal_lm").save_pretrained(tmp_path / "base")
+    options = {"lora_base": str(tmp_path / "base"), "base_dtype": "fp32"}
+    single = _train(str(prepared.directory), str(tmp_path / "single"), **options)
+    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "fsdp"), {**options, "strategy": "fsdp"}),
+             nprocs=2, join=True)
+    saved = _checkpoint_weights(tmp_path / "fsdp")
+    trained = {n: p.detach() for n, p in single.named_parameters() if p.requires_grad}
+    assert saved.keys() == trained.keys() and all("lora_" in n for n in saved)
+    for name, tensor in trained.items():
+        assert "lora_A" in name or tensor.abs().max() > 1e-3  # B moved off its zero start
+        torch.testing.assert_close(saved[name], tensor, atol=1e-4, rtol=1e-3, msg=name)

@@ -188,6 +188,9 @@ class TrainerConfig(Section):
     # for one more forward pass per step.
     activation_checkpointing: bool = False
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
+    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients and
+    # optimizer states sharded across ranks, each block gathered only while it runs). One process: neither.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     eval_every: int = Field(200, gt=0)
     eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining
     eval_batches: int = Field(20, gt=0)

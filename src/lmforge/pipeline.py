@@ -196,11 +196,13 @@ def _train_key(recipe: Recipe, corpora: dict[str, PreparedCorpus]) -> str:
                   "columns": [recipe.data.column, recipe.data.pair_column, recipe.data.label_column, recipe.data.labels]})
 
 
-def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, **stamp) -> None:
-    """`save_pretrained` into a temporary folder, then rename: `out` is either complete or absent."""
+def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, weights: dict | None = None,
+               **stamp) -> None:
+    """`save_pretrained` into a temporary folder, then rename: `out` is either complete or absent.
+    `weights`: the whole state gathered from a sharded (FSDP) model, in place of its own."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     _write_stamp(tmp, **stamp)
     if out.exists():
@@ -234,7 +236,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
         return TrainOutcome(result, recipe.checkpoint_dir)
     if not result.is_main:  # under torchrun, rank 0 writes the model
         return TrainOutcome(result, recipe.final_model_dir)
-    save_final(model, tokenizer, recipe.final_model_dir, key=key, steps=result.state.step)
+    save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step)
     say(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
           f"model saved to {recipe.final_model_dir}")
     return TrainOutcome(result, recipe.final_model_dir)

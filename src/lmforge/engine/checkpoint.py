@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,18 +58,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int) -> Path:
+                    state: dict, keep_last: int, full_state: tuple[dict, dict] | None = None) -> Path:
+    """`full_state`: (weights, optimizer state) gathered from sharded ranks (FSDP), written instead
+    of the local model's and optimizer's."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _save_weights(model, tmp / "model.safetensors")
+        _save_weights(model, tmp / "model.safetensors", full_state[0] if full_state else None)
         if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
             # with config.json the folder is also a `from_pretrained` directory (eval, generate)
             model.config.to_json_file(str(tmp / "config.json"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(full_state[1] if full_state else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")}
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "checksums": files}, indent=1))
@@ -87,14 +90,30 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
+def _save_weights(model: torch.nn.Module, path: Path, weights: dict | None = None) -> None:
     """All weights; or, when part of the model is frozen (LoRA, freeze), only the trained ones: the
-    frozen rest comes back from the base checkpoint, and a LoRA checkpoint stays megabytes, not gigabytes."""
-    if all(p.requires_grad for p in model.parameters()):
+    frozen rest comes back from the base checkpoint, and a LoRA checkpoint stays megabytes, not gigabytes.
+    `weights`: the whole state gathered from sharded ranks, in place of the model's own."""
+    everything = all(p.requires_grad for p in model.parameters())
+    if everything and weights is None:
         save_model(model, str(path))  # handles tied weights
         return
-    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trained, str(path), metadata={"lmforge": "trainable-only"})
+    if weights is None:
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        trained = _unshared({n: t for n, t in weights.items() if everything or n in keep})
+    save_file(trained, str(path), metadata=None if everything else {"lmforge": "trainable-only"})
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share memory with an earlier one (tied weights): safetensors refuses shared memory."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
@@ -142,12 +161,23 @@ def latest_valid_checkpoint(root: Path, warn=print) -> tuple[Path, dict] | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    try:
-        missing, unexpected = _load_weights(model, path / "model.safetensors")
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not fit this model ({exc})") from None
-    if unexpected or missing:
-        raise CheckpointError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    load_full_state: Callable | None = None) -> None:
+    """`load_full_state(model, optimizer, weights, optimizer_state)`: how a sharded model (FSDP) takes
+    the whole saved state; otherwise the model and optimizer load it directly."""
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if load_full_state is not None:
+        weights = load_file(str(path / "model.safetensors"))
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        if not names <= weights.keys():
+            raise CheckpointError(f"{path}: does not fit this model (missing {sorted(names - weights.keys())[:3]})")
+        load_full_state(model, optimizer, weights, optimizer_state)
+    else:
+        try:
+            missing, unexpected = _load_weights(model, path / "model.safetensors")
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: does not fit this model ({exc})") from None
+        if unexpected or missing:
+            raise CheckpointError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(optimizer_state)
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))

@@ -1,9 +1,13 @@
-"""Strategy: one process, or data parallel (DDP) across processes started by `torchrun`.
+"""Strategy: one process, or data parallel across processes started by `torchrun`: DDP, or FSDP2.
 
 Every rank builds the same global batch (same seed, same data position) and keeps its own slice of
 rows, so the data order, resuming and the effective batch size do not depend on the world size;
-DDP averages the gradients, which equals the single-process gradient of the whole batch. Only
-rank 0 writes metrics, checkpoints and the final model. Backend: NCCL on GPUs, gloo on CPUs.
+the gradients are averaged over ranks, which equals the single-process gradient of the whole
+batch. DDP keeps the whole model, its gradients and optimizer states on every rank; FSDP
+(`trainer.strategy: fsdp`, PyTorch's `fully_shard`) keeps a 1/world slice of each, gathering one
+block's parameters while it runs. Checkpoints hold the whole model either way (gathered to rank 0),
+so they are `from_pretrained` folders like any other. Only rank 0 writes metrics, checkpoints and
+the final model. Backend: NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from lmforge.engine.runtime import repeated_blocks
 
 
 @dataclass
@@ -21,20 +33,58 @@ class Strategy:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    kind: str = "ddp"  # ddp | fsdp, when distributed
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     @property
+    def sharded(self) -> bool:
+        return self.distributed and self.kind == "fsdp"
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def shard_model(self, model: nn.Module, param_groups: list[dict]) -> list[dict]:
+        """FSDP: shard each transformer block, then the rest (embeddings, output layer: tied weights
+        stay in one unit), in place; the parameters become DTensors, so the optimizer's groups are
+        pointed at them by name. Before the optimizer is built. Otherwise nothing changes."""
+        if not self.sharded:
+            return param_groups
+        from torch.distributed.fsdp import fully_shard
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        for block in repeated_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        sharded = dict(model.named_parameters())
+        # parameters outside the model (an objective's learned temperature) stay as they are
+        return [{**g, "params": [sharded[names[id(p)]] if id(p) in names else p for p in g["params"]]} for g in param_groups]
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        if not self.distributed:
+        if not self.distributed or self.sharded:  # FSDP's hooks are in the model already
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """FSDP: the whole model's and optimizer's state, gathered on rank 0 (in CPU memory; the other
+        ranks get empty dicts). A collective: every rank calls it."""
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_weights(self, model: nn.Module) -> dict | None:
+        """FSDP: the whole model's weights on rank 0 (for `save_pretrained`); None when not sharded."""
+        if not self.sharded:
+            return None
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
+        """FSDP: every rank takes its shards of a whole (checkpointed) state; `weights` may hold only
+        the trained parameters (LoRA), the frozen ones then stay as loaded from the base model."""
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's contiguous slice of the global batch's rows."""
@@ -83,8 +133,8 @@ class Strategy:
             dist.barrier()
 
 
-def init_strategy() -> Strategy:
-    """Single process, or DDP when launched by torchrun (WORLD_SIZE > 1)."""
+def init_strategy(kind: str = "ddp") -> Strategy:
+    """Single process, or `kind` (ddp | fsdp) when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Strategy(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -96,7 +146,7 @@ def init_strategy() -> Strategy:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Strategy(rank=rank, world_size=world, device=device)
+    return Strategy(rank=rank, world_size=world, device=device, kind=kind)
 
 
 def say(message: str) -> None:

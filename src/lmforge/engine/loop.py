@@ -57,6 +57,7 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: Path | None = None
     first_eval: dict = field(default_factory=dict)
+    full_weights: dict | None = None  # FSDP: the whole trained model's weights (rank 0), for saving it
     is_main: bool = True  # rank 0 (or the only process): the one that writes outputs
     mix_seen: dict = field(default_factory=dict)  # rows drawn from each source (mixtures only)
 
@@ -122,14 +123,14 @@ class LogWindow:
         return record
 
 
-def _restore(checkpoints: Path, model, optimizer, scheduler, objective, log) -> tuple[TrainState, str | None]:
+def _restore(checkpoints: Path, model, optimizer, scheduler, objective, strategy, log) -> tuple[TrainState, str | None]:
     """Load the newest valid checkpoint; (fresh state, None) when there is none."""
     found = ckpt.latest_valid_checkpoint(checkpoints, warn=log)
     if found is None:
         log(f"resume: no valid checkpoint in {checkpoints}; starting from scratch")
         return TrainState(), None
     path, saved = found
-    ckpt.load_checkpoint(path, model, optimizer)
+    ckpt.load_checkpoint(path, model, optimizer, strategy.load_full_state if strategy.sharded else None)
     scheduler.load_state_dict(saved["scheduler"])
     if "objective" in saved and hasattr(objective, "load_state_dict"):
         objective.load_state_dict(saved["objective"])
@@ -179,12 +180,13 @@ def train(
     log: Callable[[str], None] = print,
     source_names: list[str] | None = None,
 ) -> TrainResult:
-    strategy = init_strategy()
+    strategy = init_strategy(cfg.strategy)
     device = strategy.device
     precision = strategy.same_on_all(resolve_precision(cfg.precision, device))
     if not strategy.is_main:
         log = _silent
     model.to(device)
+    param_groups = strategy.shard_model(model, param_groups)
     optimizer = build_optimizer(param_groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer_impl)
     total_steps = resolve_total_steps(cfg, batches_per_epoch, tokens_per_batch)
     factor = lr_factor(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.num_cycles)
@@ -192,7 +194,7 @@ def train(
     checkpoints = out_dir / "checkpoints"
     state = TrainState()
     if resume:
-        state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, log)
+        state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, strategy, log)
         precision = saved_precision or precision
 
     uncheckpoint = checkpoint_activations(model, cfg.activation_checkpointing)
@@ -205,19 +207,22 @@ def train(
 
     def save(step: int) -> Path:
         path = checkpoints / f"step_{step:08d}"
+        full = strategy.full_state(model, optimizer) if strategy.sharded else None  # every rank gathers
         if strategy.is_main:
             extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
             if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
                 extra["objective"] = objective.state_dict()
-            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last)
+            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last, full)
         strategy.barrier()
         return path
 
     def run_eval(step: int) -> dict:
         values = {}
-        if strategy.is_main:  # the other ranks wait: evaluation is cheap next to training
+        # the other ranks wait (evaluation is cheap next to training); sharded, they all take part
+        if strategy.is_main or strategy.sharded:
             with compiled.eager():
                 values = evaluate(model, precision)  # the run's precision, also after a resume
+        if strategy.is_main:
             metrics.log(step, values, prefix="val")
             # through tqdm while a bar is drawn, so the bar is not torn
             (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))
@@ -290,6 +295,7 @@ def train(
     result.seconds = time.perf_counter() - run_start
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
+    result.full_weights = strategy.full_weights(model)  # FSDP: gathered by every rank, kept by rank 0
     if source_names:
         result.mix_seen = dict(zip(source_names, (total_mix + window.mix).tolist(), strict=True))
         log("data mix seen: " + ", ".join(f"{n} {c / max(sum(result.mix_seen.values()), 1):.1%}"

@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 
 class Objective(Protocol):
@@ -49,8 +50,9 @@ LOGITS_PER_CHUNK = 8 * 2**20  # fp32 logits alive at once in linear_cross_entrop
 
 def _plain_decoder(model: nn.Module) -> nn.Module | None:
     """The model itself when its decoder and head can be called apart. Not through a DDP or compile
-    wrapper: DDP only syncs gradients of what ran through its own forward."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+    wrapper, nor a sharded (FSDP) model: DDP only syncs gradients of what ran through its own
+    forward, and FSDP gathers the embeddings and output layer only in the whole model's forward."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | FSDPModule) or hasattr(model, "_orig_mod"):
         return None
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_FAMILIES or not hasattr(model, "get_decoder"):
