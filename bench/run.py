@@ -10,7 +10,8 @@ defaults and its packing strategies), lora_vs_full (SmolLM2-135M: Trainer + PEFT
 LoRA, and lmforge full), lora_compiled_baseline (vs Trainer's own torch_compile), prepare,
 prepare_memory (peak RSS of preparing a generated corpus at two sizes). lmforge's own levers, on
 request: levers (SFT), activation_checkpointing (SmolLM2 LoRA and full, with and without),
-int8_base_long (SmolLM2 LoRA on the fp32 and the int8 base, e.g. `--steps 100`: held-out losses).
+int8_base_long (SmolLM2 LoRA on the fp32 and the int8 base, e.g. `--steps 100`: held-out losses),
+sharded_memory (`trainer.strategy` ddp vs fsdp, 2 processes: peak RSS per rank).
 LMFORGE_BENCH_GPU=1 runs the CLM cases in a GPU shape on CUDA (bench/gpu.sh).
 """
 
@@ -185,7 +186,7 @@ def worker_hf_clm(steps: int, dropout: float, precision: str, activation: str = 
 
 def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps: int, lr: float, name: str,
                   tokens_per_batch: int, precision: str = "auto", compile: str = "off",
-                  activation_checkpointing: bool = False) -> list[dict]:
+                  activation_checkpointing: bool = False, strategy: str = "ddp") -> list[dict]:
     """lmforge's one loop over `rows` for `steps` steps, logging every step; its train records."""
     from lmforge.config import TrainerConfig
     from lmforge.data.packing import iterate_batches
@@ -193,7 +194,8 @@ def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps:
     from lmforge.engine.metrics import read_metrics
 
     cfg = TrainerConfig(max_steps=steps, batch_size=batch, lr=lr, warmup_steps=0, precision=precision, log_every=1,
-                        progress=False, eval_every=10**6, compile=compile, activation_checkpointing=activation_checkpointing)
+                        progress=False, eval_every=10**6, compile=compile, activation_checkpointing=activation_checkpointing,
+                        strategy=strategy)
     out = WORK / name
     train(model, objective, groups, cfg, out, batches=lambda start: iterate_batches(rows, batch, 0, start),
           batches_per_epoch=len(rows) // batch, tokens_per_batch=tokens_per_batch, log=lambda s: None)
@@ -524,7 +526,69 @@ def worker_lmforge_lora(steps: int, method: str, base_dtype: str = "auto", compi
             "first_loss": before, "last_loss": held_out_loss(model, held), "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm,
+def worker_lmforge_sharded(strategy: str, steps: int) -> dict:
+    """One rank (under torchrun) of a Llama with the `base` preset's 12 x 768 blocks (91M parameters),
+    full training on Brown, DDP or FSDP: this rank's peak RSS and the parameter bytes it holds."""
+    import torch
+
+    from lmforge.data.packing import PackedRows
+    from lmforge.data.prepare import load_prepared
+    from lmforge.engine.optimizer import decay_groups
+    from lmforge.engine.runtime import seed_everything
+    from lmforge.models.factory import build_model, preset_config
+    from lmforge.objectives.clm import CausalLM
+
+    seed_everything(0)
+    model = build_model(preset_config("llama", "base", VOCAB, 256), "causal_lm")
+    from lmforge.config import TrainerConfig
+    from lmforge.data.packing import iterate_batches
+    from lmforge.engine.loop import train
+    from lmforge.engine.metrics import read_metrics
+
+    rows = PackedRows(load_prepared(str(WORK / "prepared")).split("train"), 256)
+    out, batch = WORK / f"lmforge_{strategy}_out", 4
+    cfg = TrainerConfig(max_steps=steps, batch_size=batch, lr=3e-4, warmup_steps=0, precision="fp32", log_every=1,
+                        progress=False, eval_every=10**6, strategy=strategy)
+    train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, out,
+          batches=lambda start: iterate_batches(rows, batch, 0, start), batches_per_epoch=len(rows) // batch,
+          tokens_per_batch=batch * 256, log=lambda s: None)
+    held = sum(getattr(p, "to_local", lambda p=p: p)().numel() * 4 for p in model.parameters())  # a DTensor's shard
+    rank = torch.distributed.get_rank()
+    torch.distributed.barrier()  # rank 0's metrics are complete
+    records = read_metrics(out / "metrics.jsonl", "train")
+    torch.distributed.destroy_process_group()
+    result = {"rank": rank, "peak_rss_mb": peak_rss_mb(), "held_parameter_mb": held / 2**20,
+              "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+              "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[1:]),
+              "loss_first_last": [records[0]["loss"], records[-1]["loss"]]}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))  # not stdout: the ranks' lines interleave there
+    return result
+
+
+def sharded_memory_case(steps: int) -> dict:
+    """`trainer.strategy` ddp vs fsdp, 2 CPU processes (gloo): each rank's peak RSS, what it holds, its
+    speed (lmforge's FSDP fixes glibc's mmap threshold at 4 MB on CPUs: engine/distributed.py)."""
+    from lmforge.data.prepare import prepare_corpus
+    from lmforge.data.tokenizer import load_tokenizer
+
+    prepare_corpus([str(corpus_path())], load_tokenizer(tokenizer_dir()), WORK / "prepared", val_fraction=0.0, progress=False)
+    out = {}
+    for label in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", __file__, "--worker",
+               "lmforge_sharded", "--kwargs", json.dumps({"strategy": label, "steps": steps})]
+        path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{label} failed:\n{done.stderr[-3000:]}")
+        ranks = [json.loads((WORK / f"lmforge_{label}_out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        print(f"  {label}: {ranks}", flush=True)
+        out[label] = {"ranks": ranks, "max_peak_rss_mb": max(r["peak_rss_mb"] for r in ranks)}
+    out["fsdp_vs_ddp_peak_rss"] = out["fsdp"]["max_peak_rss_mb"] / out["ddp"]["max_peak_rss_mb"]
+    out["fsdp_vs_ddp_speed"] = out["fsdp"]["ranks"][0]["tokens_per_s"] / out["ddp"]["ranks"][0]["tokens_per_s"]
+    return out
+
+
+WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm, "lmforge_sharded": worker_lmforge_sharded,
            "lmforge_prepare": worker_lmforge_prepare, "datasets_prepare": worker_datasets_prepare,
            "lmforge_prepare_size": worker_lmforge_prepare_size, "trl_sft": worker_trl_sft, "lmforge_sft": worker_lmforge_sft,
            "hf_lora": worker_hf_lora, "lmforge_lora": worker_lmforge_lora}
@@ -777,6 +841,8 @@ def main() -> None:
         cases["int8_base_long"] = int8_base_long_case(args.repeats, args.steps)
     if "activation_checkpointing" in wanted and smollm2_dir() is not None:
         cases["activation_checkpointing"] = checkpointing_case(args.repeats, args.steps)
+    if "sharded_memory" in wanted:
+        cases["sharded_memory"] = sharded_memory_case(args.steps)
     if "prepare" in wanted:
         medians = alternate({"lmforge": ("lmforge_prepare", {}), "baseline": ("datasets_prepare", {})}, args.repeats)
         ours, theirs = medians["lmforge"], medians["baseline"]
@@ -818,6 +884,11 @@ def main() -> None:
         if name == "activation_checkpointing":
             print(f"{name}: " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_off_speed']:.2f}x), {v['peak_rss_mb']:,.0f} MB "
                                           f"({v['vs_off_memory']:.2f}x)" for k, v in case.items()))
+            continue
+        if name == "sharded_memory":
+            print(f"{name}: " + "; ".join(f"{k} peak RSS per rank {v['max_peak_rss_mb']:,.0f} MB, holds "
+                                          f"{v['ranks'][0]['held_parameter_mb']:,.0f} MB of parameters, "
+                                          f"{v['ranks'][0]['tokens_per_s']:,.0f} tok/s" for k, v in case.items() if isinstance(v, dict)))
             continue
         if name == "prepare_memory":
             print(f"{name}: " + "; ".join(f"{r['megabytes']} MB text, {r['tokens']:,} tokens at {r['tokens_per_s']:,.0f} tok/s, "

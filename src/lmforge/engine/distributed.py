@@ -12,6 +12,8 @@ the final model. Backend: NCCL on GPUs, gloo on CPUs.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -55,6 +57,8 @@ class Strategy:
             return param_groups
         from torch.distributed.fsdp import fully_shard
 
+        if self.device.type == "cpu":
+            _unmap_big_frees()
         names = {id(p): n for n, p in model.named_parameters()}
         for block in repeated_blocks(model):
             fully_shard(block)
@@ -131,6 +135,16 @@ class Strategy:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _unmap_big_frees() -> None:
+    """glibc's malloc: blocks of 4 MB and more mapped on their own and given back when freed. By
+    default glibc raises this threshold to the size of every block freed, so FSDP's per-block gather
+    buffers (tens of MB, allocated and freed each block, each step) stay in the heap: measured on
+    a 91M Llama, 2 CPU processes, peak RSS per rank 2,911 MB with glibc's default, 1,948 MB with this,
+    against DDP's 2,662 MB."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's rules
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3: M_MMAP_THRESHOLD
 
 
 def init_strategy(kind: str = "ddp") -> Strategy:
