@@ -49,6 +49,31 @@ def test_loss_falls(prepared, tmp_path):
     assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.parametrize("extra_parameter", [False, True], ids=["model_only", "objective_parameter"])
+def test_optimizer_state_is_saved_by_parameter_name_unless_a_parameter_is_not_the_model(extra_parameter):
+    """By name (any strategy can resume it); by position, as torch saves it, when the optimizer also
+    holds a parameter outside the model (an objective's learned temperature). Both load back exactly."""
+    from lmforge.engine.optimizer import build_optimizer
+
+    def setup():
+        model = _model(64)
+        groups = decay_groups(model.named_parameters(), 0.1)
+        if extra_parameter:
+            groups.append({"params": [torch.nn.Parameter(torch.ones(()))], "weight_decay": 0.0})
+        return model, build_optimizer(groups, 1e-3, (0.9, 0.95), 1e-8, "auto")
+
+    model, optimizer = setup()
+    x = torch.randint(0, 64, (2, 9))
+    CausalLM().loss(model, {"input_ids": x[:, :-1], "labels": x[:, 1:]})[0].backward()
+    optimizer.step()
+    saved = ckpt._optimizer_state(model, optimizer)
+    assert isinstance(saved["param_groups"][0]["params"][0], int if extra_parameter else str)
+    fresh_model, fresh_optimizer = setup()
+    ckpt._load_optimizer_state(fresh_model, fresh_optimizer, saved)
+    for old, new in zip(optimizer.state.values(), fresh_optimizer.state.values(), strict=True):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+
+
 def test_resume_after_crash_matches_uninterrupted_run(prepared, tmp_path):
     full_model, _ = _run(prepared, tmp_path / "full")
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -71,7 +72,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
             # with config.json the folder is also a `from_pretrained` directory (eval, generate)
             model.config.to_json_file(str(tmp / "config.json"))
-        torch.save(full_state[1] if full_state else optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(full_state[1] if full_state else _optimizer_state(model, optimizer), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")}
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "checksums": files}, indent=1))
@@ -90,6 +91,23 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
+def _optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, as FSDP's gathered state is, so that a run
+    resumes under any strategy (one process, DDP, FSDP) from any other's checkpoint; by position
+    when some optimized parameter is not the model's (an objective's learned temperature)."""
+    in_model = {id(p) for p in model.parameters()}
+    if all(id(p) in in_model for group in optimizer.param_groups for p in group["params"]):
+        return get_optimizer_state_dict(model, optimizer)
+    return optimizer.state_dict()
+
+
+def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if state["param_groups"] and state["param_groups"][0]["params"] and isinstance(state["param_groups"][0]["params"][0], str):
+        set_optimizer_state_dict(model, optimizer, state)  # keyed by name
+    else:
+        optimizer.load_state_dict(state)
+
+
 def _save_weights(model: torch.nn.Module, path: Path, weights: dict | None = None) -> None:
     """All weights; or, when part of the model is frozen (LoRA, freeze), only the trained ones: the
     frozen rest comes back from the base checkpoint, and a LoRA checkpoint stays megabytes, not gigabytes.
@@ -101,19 +119,12 @@ def _save_weights(model: torch.nn.Module, path: Path, weights: dict | None = Non
     if weights is None:
         trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     else:
+        # each tied weight once, under the name `named_parameters` gives it (as `save_model` writes it)
         keep = {n for n, p in model.named_parameters() if p.requires_grad}
-        trained = _unshared({n: t for n, t in weights.items() if everything or n in keep})
+        if everything:
+            keep |= {n for n, _ in model.named_buffers()}
+        trained = {n: t.contiguous() for n, t in weights.items() if n in keep}
     save_file(trained, str(path), metadata=None if everything else {"lmforge": "trainable-only"})
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies of tensors that share memory with an earlier one (tied weights): safetensors refuses shared memory."""
-    seen, out = set(), {}
-    for name, tensor in tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        out[name] = tensor.clone() if key in seen else tensor.contiguous()
-        seen.add(key)
-    return out
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
@@ -168,9 +179,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     if load_full_state is not None:
         weights = load_file(str(path / "model.safetensors"))
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        if not names <= weights.keys():
-            raise CheckpointError(f"{path}: does not fit this model (missing {sorted(names - weights.keys())[:3]})")
+        aliases: dict[int, list[str]] = {}  # a tied weight is saved under one of its names
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                aliases.setdefault(id(p), []).append(name)
+        missing = [names[0] for names in aliases.values() if not any(n in weights for n in names)]
+        if missing:
+            raise CheckpointError(f"{path}: does not fit this model (missing {missing[:3]})")
         load_full_state(model, optimizer, weights, optimizer_state)
     else:
         try:
@@ -178,6 +193,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: does not fit this model ({exc})") from None
         if unexpected or missing:
-            raise CheckpointError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizer.load_state_dict(optimizer_state)
+            raise CheckpointError(f"{path}: does not fit this model (missing {sorted(missing)[:3]}, "
+                                  f"unexpected {sorted(unexpected)[:3]})")
+        _load_optimizer_state(model, optimizer, optimizer_state)
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
