@@ -193,3 +193,51 @@ def test_a_checkpoint_resumes_under_another_strategy(prepared, tmp_path):
     for name, tensor in single.named_parameters():  # each tied weight once, as checkpoints hold it
         torch.testing.assert_close(resumed.state_dict()[name], tensor.detach(), atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(resharded[name], tensor.detach(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _train_contrastive(tokenizer_dir: str, out: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny BERT encoder, InfoNCE on question/answer pairs with a learned temperature, 3 steps of 8 pairs."""
+    from lmforge.config import ObjectiveConfig
+    from lmforge.data.pairs import load_pairs
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.objectives import get_objective
+
+    from .conftest import REPO
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    pairs, _ = load_pairs([str(REPO / "assets" / "corpora" / "pyfaq_qa.jsonl.gz")], tokenizer, "question", "answer", 64, 0.0)
+    torch.manual_seed(0)
+    bert = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = build_model(preset_config("bert", "tiny", len(tokenizer), 128, **bert), "encoder")
+    objective = get_objective(ObjectiveConfig(name="contrastive", temperature=0.1, symmetric=True, learn_temperature=True),
+                              tokenizer)
+    groups = [*decay_groups(model.named_parameters(), 0.1), {"params": objective.extra_parameters(), "weight_decay": 0.0}]
+    cfg = TrainerConfig(max_steps=3, batch_size=8, lr=2e-3, warmup_steps=0, log_every=1, eval_every=100, progress=False,
+                        precision="fp32")
+    train(model, objective, groups, cfg, __import__("pathlib").Path(out), batches=lambda start: iterate_batches(pairs, 8, 0, start),
+          batches_per_epoch=len(pairs) // 8, tokens_per_batch=8, log=lambda s: None)
+    return model, objective.logit_scale.detach()
+
+
+def _contrastive_worker(rank: int, world: int, port: int, tokenizer_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        model, scale = _train_contrastive(tokenizer_dir, out)
+        torch.save({"weights": model.state_dict(), "logit_scale": scale}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_contrastive_sees_the_whole_batch_as_negatives(tokenizer_dir, tmp_path):
+    """Each rank's rows are scored against every rank's positives (gathered embeddings) and the
+    learned temperature's gradient is averaged: DDP trains what one process trains on the whole batch."""
+    single, single_scale = _train_contrastive(str(tokenizer_dir), str(tmp_path / "single"))
+    mp.spawn(_contrastive_worker, args=(2, _free_port(), str(tokenizer_dir), str(tmp_path / "ddp")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert single_scale != torch.log(torch.tensor(10.0))  # the temperature trained
+    for saved in ranks:
+        torch.testing.assert_close(saved["logit_scale"], single_scale, atol=1e-6, rtol=1e-5)
+        for name, tensor in single.state_dict().items():
+            torch.testing.assert_close(saved["weights"][name], tensor, atol=1e-5, rtol=1e-4, msg=name)

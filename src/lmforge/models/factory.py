@@ -113,9 +113,15 @@ def _set_special_ids(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
         config.decoder_start_token_id = tokenizer.pad_token_id
 
 
+def _head_options(model_type: str, head: str) -> dict[str, Any]:
+    """A bare encoder (embeddings from hidden states) without BERT's pooler: nothing uses it, and
+    parameters that never get gradients stop DDP."""
+    return {"add_pooling_layer": False} if head == "encoder" and model_type in ("bert", "roberta") else {}
+
+
 def build_model(config: PretrainedConfig, head: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     _set_special_ids(config, tokenizer)
-    return AUTO_CLASSES[head].from_config(config, attn_implementation="sdpa")
+    return AUTO_CLASSES[head].from_config(config, attn_implementation="sdpa", **_head_options(config.model_type, head))
 
 
 def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
@@ -131,7 +137,8 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
     try:
         return AUTO_CLASSES[head].from_pretrained(
             str(path), trust_remote_code=trust_remote_code, local_files_only=True,
-            attn_implementation="sdpa", dtype=dtype or torch.float32, **config_overrides,
+            attn_implementation="sdpa", dtype=dtype or torch.float32, **_head_options(config.model_type, head),
+            **config_overrides,
         )
     except ValueError as exc:  # transformers raises ValueError for an unsupported config/head pair
         raise ModelError(f"{path}: cannot load as {head}: {exc}") from None

@@ -4,6 +4,11 @@ Each batch holds B pairs (a_i, b_i); every b_j with j != i is a negative for a_i
 cross-entropy of the scaled cosine-similarity matrix against its diagonal. Two data modes: paired
 text (query / positive columns), or one text twice, where the two dropout masks make the two
 views (SimCSE; the model needs dropout > 0). The temperature is fixed or learned (as log-scale).
+
+Under data parallelism (torchrun) each rank embeds its slice of the pairs, then gathers every
+rank's embeddings, so its rows meet the whole global batch's negatives (gradients flow back to the
+rank that owns each row), and the learned temperature's gradient is averaged over ranks: the same
+loss and gradients as one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lmforge.config import ObjectiveConfig
@@ -26,6 +32,8 @@ class Contrastive(ObjectiveBase):
         self.cfg = cfg
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)),
                                         requires_grad=cfg.learn_temperature)
+        if cfg.learn_temperature:  # not the model's, so DDP/FSDP do not average it
+            self.logit_scale.register_hook(_mean_over_ranks)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.logit_scale] if self.cfg.learn_temperature else []
@@ -46,14 +54,51 @@ class Contrastive(ObjectiveBase):
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return nn.functional.normalize(pooled.float(), dim=-1)
 
+    def _embed_both(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' embeddings from one forward pass over their rows stacked (padded to one width):
+        one bigger batch, and the single forward DDP expects per backward. SimCSE's two views of a text
+        still get different dropout masks: they are different rows."""
+        width = max(batch["input_ids"].shape[1], batch["input_ids_b"].shape[1])
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.pad(x, (0, width - x.shape[1]))  # pad id 0 under a zero mask: never attended
+
+        ids = torch.cat([padded(batch["input_ids"]), padded(batch["input_ids_b"])])
+        mask = torch.cat([padded(batch["attention_mask"]), padded(batch["attention_mask_b"])])
+        both = self.embed(model, ids, mask)
+        return both[: len(both) // 2], both[len(both) // 2 :]
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        a = self.embed(model, batch["input_ids"], batch["attention_mask"])
-        b = self.embed(model, batch["input_ids_b"], batch["attention_mask_b"])
+        a, b = self._embed_both(model, batch)
         scale = self.logit_scale.to(a.device).exp().clamp(max=100.0)  # CLIP's cap keeps it stable
-        logits = scale * a @ b.T
-        labels = torch.arange(len(a), device=a.device)
+        (all_a, all_b), first = _all_ranks(a, b)
+        logits = scale * a @ all_b.T  # this rank's rows against every rank's positives
+        labels = torch.arange(first, first + len(a), device=a.device)
         loss = nn.functional.cross_entropy(logits, labels)
-        if self.cfg.symmetric:
-            loss = (loss + nn.functional.cross_entropy(logits.T, labels)) / 2
+        if self.cfg.symmetric:  # and this rank's positives against every rank's rows
+            loss = (loss + nn.functional.cross_entropy(scale * b @ all_a.T, labels)) / 2
         correct = (logits.argmax(1) == labels).sum()
         return loss, {"tokens": torch.tensor(len(a)), "correct": correct}
+
+
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_ranks(*local: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Each tensor's rows from every rank, in rank order (an autograd all-gather: gradients go back to
+    the owner), and where this rank's rows start. Only while training: evaluation (no gradients)
+    runs on one rank alone and must not wait for the others."""
+    if not (_data_parallel() and torch.is_grad_enabled()):
+        return list(local), 0
+    from torch.distributed.nn.functional import all_gather
+
+    return [torch.cat(all_gather(x)) for x in local], dist.get_rank() * len(local[0])  # equal slices per rank
+
+
+def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    if not _data_parallel():
+        return grad
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / dist.get_world_size()
