@@ -34,7 +34,7 @@ class RowCountingCLM(CausalLM):
 
 def _train(prepared_dir: str, out: str, objective: CausalLM | None = None, lora_base: str | None = None,
            base_dtype: str = "int8", strategy: str = "ddp", crash_after_batches: int | None = None,
-           resume: bool = False) -> torch.nn.Module:
+           resume: bool = False, activation_checkpointing: bool = False) -> torch.nn.Module:
     """Full training of a fresh tiny Llama; or, given `lora_base` (a saved checkpoint), LoRA on it
     (its frozen layers in `base_dtype`)."""
     corpus = load_prepared(prepared_dir)
@@ -47,7 +47,8 @@ def _train(prepared_dir: str, out: str, objective: CausalLM | None = None, lora_
         model, groups = apply_method(load_model(lora_base, "causal_lm"), lora, 0.0)
     rows = PackedRows(corpus.split("train"), 32)
     cfg = TrainerConfig(max_steps=4, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, eval_every=100,
-                        save_every=2, progress=False, precision="fp32", strategy=strategy)
+                        save_every=2, progress=False, precision="fp32", strategy=strategy,
+                        activation_checkpointing=activation_checkpointing)
 
     def batches(start):
         for i, batch in enumerate(iterate_batches(rows, 8, 0, start)):
@@ -123,11 +124,13 @@ def _checkpoint_weights(out) -> dict[str, torch.Tensor]:
     return load_file(str(sorted((out / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
 
 
-def test_fsdp_two_processes_hold_half_each_and_match_one_process(prepared, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_fsdp_two_processes_hold_half_each_and_match_one_process(prepared, tmp_path, checkpointing):
     """FSDP2: each rank holds half of every parameter, the gathered checkpoint equals one process's
-    weights, and the logged losses match."""
+    weights, and the logged losses match (also with each block recomputed in the backward pass)."""
     single = _train(str(prepared.directory), str(tmp_path / "single"))
-    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "fsdp"), {"strategy": "fsdp"}), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), str(tmp_path / "fsdp"),
+                            {"strategy": "fsdp", "activation_checkpointing": checkpointing}), nprocs=2, join=True)
     for rank in (0, 1):
         held = torch.load(tmp_path / "fsdp" / f"held{rank}.pt", weights_only=True)
         assert held["held"] <= held["total"] // 2 + 64 * 2  # a half, give or take odd rows
