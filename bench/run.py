@@ -188,6 +188,8 @@ def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps:
                   tokens_per_batch: int, precision: str = "auto", compile: str = "off",
                   activation_checkpointing: bool = False, strategy: str = "ddp") -> list[dict]:
     """lmforge's one loop over `rows` for `steps` steps, logging every step; its train records."""
+    import torch
+
     from lmforge.config import TrainerConfig
     from lmforge.data.packing import iterate_batches
     from lmforge.engine.loop import train
@@ -199,6 +201,8 @@ def lmforge_steps(model, objective, groups: list[dict], rows, batch: int, steps:
     out = WORK / name
     train(model, objective, groups, cfg, out, batches=lambda start: iterate_batches(rows, batch, 0, start),
           batches_per_epoch=len(rows) // batch, tokens_per_batch=tokens_per_batch, log=lambda s: None)
+    if torch.distributed.is_initialized():  # under torchrun rank 0 writes the metrics: wait until it has
+        torch.distributed.barrier()
     return read_metrics(out / "metrics.jsonl", "train")
 
 
@@ -540,28 +544,18 @@ def worker_lmforge_sharded(strategy: str, steps: int) -> dict:
 
     seed_everything(0)
     model = build_model(preset_config("llama", "base", VOCAB, 256), "causal_lm")
-    from lmforge.config import TrainerConfig
-    from lmforge.data.packing import iterate_batches
-    from lmforge.engine.loop import train
-    from lmforge.engine.metrics import read_metrics
-
     rows = PackedRows(load_prepared(str(WORK / "prepared")).split("train"), 256)
-    out, batch = WORK / f"lmforge_{strategy}_out", 4
-    cfg = TrainerConfig(max_steps=steps, batch_size=batch, lr=3e-4, warmup_steps=0, precision="fp32", log_every=1,
-                        progress=False, eval_every=10**6, strategy=strategy)
-    train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, out,
-          batches=lambda start: iterate_batches(rows, batch, 0, start), batches_per_epoch=len(rows) // batch,
-          tokens_per_batch=batch * 256, log=lambda s: None)
+    out, batch = f"lmforge_{strategy}_out", 4
+    records = lmforge_steps(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), rows, batch, steps, 3e-4,
+                            out, batch * 256, precision="fp32", strategy=strategy)
     held = sum(getattr(p, "to_local", lambda p=p: p)().numel() * 4 for p in model.parameters())  # a DTensor's shard
     rank = torch.distributed.get_rank()
-    torch.distributed.barrier()  # rank 0's metrics are complete
-    records = read_metrics(out / "metrics.jsonl", "train")
     torch.distributed.destroy_process_group()
     result = {"rank": rank, "peak_rss_mb": peak_rss_mb(), "held_parameter_mb": held / 2**20,
               "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[1:]),
               "loss_first_last": [records[0]["loss"], records[-1]["loss"]]}
-    (out / f"rank{rank}.json").write_text(json.dumps(result))  # not stdout: the ranks' lines interleave there
+    (WORK / out / f"rank{rank}.json").write_text(json.dumps(result))  # not stdout: the ranks' lines interleave there
     return result
 
 
@@ -576,8 +570,7 @@ def sharded_memory_case(steps: int) -> dict:
     for label in ("ddp", "fsdp"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", __file__, "--worker",
                "lmforge_sharded", "--kwargs", json.dumps({"strategy": label, "steps": steps})]
-        path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{label} failed:\n{done.stderr[-3000:]}")
         ranks = [json.loads((WORK / f"lmforge_{label}_out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -595,13 +588,16 @@ WORKERS = {"hf_clm": worker_hf_clm, "lmforge_clm": worker_lmforge_clm, "lmforge_
 
 
 # ------------------------------------------------------------------ driver
+def worker_env() -> dict[str, str]:
+    """The environment of a worker process: lmforge's src first, then whatever the caller's
+    PYTHONPATH holds (bench/gpu.sh's carried packages)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+
+
 def run_worker(name: str, timeout: float | None = None, **kwargs) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--kwargs", json.dumps(kwargs)]
     # a cold torch.compile cache for every worker: compilation is paid (and its memory counted) each time
-    # src first, and whatever the caller's PYTHONPATH holds (bench/gpu.sh's carried packages)
-    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "true",
-           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_", dir=WORK)}
+    env = {**worker_env(), "TOKENIZERS_PARALLELISM": "true", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_", dir=WORK)}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
     finally:

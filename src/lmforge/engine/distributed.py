@@ -73,9 +73,11 @@ class Strategy:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
         """FSDP: the whole model's and optimizer's state, gathered on rank 0 (in CPU memory; the other
-        ranks get empty dicts). A collective: every rank calls it."""
+        ranks get empty dicts). A collective: every rank calls it. None when not sharded."""
+        if not self.sharded:
+            return None
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def full_weights(self, model: nn.Module) -> dict | None:

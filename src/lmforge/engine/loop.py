@@ -207,7 +207,7 @@ def train(
 
     def save(step: int) -> Path:
         path = checkpoints / f"step_{step:08d}"
-        full = strategy.full_state(model, optimizer) if strategy.sharded else None  # every rank gathers
+        full = strategy.full_state(model, optimizer)  # FSDP: every rank takes part in gathering
         if strategy.is_main:
             extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
             if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
@@ -295,7 +295,8 @@ def train(
     result.seconds = time.perf_counter() - run_start
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
-    result.full_weights = strategy.full_weights(model)  # FSDP: gathered by every rank, kept by rank 0
+    if not result.interrupted:  # the final model is saved (FSDP: gathered by every rank, kept by rank 0)
+        result.full_weights = strategy.full_weights(model)
     if source_names:
         result.mix_seen = dict(zip(source_names, (total_mix + window.mix).tolist(), strict=True))
         log("data mix seen: " + ", ".join(f"{n} {c / max(sum(result.mix_seen.values()), 1):.1%}"
