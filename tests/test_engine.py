@@ -124,23 +124,44 @@ def test_interrupted_write_leaves_previous_checkpoint(prepared, tmp_path, monkey
     assert (tmp_path / "checkpoints" / "step_00000003" / "model.safetensors").read_bytes() == before
 
 
-def test_nan_steps_skipped_then_run_stops(prepared, tmp_path, monkeypatch):
+def _nan_on_calls(monkeypatch, calls_with_nan):
     real_loss = CausalLM.loss
     calls = {"n": 0}
 
     def flaky(self, model, batch):
         calls["n"] += 1
         loss, metrics = real_loss(self, model, batch)
-        return (loss * float("nan") if calls["n"] in (2, 3) else loss), metrics
+        return (loss * float("nan") if calls["n"] in calls_with_nan else loss), metrics
 
     monkeypatch.setattr(CausalLM, "loss", flaky)
-    model, result = _run(prepared, tmp_path / "a", max_steps=5, save_every=None)
-    assert result.state.bad_steps == 2 and result.state.step == 5
-    assert all(torch.isfinite(p).all() for p in model.parameters())
 
-    monkeypatch.setattr(CausalLM, "loss", lambda self, m, b: (real_loss(self, m, b)[0] * float("nan"), {}))
-    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
-        _run(prepared, tmp_path / "b", max_steps=10, max_bad_steps=3, save_every=None)
+
+def test_nan_steps_skipped_on_device_like_on_host(prepared, tmp_path, monkeypatch):
+    """The fused optimizer skips non-finite steps itself (no host sync per step); the foreach one is
+    checked on the host. Both skip the same steps and end with the same finite weights."""
+    runs = {}
+    for impl in ("fused", "foreach"):
+        _nan_on_calls(monkeypatch, {2, 3})
+        runs[impl] = _run(prepared, tmp_path / impl, max_steps=6, log_every=3, save_every=None, optimizer_impl=impl)
+    (fused, fused_result), (host, host_result) = runs["fused"], runs["foreach"]
+    for result in (fused_result, host_result):
+        assert result.state.bad_steps == 2 and result.state.step == 6 and result.state.consecutive_bad == 0
+    assert [r["bad_steps"] for r in read_metrics(tmp_path / "fused" / "metrics.jsonl", "train")] == [2, 2]
+    for a, b in zip(fused.parameters(), host.parameters(), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    clean, _ = _run(prepared, tmp_path / "clean", max_steps=6, save_every=None)
+    assert any(not torch.equal(a, b) for a, b in zip(fused.parameters(), clean.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("impl, stopped_at", [("foreach", 3), ("fused", 4)])
+def test_run_of_nan_steps_stops(prepared, tmp_path, monkeypatch, impl, stopped_at):
+    """The host check stops at the limit; the on-device one at the next step that syncs (a log step):
+    the weights are untouched either way."""
+    _nan_on_calls(monkeypatch, set(range(1, 100)))
+    with pytest.raises(TrainingDiverged, match=f"{stopped_at} consecutive steps .* by step {stopped_at} "
+                                               r"\(trainer.max_bad_steps: 3\)"):
+        _run(prepared, tmp_path, max_steps=10, max_bad_steps=3, log_every=4, save_every=None, optimizer_impl=impl)
 
 
 def test_grad_accumulation_matches_big_batch(prepared, tmp_path):

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from lmforge.engine.runtime import repeated_blocks
 
@@ -108,6 +109,11 @@ class Strategy:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             value /= self.world_size
         return value
+
+    def clip_gradients(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip to the global gradient norm; that norm as a plain tensor (sharded, it is a DTensor)."""
+        norm = nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def same_on_all(self, value):
         """Rank 0's value everywhere (for choices that are measured, like `auto` precision)."""

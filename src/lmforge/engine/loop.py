@@ -100,16 +100,16 @@ class StopFlag:
 class LogWindow:
     """What accumulates between two log lines; the loss stays on the device (no sync until logged)."""
 
-    loss: torch.Tensor
+    loss: torch.Tensor  # summed over the steps that were not skipped
+    steps: torch.Tensor  # how many were not skipped
     mix: torch.Tensor  # rows drawn from each mixture source
-    steps: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
 
     def record(self, state: TrainState, lr: float, grad_norm: torch.Tensor, source_names: list[str] | None) -> dict:
         now = time.perf_counter()
         record = {
-            "loss": (self.loss / max(self.steps, 1)).item(),
+            "loss": (self.loss / self.steps.clamp(min=1)).item(),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": self.tokens / max(now - self.start, 1e-9),
@@ -119,7 +119,8 @@ class LogWindow:
         total = max(int(self.mix.sum()), 1)
         record.update({f"mix_{n}": c / total for n, c in zip(source_names or [], self.mix.tolist(), strict=True)})
         self.loss.zero_()
-        self.steps, self.tokens, self.start = 0, 0, now
+        self.steps.zero_()
+        self.tokens, self.start = 0, now
         return record
 
 
@@ -139,30 +140,67 @@ def _restore(checkpoints: Path, model, optimizer, scheduler, objective, strategy
     return TrainState(**saved["train_state"]), saved.get("precision")
 
 
-def _apply_update(optimizer, scheduler, state: TrainState, step_loss: torch.Tensor, grad_norm: torch.Tensor,
-                  max_bad_steps: int, last_saved: Path | None, log) -> bool:
-    """Step the optimizer unless the loss or gradients are non-finite; False for a skipped step."""
-    # One host sync per step: a NaN must never reach the weights.
-    good = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
-    if good:
-        optimizer.step()
-        state.consecutive_bad = 0
-    else:
-        state.bad_steps += 1
-        state.consecutive_bad += 1
-        log(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
-            f"({state.consecutive_bad} in a row, {state.bad_steps} in all)")
-        if state.consecutive_bad >= max_bad_steps:
+class StepGuard:
+    """Skips every optimizer step whose loss or gradient norm is not finite: a NaN never reaches the weights.
+
+    With a fused optimizer the check stays on the device: the kernel skips the whole update when
+    `found_inf` is set (AMP's own mechanism), so a step needs no host sync; the host learns of skipped
+    steps when it syncs anyway (log steps, checkpoints, the end), and stops a run whose longest stretch
+    of skipped steps reached `max_bad_steps`. Other optimizers check on the host every step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, max_bad_steps: int, state: TrainState):
+        self.on_device = bool(optimizer.defaults.get("fused"))
+        self.max_bad_steps = max_bad_steps
+        self.unreported = torch.zeros((), device=device)  # skipped steps the host has not counted yet
+        # skipped steps in a row up to the last step (a resumed run continues the stretch it saved)
+        self.stretch = torch.full((), float(state.consecutive_bad), device=device)
+        self.longest = self.stretch.clone()  # the longest stretch since the last report
+        self.first_unreported_step = state.step + 1
+
+    def step(self, optimizer: torch.optim.Optimizer, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """One optimizer step unless non-finite; the skip flag (1.0 = skipped), on the device."""
+        skipped = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()
+        if self.on_device:
+            optimizer.found_inf = skipped
+            optimizer.step()
+        elif not skipped.item():
+            optimizer.step()
+        self.unreported += skipped
+        self.stretch = (self.stretch + 1) * skipped
+        self.longest = torch.maximum(self.longest, self.stretch)
+        return skipped
+
+    def settle(self, state: TrainState, last_saved: Path | None, log: Callable[[str], None], every_step: bool) -> None:
+        """Count skipped steps into `state` (a host sync), log them, stop a diverged run.
+
+        Called every step when the check is on the host, else only at steps that sync anyway."""
+        if self.on_device and every_step:
+            return
+        skipped, stretch, longest = (int(v) for v in torch.stack([self.unreported, self.stretch, self.longest]).tolist())
+        since, self.first_unreported_step = self.first_unreported_step, state.step + 1
+        state.consecutive_bad = stretch
+        if skipped == 0:
+            return
+        state.bad_steps += skipped
+        where = f"step {state.step}" if since == state.step else f"steps {since}-{state.step}"
+        log(f"{where}: {skipped} step(s) with a non-finite loss or gradient skipped "
+            f"({stretch} in a row now, {state.bad_steps} in all)")
+        self.unreported.zero_()
+        self.longest.copy_(self.stretch)
+        if longest >= self.max_bad_steps:
             raise TrainingDiverged(
-                f"{state.consecutive_bad} consecutive steps with non-finite loss or gradients at step "
-                f"{state.step + 1}; last good checkpoint: {last_saved or 'none'}. Lower trainer.lr or check the data.")
-    optimizer.zero_grad(set_to_none=True)
+                f"{longest} consecutive steps with non-finite loss or gradients by step {state.step} "
+                f"(trainer.max_bad_steps: {self.max_bad_steps}); last good checkpoint: {last_saved or 'none'}. "
+                "Lower trainer.lr or check the data.")
+
+
+def _step_scheduler(scheduler) -> None:
     with warnings.catch_warnings():
         # a skipped first step makes torch warn about the call order; the schedule is a pure
         # function of the step number, so nothing is skipped
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
-    return good
 
 
 def train(
@@ -233,7 +271,9 @@ def train(
     source = Prefetcher(batches(state.step * cfg.grad_accum))
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not (cfg.progress and strategy.is_main),
                dynamic_ncols=True)
-    window = LogWindow(torch.zeros((), device=device), torch.zeros(len(source_names or []), dtype=torch.long))
+    window = LogWindow(torch.zeros((), device=device), torch.zeros((), device=device),
+                       torch.zeros(len(source_names or []), dtype=torch.long))
+    guard = StepGuard(optimizer, device, cfg.max_bad_steps, state)
     total_mix = window.mix.clone()
     run_start, start_tokens = time.perf_counter(), state.tokens_seen
     result = TrainResult(state, total_steps, None, is_main=strategy.is_main)
@@ -259,17 +299,22 @@ def train(
                     loss_sum += loss.detach()
                 # the mean over ranks: every rank must agree on skipping a non-finite step
                 step_loss = strategy.mean(loss_sum / cfg.grad_accum)
-                grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip_grad or float("inf"))
-                if _apply_update(optimizer, scheduler, state, step_loss, grad_norm, cfg.max_bad_steps, last_saved, log):
-                    window.loss += step_loss
-                    window.steps += 1
+                grad_norm = strategy.clip_gradients(trainable, cfg.clip_grad or float("inf"))
+                skipped = guard.step(optimizer, step_loss, grad_norm)
+                optimizer.zero_grad(set_to_none=True)
+                _step_scheduler(scheduler)
+                window.loss += torch.where(skipped.bool(), 0.0, step_loss)  # not NaN * 0
+                window.steps += 1 - skipped
                 state.step += 1
                 state.tokens_seen += tokens
                 window.tokens += tokens
                 bar.update(1)
                 last = state.step == total_steps
+                log_now = state.step % cfg.log_every == 0 or last
+                save_now = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)
+                guard.settle(state, last_saved, log, every_step=not (log_now or save_now))
 
-                if state.step % cfg.log_every == 0 or last:
+                if log_now:
                     total_mix += window.mix
                     record = window.record(state, scheduler.get_last_lr()[0], grad_norm, source_names)
                     window.mix.zero_()
@@ -278,9 +323,10 @@ def train(
                     result.train_loss = record["loss"]
                 if evaluate is not None and (state.step % cfg.eval_every == 0 or last):
                     result.val = run_eval(state.step)
-                if cfg.save_every and (state.step % cfg.save_every == 0 or last):
+                if save_now:
                     last_saved = save(state.step)
                 if strategy.stop_requested(stop.signal is not None):
+                    guard.settle(state, last_saved, log, every_step=False)
                     last_saved = save(state.step)
                     result.interrupted = True
                     log(f"\nstopped by signal {stop.signal} at step {state.step}; checkpoint {last_saved}. "
