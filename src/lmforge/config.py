@@ -146,11 +146,19 @@ class LoraConfig(Section):
         return self
 
 
+class LlrdConfig(Section):
+    """Layer-wise learning-rate decay (method.name: llrd): block i of L trains at decay^(L - i) times the
+    learning rate, the embeddings at decay^(L + 1), the head at 1."""
+
+    decay: float = Field(0.8, gt=0.0, le=1.0)
+
+
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora"] = "full"
+    name: Literal["full", "freeze", "llrd", "lora"] = "full"
     # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
     trainable: list[str] = Field(default_factory=list)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    llrd: LlrdConfig = Field(default_factory=LlrdConfig)
 
 
 class PackingConfig(Section):
