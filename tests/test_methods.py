@@ -82,3 +82,17 @@ def test_llrd_refusals():
                                    num_heads=2, d_kv=16), "seq2seq")
     with pytest.raises(ValueError, match="llrd: an encoder-decoder model"):
         layer_scales(t5, 0.8)
+
+
+def test_ia3_trains_only_its_vectors_and_names_missing_targets():
+    model = _gpt2()
+    model.name_or_path = "a/pretrained/dir"  # adapters need a base they can be loaded against
+    adapted, groups = apply_method(model, MethodConfig(name="ia3"), weight_decay=0.0)
+    trained = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    # peft's GPT-2 choice: the attention's c_attn output and the MLP's c_proj input, in each of 4 blocks
+    assert len(trained) == 8 and all("ia3_l" in n for n in trained)
+    assert sum(len(g["params"]) for g in groups) == 8
+    other = _gpt2()
+    other.name_or_path = "a/pretrained/dir"
+    with pytest.raises(ValueError, match="method.ia3.target_modules"):
+        apply_method(other, MethodConfig(name="ia3", ia3={"target_modules": ["no_such_layer"], "feedforward_modules": []}), 0.0)

@@ -274,23 +274,27 @@ def test_packed_sft_trains_too(tmp_path, base_model):
     assert last < first
 
 
-@pytest.mark.parametrize("base_dtype", ["auto", "int8"])
-def test_lora_trains_only_adapters_and_loads_with_plain_peft(tmp_path, base_model, base_dtype):
+@pytest.mark.parametrize("method, marker, drop", [
+    ({"name": "lora", "lora": {"rank": 8, "alpha": 16, "base_dtype": "auto"}}, "lora_", 0.2),
+    ({"name": "lora", "lora": {"rank": 8, "alpha": 16, "base_dtype": "int8"}}, "lora_", 0.2),
+    # (IA)^3 trains 4,864 numbers here (LoRA 157,696): it learns less (6.26 -> 6.09 vs 5.79), but learns
+    ({"name": "ia3"}, "ia3_", 0.1),
+], ids=["lora", "lora-int8", "ia3"])
+def test_adapters_train_alone_and_load_with_plain_peft(tmp_path, base_model, method, marker, drop):
     from peft import PeftModel
 
     from lmforge.models.factory import load_model
 
-    path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"rank": 8, "alpha": 16, "base_dtype": base_dtype}},
-                   trainer={"lr": 1e-2, "save_every": 20})
+    path = _recipe(tmp_path, base_model, method=method, trainer={"lr": 1e-2, "save_every": 20})
     result = CliRunner().invoke(app, ["run", path])
     assert result.exit_code == 0, result.output
     first, last = _val_losses(tmp_path / "run")
-    assert last < first - 0.2
+    assert last < first - drop
     final = tmp_path / "run" / "final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
     # the checkpoint holds the adapters only (the frozen base comes from model.path)
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000040" / "model.safetensors")
-    assert saved and all("lora_" in name for name in saved)
+    assert saved and all(marker in name for name in saved)
     # plain peft on the base == lmforge's merged load; the base itself is untouched
     base = LlamaForCausalLM.from_pretrained(base_model)
     ids = torch.tensor([[5, 17, 42, 7, 99]])

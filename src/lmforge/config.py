@@ -146,6 +146,15 @@ class LoraConfig(Section):
         return self
 
 
+class Ia3Config(Section):
+    """(IA)^3 (method.name: ia3): learned vectors rescale the keys, values and feed-forward activations
+    of a frozen model (a few thousand parameters); built by `peft`, so `PeftModel.from_pretrained` loads them."""
+
+    # None: peft's choice for the architecture (e.g. k_proj, v_proj, down_proj for Llama)
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None  # the targets whose input, not output, is rescaled
+
+
 class LlrdConfig(Section):
     """Layer-wise learning-rate decay (method.name: llrd): block i of L trains at decay^(L - i) times the
     learning rate, the embeddings at decay^(L + 1), the head at 1."""
@@ -154,11 +163,12 @@ class LlrdConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "llrd", "lora"] = "full"
+    name: Literal["full", "freeze", "llrd", "lora", "ia3"] = "full"
     # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
     trainable: list[str] = Field(default_factory=list)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     llrd: LlrdConfig = Field(default_factory=LlrdConfig)
+    ia3: Ia3Config = Field(default_factory=Ia3Config)
 
 
 class PackingConfig(Section):

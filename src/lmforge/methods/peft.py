@@ -1,6 +1,7 @@
-"""LoRA / DoRA: the base model frozen, low-rank adapters trained; built with `peft`.
+"""Adapters on a frozen base model, built with `peft`: LoRA / DoRA (low-rank updates of the weights)
+and (IA)^3 (learned vectors rescaling keys, values and feed-forward activations).
 
-Recipe keys `method.lora.*` map one to one onto `peft.LoraConfig`. The trained folder holds the
+Recipe keys `method.lora.*` and `method.ia3.*` map one to one onto `peft.LoraConfig` and `peft.IA3Config`. The trained folder holds the
 adapter in peft's own format (`adapter_config.json` + `adapter_model.safetensors`, pointing at the
 local base checkpoint), so `PeftModel.from_pretrained(base, folder)` or `AutoPeftModelForCausalLM`
 load it without lmforge.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
 from lmforge.config import MethodConfig
@@ -39,23 +40,30 @@ def base_dtype(requested: str) -> torch.dtype:
 
 
 def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.Module, list[dict]]:
-    lora = cfg.lora
     if getattr(model, "name_or_path", "") in ("", None):
-        raise ValueError("method.name lora: LoRA adapts a pretrained model; set model.path to a local checkpoint "
-                         "(adapters saved against a randomly initialised base could never be loaded again)")
-    model.to(base_dtype(lora.base_dtype))
+        raise ValueError(f"method.name {cfg.name}: adapters adapt a pretrained model; set model.path to a local "
+                         "checkpoint (adapters saved against a randomly initialised base could never be loaded again)")
+    if cfg.name == "lora":
+        model.to(base_dtype(cfg.lora.base_dtype))
     heads = [name for name in HEAD_MODULES if isinstance(getattr(model, name, None), nn.Module)]
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
-                        target_modules=lora.target_modules, modules_to_save=heads or None)
     try:
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, _adapter_config(cfg, heads or None))
     except ValueError as exc:  # peft names the target modules it could not find
-        raise ValueError(f"method.lora.target_modules: {exc}") from None
+        raise ValueError(f"method.{cfg.name}.target_modules: {exc}") from None
     for name in heads:  # peft keeps a trainable copy of each head; store it in fp32 like the adapters
         model.base_model.model.get_submodule(name).to(torch.float32)
-    if lora.base_dtype == "int8":
+    if cfg.name == "lora" and cfg.lora.base_dtype == "int8":
         _quantize_base(model)
     return model, decay_groups(model.named_parameters(), weight_decay)
+
+
+def _adapter_config(cfg: MethodConfig, heads: list[str] | None) -> PeftConfig:
+    if cfg.name == "ia3":
+        return IA3Config(target_modules=cfg.ia3.target_modules, feedforward_modules=cfg.ia3.feedforward_modules,
+                         modules_to_save=heads)
+    lora = cfg.lora
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
+                      target_modules=lora.target_modules, modules_to_save=heads)
 
 
 def _quantize_base(model: nn.Module) -> None:
