@@ -96,3 +96,19 @@ def test_ia3_trains_only_its_vectors_and_names_missing_targets():
     other.name_or_path = "a/pretrained/dir"
     with pytest.raises(ValueError, match="method.ia3.target_modules"):
         apply_method(other, MethodConfig(name="ia3", ia3={"target_modules": ["no_such_layer"], "feedforward_modules": []}), 0.0)
+
+
+def test_prompt_learning_refusals():
+    from lmforge.config import Recipe
+    from lmforge.models.factory import ModelError, ensure_fits_length
+
+    with pytest.raises(ValidationError, match="method.name prompt_tuning: built for causal-LM objectives"):
+        Recipe(method={"name": "prompt_tuning"}, objective={"name": "mlm"})
+    with pytest.raises(ValidationError, match="packing.document_mask: prefix_tuning ignores position ids"):
+        Recipe(method={"name": "prefix_tuning"}, packing={"document_mask": True})
+    recipe = Recipe(method={"name": "p_tuning", "prompt": {"virtual_tokens": 16}}, packing={"seq_len": 60})
+    config = preset_config("gpt2", "tiny", 300, 64, **GPT2)
+    with pytest.raises(ModelError, match="60 plus 16 virtual tokens .* longer than the model's 64 positions"):
+        ensure_fits_length(config, recipe.packing.seq_len, recipe.method.virtual_positions)
+    ensure_fits_length(config, 48, recipe.method.virtual_positions)  # 48 + 16 fit
+    assert Recipe(method={"name": "lora"}).method.virtual_positions == 0

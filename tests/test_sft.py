@@ -425,3 +425,44 @@ def test_check_lists_bad_instruction_rows_before_anything_runs(tmp_path, base_mo
     assert result.exit_code == 2
     assert "rows.jsonl:2: no column 'response'" in result.output and "rows.jsonl:3" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, lr", [("prompt_tuning", 0.3), ("p_tuning", 1e-2), ("prefix_tuning", 1e-2)])
+def test_prompt_learning_trains_virtual_tokens_only_and_loads_with_plain_peft(tmp_path, base_model, name, lr):
+    from peft import PeftModel
+
+    from lmforge.eval.generate import generate_text
+    from lmforge.models.factory import load_model
+    from lmforge.objectives.base import causal_lm_loss
+
+    path = _recipe(tmp_path, base_model, method={"name": name, "prompt": {"virtual_tokens": 8}},
+                   trainer={"lr": lr, "save_every": 20})
+    result = CliRunner().invoke(app, ["run", path])
+    assert result.exit_code == 0, result.output
+    first, last = _val_losses(tmp_path / "run")
+    assert last < first - 0.1
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000040" / "model.safetensors")
+    assert saved and all(n.startswith("prompt_encoder.") for n in saved)  # the base stays frozen
+    # lmforge's objective = the next-token loss of the real tokens under plain peft's model (whose
+    # logits cover the virtual tokens too, in front, for prompt and P-tuning)
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3, 8]])
+    plain = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_model), str(final))
+    ours = load_model(final, "causal_lm")
+    with torch.no_grad():
+        theirs = torch.nn.functional.cross_entropy(plain(input_ids=ids).logits[0, -7:-1], ids[0, 1:])
+        mine, _ = causal_lm_loss(ours, {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.tensor([[-100]])], 1)})
+        with plain.disable_adapter():
+            untuned = torch.nn.functional.cross_entropy(plain(input_ids=ids).logits[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert abs(theirs - untuned) > 1e-3
+    # greedy sampling continues as full forward passes do (prefix tuning: peft's prefix reaches generate)
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt = tok("Name a colour.", return_tensors="pt", add_special_tokens=False).input_ids
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, ours(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    expected = tok.decode(seq[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert generate_text(ours, tok, "Name a colour.", max_new_tokens=4, temperature=0.0) == expected

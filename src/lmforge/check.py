@@ -218,7 +218,7 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
         else:
             ensure_family_fits(cfg.family, head, recipe.objective.name)
             config = preset_config(cfg.family, cfg.preset, vocab_size or 256, max(1024, recipe.packing.seq_len), **cfg.overrides)
-        ensure_fits_length(config, recipe.packing.seq_len)
+        ensure_fits_length(config, recipe.packing.seq_len, recipe.method.virtual_positions)
     except (ModelError, ValueError, TypeError, OSError) as exc:
         report.errors.append(str(exc))
 

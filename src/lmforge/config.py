@@ -155,6 +155,20 @@ class Ia3Config(Section):
     feedforward_modules: list[str] | None = None  # the targets whose input, not output, is rescaled
 
 
+class PromptConfig(Section):
+    """Prompt learning (method.name: prompt_tuning | prefix_tuning | p_tuning): the model stays frozen and
+    `virtual_tokens` learned vectors steer it. prompt_tuning: embeddings prepended to the input;
+    p_tuning: the same, produced by a small MLP; prefix_tuning: keys and values prepended in every layer.
+    Built by `peft` for causal LMs (clm, sft); the folder loads with `PeftModel.from_pretrained`."""
+
+    virtual_tokens: int = Field(20, gt=0)  # prompt_tuning starts them as embeddings of sampled vocabulary tokens
+    encoder_hidden_size: int | None = Field(None, gt=0)  # p_tuning's MLP, prefix_tuning's projection (default: model width)
+    prefix_projection: bool = False  # prefix_tuning: produce the prefixes through an MLP (more stable, more parameters)
+
+
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+
 class LlrdConfig(Section):
     """Layer-wise learning-rate decay (method.name: llrd): block i of L trains at decay^(L - i) times the
     learning rate, the embeddings at decay^(L + 1), the head at 1."""
@@ -163,12 +177,18 @@ class LlrdConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "llrd", "lora", "ia3"] = "full"
+    name: Literal["full", "freeze", "llrd", "lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"] = "full"
     # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
     trainable: list[str] = Field(default_factory=list)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     llrd: LlrdConfig = Field(default_factory=LlrdConfig)
     ia3: Ia3Config = Field(default_factory=Ia3Config)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+
+    @property
+    def virtual_positions(self) -> int:
+        """Positions the method adds in front of every input (prompt learning's virtual tokens)."""
+        return self.prompt.virtual_tokens if self.name in PROMPT_METHODS else 0
 
 
 class PackingConfig(Section):
@@ -253,6 +273,18 @@ class Recipe(Section):
     packing: PackingConfig = Field(default_factory=PackingConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+    @model_validator(mode="after")
+    def _prompt_learning_fits(self) -> Recipe:
+        if self.method.name not in PROMPT_METHODS:
+            return self
+        if self.objective.name not in ("clm", "sft"):
+            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft), "
+                             f"not '{self.objective.name}'")
+        if self.packing.document_mask:  # peft drops position ids under prompt learning
+            raise ValueError(f"packing.document_mask: {self.method.name} ignores position ids, so packed "
+                             "documents could not be kept apart; turn document_mask off")
+        return self
 
     # Derived paths: one place decides where each stage writes.
     @property

@@ -173,7 +173,7 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         vocab = (len(tokenizer) + 63) // 64 * 64
         config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **{**head_config, **cfg.overrides})
         model = build_model(config, head, tokenizer)
-    ensure_fits_length(model.config, seq_len)
+    ensure_fits_length(model.config, seq_len, recipe.method.virtual_positions)
     say(describe(model, seq_len))
     return model
 

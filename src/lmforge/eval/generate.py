@@ -21,5 +21,9 @@ def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
               "eos_token_id": tokenizer.eos_token_id}
     if sampling:
         kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    if getattr(getattr(model, "active_peft_config", None), "peft_type", None) == "PREFIX_TUNING":
+        # transformers 5.x's generate hands the model a cache of its own, and the one peft builds
+        # for the prefix is then dropped: without a cache every step runs peft's own forward
+        kwargs["use_cache"] = False
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,7 +1,9 @@
-"""Adapters on a frozen base model, built with `peft`: LoRA / DoRA (low-rank updates of the weights)
-and (IA)^3 (learned vectors rescaling keys, values and feed-forward activations).
+"""Adapters on a frozen base model, built with `peft`: LoRA / DoRA (low-rank updates of the weights),
+(IA)^3 (learned vectors rescaling keys, values and feed-forward activations), and prompt learning
+(prompt tuning, P-tuning, prefix tuning: learned virtual tokens in front of every input).
 
-Recipe keys `method.lora.*` and `method.ia3.*` map one to one onto `peft.LoraConfig` and `peft.IA3Config`. The trained folder holds the
+Recipe keys `method.lora.*`, `method.ia3.*` and `method.prompt.*` map onto `peft.LoraConfig`,
+`peft.IA3Config` and the prompt-learning configs. The trained folder holds the
 adapter in peft's own format (`adapter_config.json` + `adapter_model.safetensors`, pointing at the
 local base checkpoint), so `PeftModel.from_pretrained(base, folder)` or `AutoPeftModelForCausalLM`
 load it without lmforge.
@@ -18,10 +20,19 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    get_peft_model,
+)
 from torch import nn
 
-from lmforge.config import MethodConfig
+from lmforge.config import PROMPT_METHODS, MethodConfig
 from lmforge.engine.optimizer import decay_groups
 from lmforge.engine.runtime import pick_device, repeated_blocks, resolve_precision
 from lmforge.models.int8 import quantize_frozen_linears
@@ -47,7 +58,7 @@ def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.
         model.to(base_dtype(cfg.lora.base_dtype))
     heads = [name for name in HEAD_MODULES if isinstance(getattr(model, name, None), nn.Module)]
     try:
-        model = get_peft_model(model, _adapter_config(cfg, heads or None))
+        model = get_peft_model(model, _adapter_config(cfg, heads or None, model))
     except ValueError as exc:  # peft names the target modules it could not find
         raise ValueError(f"method.{cfg.name}.target_modules: {exc}") from None
     for name in heads:  # peft keeps a trainable copy of each head; store it in fp32 like the adapters
@@ -57,13 +68,28 @@ def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.
     return model, decay_groups(model.named_parameters(), weight_decay)
 
 
-def _adapter_config(cfg: MethodConfig, heads: list[str] | None) -> PeftConfig:
+def _adapter_config(cfg: MethodConfig, heads: list[str] | None, model: nn.Module) -> PeftConfig:
+    if cfg.name in PROMPT_METHODS:
+        return _prompt_config(cfg, model)
     if cfg.name == "ia3":
         return IA3Config(target_modules=cfg.ia3.target_modules, feedforward_modules=cfg.ia3.feedforward_modules,
                          modules_to_save=heads)
     lora = cfg.lora
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
                       target_modules=lora.target_modules, modules_to_save=heads)
+
+
+def _prompt_config(cfg: MethodConfig, model: nn.Module) -> PeftConfig:
+    if not type(model).__name__.endswith("ForCausalLM"):
+        raise ValueError(f"method.name {cfg.name}: built for causal LMs, not {type(model).__name__}")
+    prompt, width = cfg.prompt, model.get_input_embeddings().weight.shape[1]
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": prompt.virtual_tokens}
+    if cfg.name == "prompt_tuning":  # sampled vocabulary embeddings start closer to what the model reads than noise
+        return PromptTuningConfig(**common, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    if cfg.name == "p_tuning":
+        return PromptEncoderConfig(**common, encoder_hidden_size=prompt.encoder_hidden_size or width)
+    return PrefixTuningConfig(**common, prefix_projection=prompt.prefix_projection,
+                              encoder_hidden_size=prompt.encoder_hidden_size or width)
 
 
 def _quantize_base(model: nn.Module) -> None:

@@ -95,11 +95,13 @@ def ensure_head_fits(config: PretrainedConfig, head: str, where: str) -> None:
         raise ModelError(f"{where}: a '{config.model_type}' checkpoint cannot be trained with a causal-LM objective")
 
 
-def ensure_fits_length(config: PretrainedConfig, seq_len: int) -> None:
-    """Refuse sequences longer than the model's learned positions (relative-position models have no limit)."""
+def ensure_fits_length(config: PretrainedConfig, seq_len: int, virtual_tokens: int = 0) -> None:
+    """Refuse sequences longer than the model's learned positions (relative-position models have no limit);
+    prompt learning's virtual tokens take positions too."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and seq_len > limit:
-        raise ModelError(f"packing.seq_len: {seq_len} is longer than the model's {limit} positions")
+    if limit is not None and seq_len + virtual_tokens > limit:
+        extra = f" plus {virtual_tokens} virtual tokens (method.prompt.virtual_tokens)" if virtual_tokens else ""
+        raise ModelError(f"packing.seq_len: {seq_len}{extra} is longer than the model's {limit} positions")
 
 
 def _set_special_ids(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
@@ -145,7 +147,8 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
 
 
 def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.dtype | None, **config_overrides: Any) -> PreTrainedModel:
-    """A peft adapter folder: its local base model with the adapter merged in (a plain model again)."""
+    """A peft adapter folder: its local base model with the adapter merged in (a plain model again);
+    prompt learning cannot be merged (its virtual tokens are inputs, not weights): a `PeftModel`."""
     from peft import PeftModel
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
@@ -153,7 +156,8 @@ def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.d
     if not base_path or not Path(base_path).is_dir():
         raise ModelError(f"{path}: adapter's base model '{base_path}' is not a local directory")
     base = load_model(base_path, head, trust_remote_code, dtype, **config_overrides)
-    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    adapted = PeftModel.from_pretrained(base, str(path))
+    return adapted if adapted.active_peft_config.is_prompt_learning else adapted.merge_and_unload()
 
 
 @torch.no_grad()

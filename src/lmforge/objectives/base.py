@@ -54,6 +54,8 @@ def _plain_decoder(model: nn.Module) -> nn.Module | None:
     forward, and FSDP gathers the embeddings and output layer only in the whole model's forward."""
     if isinstance(model, nn.parallel.DistributedDataParallel | FSDPModule) or hasattr(model, "_orig_mod"):
         return None
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return None  # peft puts the virtual tokens in front in its own forward
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_FAMILIES or not hasattr(model, "get_decoder"):
         return None
@@ -143,8 +145,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], labelled_on
         inputs["position_ids"] = batch["position_ids"]
     labels = batch["labels"]
     plain = _plain_decoder(model)
-    if plain is None:
-        return token_cross_entropy(model(**inputs, use_cache=False).logits, labels)
+    if plain is None:  # (prompt tuning's logits also cover its virtual tokens, in front)
+        return token_cross_entropy(model(**inputs, use_cache=False).logits[:, -labels.shape[1]:], labels)
     hidden = plain.get_decoder()(**inputs, use_cache=False).last_hidden_state
     keep = labels != -100
     if labelled_only:
