@@ -66,3 +66,18 @@ def llama_mlp_calls(monkeypatch) -> list[int]:
     forward = modeling_llama.LlamaMLP.forward
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or forward(self, x))
     return calls
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory, tokenizer_dir):
+    """A tiny pretrained-looking base checkpoint (a local directory, as adapters need)."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.factory import build_model, preset_config
+
+    tok = load_tokenizer(tokenizer_dir)
+    out = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = build_model(preset_config("llama", "tiny", (len(tok) + 63) // 64 * 64, 1024), "causal_lm", tok)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

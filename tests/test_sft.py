@@ -216,21 +216,6 @@ def test_loss_equals_transformers_on_the_same_labels(excerpt_sets):
     torch.testing.assert_close(ours, theirs)
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer_dir):
-    """A tiny pretrained-looking base checkpoint (a local directory, as LoRA needs)."""
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models.factory import build_model, preset_config
-
-    tok = load_tokenizer(tokenizer_dir)
-    out = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    model = build_model(preset_config("llama", "tiny", (len(tok) + 63) // 64 * 64, 1024), "causal_lm", tok)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _recipe(tmp_path, base, **sections) -> str:
     recipe = {
         "output_dir": str(tmp_path / "run"), "seed": 0,

@@ -72,6 +72,9 @@ class DataConfig(Section):
     messages_column: str = "messages"
     prompt_template: str = "{prompt}"
     response_column: str = "response"
+    # Preference data (dpo): the prompt as above, and the two answers' columns
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     system_prompt: str | None = None
     chat_template: str | None = None
     long_examples: Literal["drop", "truncate", "error"] = "drop"  # examples longer than packing.seq_len
@@ -97,7 +100,7 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -115,6 +118,8 @@ class ObjectiveConfig(Section):
     learn_temperature: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     symmetric: bool = False
+    # dpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer)
+    beta: float = Field(0.1, gt=0.0)
 
     @model_validator(mode="after")
     def _fractions(self) -> ObjectiveConfig:
@@ -278,8 +283,8 @@ class Recipe(Section):
     def _prompt_learning_fits(self) -> Recipe:
         if self.method.name not in PROMPT_METHODS:
             return self
-        if self.objective.name not in ("clm", "sft"):
-            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft), "
+        if self.objective.name not in ("clm", "sft", "dpo"):
+            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft, dpo), "
                              f"not '{self.objective.name}'")
         if self.packing.document_mask:  # peft drops position ids under prompt learning
             raise ValueError(f"packing.document_mask: {self.method.name} ignores position ids, so packed "

@@ -123,7 +123,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if objective_data(recipe.objective) in ("pairs", "labeled", "instructions"):  # small sets: tokenized in memory at train time
+    if objective_data(recipe.objective) in ("pairs", "labeled", "instructions", "preferences"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
@@ -226,7 +226,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     dump_recipe(recipe, out_dir / "recipe.yaml")
 
     device = pick_device()
-    source = training_source(recipe, objective, tokenizer, corpora, device)
+    source = training_source(recipe, objective, tokenizer, corpora, device, model)
     extra = objective.extra_parameters() if hasattr(objective, "extra_parameters") else []
     if extra:  # objective-owned parameters (a learned temperature) train too, undecayed
         groups.append({"params": extra, "weight_decay": 0.0, "lr_scale": 1.0})
@@ -322,7 +322,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []
-    chat = recipe.objective.name == "sft"  # instruction-tuned: prompts are user turns
+    chat = recipe.objective.name in ("sft", "dpo")  # instruction-tuned: prompts are user turns
     if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p,
                                  recipe.seed, chat=chat)

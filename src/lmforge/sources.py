@@ -2,7 +2,7 @@
 batches in an epoch, tokens per batch, and an `evaluate(model, precision)` callback for held-out data.
 
 packed rows (one corpus or a weighted mixture), text pairs (contrastive), sentence pairs (NSP/SOP),
-labelled texts (classification) and instruction examples (SFT).
+labelled texts (classification), instruction examples (SFT) and preference pairs (DPO).
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from lmforge.data.labeled import load_labeled
 from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.pairs import load_pairs
+from lmforge.data.preferences import load_preferences
 from lmforge.data.prepare import PreparedCorpus
 from lmforge.data.sentence_pairs import SentencePairs
 from lmforge.engine.distributed import say
+from lmforge.engine.runtime import resolve_precision
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.retrieval import retrieval_metrics
 from lmforge.objectives import objective_data
+from lmforge.objectives.dpo import attach_reference
 
 
 def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus],
@@ -135,8 +138,35 @@ def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: t
     return _in_memory_source(recipe, rows, evaluate if len(sets.val) else None, per_row)
 
 
-def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus], device: torch.device) -> dict:
-    """The keyword arguments `engine.loop.train` takes about data, for this recipe's objective."""
+def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module, device: torch.device) -> dict:
+    """(chosen, rejected) pairs with the reference model's log-probabilities; DPO loss and reward
+    accuracy (pairs whose chosen answer the policy rewards above the rejected one) on the held-out pairs."""
+    cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
+    ensure_chat_template(tokenizer, cfg.chat_template)
+    sets = load_preferences(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column,
+                            pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs)
+    skipped = f"; {sets.dropped} dropped (longer than seq_len {pcfg.seq_len}, or nothing to learn)" if sets.dropped else ""
+    say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}; "
+        "computing the reference model's log-probabilities")
+    # the run's precision (auto resolves the same way in the loop): reference and policy agree at step 0
+    precision = resolve_precision(tcfg.precision, device)
+    for pairs in (sets.train, sets.val):
+        attach_reference(model, pairs, tcfg.batch_size, device, precision)
+
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:
+        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, tcfg.eval_batches, device, precision)
+
+    return _in_memory_source(recipe, sets.train, evaluate if len(sets.val) else None,
+                             2 * float(sets.train.lengths.mean()))
+
+
+def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus], device: torch.device,
+                    model: torch.nn.Module | None = None) -> dict:
+    """The keyword arguments `engine.loop.train` takes about data, for this recipe's objective (DPO
+    also needs the model: its starting point is the reference)."""
+    kind = objective_data(recipe.objective)
+    if kind == "preferences":
+        return _preference_source(recipe, objective, tokenizer, model, device)
     builders = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
                 "labeled": _labeled_source, "instructions": _instruction_source}
-    return builders[objective_data(recipe.objective)](recipe, objective, tokenizer, corpora, device)
+    return builders[kind](recipe, objective, tokenizer, corpora, device)

@@ -123,6 +123,20 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
     return np.where(learned, np.asarray(ids, dtype=np.int64), IGNORE)
 
 
+def grouped_batches(lengths: np.ndarray, batch_size: int, group_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Batches of similar length: shuffle, sort inside chunks of `group_size` batches, shuffle the batches."""
+    rng = np.random.default_rng([seed, epoch])
+    per_epoch = len(lengths) // batch_size
+    order = rng.permutation(len(lengths))[: per_epoch * batch_size]
+    chunk = batch_size * group_size
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 class Examples:
     """Tokenized examples (ids, labels) in memory; batches are right-padded and shifted by one."""
 
@@ -145,17 +159,7 @@ class Examples:
                 "num_tokens": torch.tensor(int(self.lengths[indices].sum()))}
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-        """Batches of similar length: shuffle, sort inside chunks of `group_size` batches, shuffle the batches."""
-        rng = np.random.default_rng([seed, epoch])
-        per_epoch = len(self) // batch_size
-        order = rng.permutation(len(self))[: per_epoch * batch_size]
-        chunk = batch_size * self.group_size
-        batches = []
-        for start in range(0, len(order), chunk):
-            part = order[start : start + chunk]
-            part = part[np.argsort(self.lengths[part], kind="stable")]
-            batches += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return grouped_batches(self.lengths, batch_size, self.group_size, seed, epoch)
 
     def padding_fraction(self, batch_size: int, seed: int) -> float:
         """Share of pad positions in one epoch of grouped batches."""
@@ -208,28 +212,40 @@ def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_l
         rows.append(item)
     if not rows:
         raise DataError(f"{', '.join(files)}: no instruction rows")
-    rendered = [render(tokenizer, messages, where) for where, messages in rows]
-    encoded = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets = {"train": ([], []), "val": ([], [])}
     dropped = truncated = 0
-    for i, (ids, offsets, (_, spans)) in enumerate(zip(encoded.input_ids, encoded.offset_mapping, rendered, strict=True)):
-        labels = _labels(ids, offsets, spans)
-        if len(ids) > seq_len:
-            if long_examples == "error":
-                raise DataError(f"{rows[i][0]}: the example has {len(ids)} tokens, more than packing.seq_len={seq_len} "
-                                "(data.long_examples: drop or truncate to go on)")
-            if long_examples == "drop":
-                dropped += 1
-                continue
-            ids, labels = ids[:seq_len], labels[:seq_len]
-            truncated += 1
-        if (labels[1:] == IGNORE).all():  # nothing left to learn (an answer cut off entirely)
+    for i, (ids, labels) in enumerate(encode_conversations(tokenizer, rows)):
+        fitted = fit_length(ids, labels, seq_len, long_examples, rows[i][0])
+        if fitted is None:
             dropped += 1
             continue
+        truncated += len(fitted[0]) < len(ids)
         split = sets["val" if is_validation(i, val_fraction) else "train"]
-        split[0].append(np.asarray(ids, dtype=np.int64))
-        split[1].append(labels)
+        split[0].append(fitted[0])
+        split[1].append(fitted[1])
     if not sets["train"][0]:
         raise DataError(f"{', '.join(files)}: no training example fits packing.seq_len={seq_len} ({dropped} dropped)")
     return InstructionSets(Examples(*sets["train"], pad, group_size), Examples(*sets["val"], pad, group_size), dropped, truncated)
+
+
+def encode_conversations(tokenizer, rows: list[tuple[str, list[dict]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, labels: the ids on assistant answers, -100 elsewhere) of each ("file:line", messages)."""
+    rendered = [render(tokenizer, messages, where) for where, messages in rows]
+    encoded = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [(np.asarray(ids, dtype=np.int64), _labels(ids, offsets, spans))
+            for ids, offsets, (_, spans) in zip(encoded.input_ids, encoded.offset_mapping, rendered, strict=True)]
+
+
+def fit_length(ids: np.ndarray, labels: np.ndarray, seq_len: int, long_examples: str,
+               where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The example within seq_len (`data.long_examples`: drop -> None, truncate, or error); None also when
+    nothing is left to learn (an answer cut off entirely)."""
+    if len(ids) > seq_len:
+        if long_examples == "error":
+            raise DataError(f"{where}: the example has {len(ids)} tokens, more than packing.seq_len={seq_len} "
+                            "(data.long_examples: drop or truncate to go on)")
+        if long_examples == "drop":
+            return None
+        ids, labels = ids[:seq_len], labels[:seq_len]
+    return None if (labels[1:] == IGNORE).all() else (ids, labels)

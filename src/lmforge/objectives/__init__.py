@@ -7,6 +7,7 @@ from lmforge.objectives.base import Objective
 from lmforge.objectives.classify import SequenceClassification
 from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.contrastive import Contrastive
+from lmforge.objectives.dpo import DirectPreference
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.prefix_lm import PrefixLM
 from lmforge.objectives.sft import SupervisedFineTuning
@@ -14,7 +15,7 @@ from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
                                "contrastive": Contrastive, "classify": SequenceClassification,
-                               "sft": SupervisedFineTuning}
+                               "sft": SupervisedFineTuning, "dpo": DirectPreference}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:

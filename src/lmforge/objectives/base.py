@@ -154,3 +154,15 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], labelled_on
     head = plain.get_output_embeddings()
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
     return loss, keep.sum()
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens (`labels` pre-shifted, -100 = not
+    scored), in fp32: what preference objectives compare between answers and between models."""
+    labels = batch["labels"]
+    # (prompt learning's logits also cover its virtual tokens, in front)
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, -labels.shape[1]:].float()
+    # gather - logsumexp keeps only the logits for the backward pass (log_softmax would keep a second
+    # tokens x vocabulary tensor)
+    token_logps = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logps * (labels != -100)).sum(-1)

@@ -1,0 +1,109 @@
+"""Preference data (DPO): a prompt with a chosen and a rejected answer.
+
+A row has the prompt's columns (`data.prompt_template`, as for SFT) and the two answers in
+`data.chosen_column` and `data.rejected_column`. Each answer becomes a conversation rendered with the
+same chat template as SFT and labelled on the answer only, so both rows of a pair share the prompt's
+tokens exactly. A batch of B pairs is 2B rows with chosen and rejected interleaved (row 2k chosen,
+2k + 1 its rejected twin): a split of the rows across processes never separates a pair. Pairs are
+batched by the length of their longer row, like SFT examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from lmforge.data.formats import DataError, expand_inputs, scan_jsonl_rows
+from lmforge.data.instructions import (
+    Examples,
+    InstructionFormat,
+    encode_conversations,
+    fit_length,
+    grouped_batches,
+    row_messages,
+)
+from lmforge.data.prepare import is_validation
+
+
+def iter_preference_rows(files: list[str], fmt: InstructionFormat, chosen_column: str, rejected_column: str,
+                         max_rows: int | None = None) -> Iterator[tuple[str, list[dict], list[dict]] | DataError]:
+    """("file:line", chosen conversation, rejected conversation) per row; a bad row is yielded as its error."""
+    for path in expand_inputs(files):
+        for item in scan_jsonl_rows(path, max_rows):
+            if isinstance(item, DataError):
+                yield item
+                continue
+            lineno, row = item
+            missing = [c for c in (chosen_column, rejected_column) if c not in row]
+            if missing:
+                yield DataError(f"{path}:{lineno}: no column {', '.join(repr(c) for c in missing)} for data.chosen_column / "
+                                f"data.rejected_column (columns: {', '.join(row)})")
+                continue
+            try:
+                yield (f"{path}:{lineno}", row_messages(path, lineno, row, dataclasses.replace(fmt, response_column=chosen_column)),
+                       row_messages(path, lineno, row, dataclasses.replace(fmt, response_column=rejected_column)))
+            except DataError as exc:
+                yield exc
+
+
+class PreferencePairs:
+    """Tokenized (chosen, rejected) pairs in memory, and the reference model's log-probabilities of
+    each row once `reference_logps` is set (DPO compares the policy against them)."""
+
+    def __init__(self, rows: Examples):
+        self.rows = rows  # 2N examples, interleaved: chosen, rejected, chosen, ...
+        self.lengths = np.maximum(rows.lengths[0::2], rows.lengths[1::2])
+        self.reference_logps: np.ndarray | None = None  # (2N,), in the rows' order
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [r for i in indices for r in (2 * i, 2 * i + 1)]
+        batch = self.rows.batch(rows)
+        if self.reference_logps is not None:
+            batch["reference_logps"] = torch.from_numpy(self.reference_logps[rows])
+        return batch
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+        return grouped_batches(self.lengths, batch_size, self.rows.group_size, seed, epoch)
+
+
+@dataclasses.dataclass
+class PreferenceSets:
+    train: PreferencePairs
+    val: PreferencePairs
+    dropped: int  # pairs with a row longer than seq_len (long_examples: drop) or nothing to learn
+
+
+def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen_column: str, rejected_column: str,
+                     seq_len: int, val_fraction: float, long_examples: str = "drop", group_size: int = 128,
+                     max_rows: int | None = None) -> PreferenceSets:
+    """Read, render, tokenize and label every pair; split off the validation pairs."""
+    pairs = []
+    for item in iter_preference_rows(files, fmt, chosen_column, rejected_column, max_rows):
+        if isinstance(item, DataError):
+            raise item
+        pairs.append(item)
+    if not pairs:
+        raise DataError(f"{', '.join(files)}: no preference rows")
+    encoded = encode_conversations(tokenizer, [(where, m) for where, chosen, rejected in pairs for m in (chosen, rejected)])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sets: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
+    dropped = 0
+    for i, (where, _, _) in enumerate(pairs):
+        fitted = [fit_length(*encoded[2 * i + side], seq_len, long_examples, where) for side in (0, 1)]
+        if fitted[0] is None or fitted[1] is None:
+            dropped += 1
+            continue
+        ids, labels = sets["val" if is_validation(i, val_fraction) else "train"]
+        for row_ids, row_labels in fitted:
+            ids.append(row_ids)
+            labels.append(row_labels)
+    if not sets["train"][0]:
+        raise DataError(f"{', '.join(files)}: no preference pair fits packing.seq_len={seq_len} ({dropped} dropped)")
+    train, val = (PreferencePairs(Examples(*sets[s], pad, group_size)) for s in ("train", "val"))
+    return PreferenceSets(train, val, dropped)
