@@ -11,7 +11,8 @@ from lmforge.cli import app
 from .conftest import REPO
 
 # recipes that start from another recipe's output run in the chains below
-CHAINED = {"cpt_domain.yaml", "sft_instructions.yaml", "lora_instructions.yaml", "dpo_instructions.yaml"}
+CHAINED = {"cpt_domain.yaml", "sft_instructions.yaml", "lora_instructions.yaml", "dpo_instructions.yaml",
+           "reward_instructions.yaml"}
 RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name not in CHAINED)
 SHORT = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.eval_batches=1", "trainer.progress=false",
          "trainer.warmup_steps=1", "trainer.save_every=2", "generate.max_new_tokens=2"]
@@ -59,6 +60,8 @@ def test_instruction_tuning_recipes_start_from_the_quickstart_model(tmp_path, mo
                       f"tokenizer.path={base / 'final'}", "data.max_docs=200")
         assert "grouped by length" in output and "sample: " in output
     assert (tmp_path / "lora_instructions" / "final" / "adapter_model.safetensors").is_file()
-    output = _run(REPO / "recipes" / "dpo_instructions.yaml", tmp_path / "dpo", f"model.path={tmp_path / 'sft_instructions' / 'final'}",
-                  f"tokenizer.path={tmp_path / 'sft_instructions' / 'final'}", "data.max_docs=40")
-    assert "preference pairs" in output and "sample: " in output
+    sft = tmp_path / "sft_instructions" / "final"
+    for name in ("dpo_instructions", "reward_instructions"):
+        output = _run(REPO / "recipes" / f"{name}.yaml", tmp_path / name, f"model.path={sft}", f"tokenizer.path={sft}",
+                      "data.max_docs=40")
+        assert "preference pairs" in output

@@ -72,7 +72,7 @@ class DataConfig(Section):
     messages_column: str = "messages"
     prompt_template: str = "{prompt}"
     response_column: str = "response"
-    # Preference data (dpo): the prompt as above, and the two answers' columns
+    # Preference data (dpo, reward): the prompt as above, and the two answers' columns
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     system_prompt: str | None = None
@@ -100,7 +100,7 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "reward"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)

@@ -42,7 +42,7 @@ from lmforge.models.factory import (
     load_model,
     preset_config,
 )
-from lmforge.objectives import get_objective, objective_data, objective_head
+from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
 from lmforge.sources import training_source
 
 STAMP = "lmforge_stage.json"
@@ -145,6 +145,9 @@ def label_names(recipe: Recipe) -> list[str]:
 
 
 def _head_config(recipe: Recipe, head: str) -> dict:
+    objective = OBJECTIVES[recipe.objective.name]
+    if hasattr(objective, "head_config"):  # a fixed head, e.g. the reward model's single score
+        return objective.head_config
     if head != "classifier":
         return {}
     names = label_names(recipe)

@@ -139,19 +139,21 @@ def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: t
 
 
 def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module, device: torch.device) -> dict:
-    """(chosen, rejected) pairs with the reference model's log-probabilities; DPO loss and reward
-    accuracy (pairs whose chosen answer the policy rewards above the rejected one) on the held-out pairs."""
+    """(chosen, rejected) pairs (for DPO with the reference model's log-probabilities); the loss and
+    the accuracy (held-out pairs whose chosen answer is rewarded above the rejected one)."""
     cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
     ensure_chat_template(tokenizer, cfg.chat_template)
     sets = load_preferences(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column,
-                            pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs)
+                            pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs,
+                            whole_rows=getattr(objective, "scores_whole_rows", False))
     skipped = f"; {sets.dropped} dropped (longer than seq_len {pcfg.seq_len}, or nothing to learn)" if sets.dropped else ""
-    say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}; "
-        "computing the reference model's log-probabilities")
-    # the run's precision (auto resolves the same way in the loop): reference and policy agree at step 0
-    precision = resolve_precision(tcfg.precision, device)
-    for pairs in (sets.train, sets.val):
-        attach_reference(model, pairs, tcfg.batch_size, device, precision)
+    reference = objective.name == "dpo"
+    say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}"
+        + ("; computing the reference model's log-probabilities" if reference else ""))
+    if reference:  # in the run's precision (auto resolves as in the loop): reference and policy agree at step 0
+        precision = resolve_precision(tcfg.precision, device)
+        for pairs in (sets.train, sets.val):
+            attach_reference(model, pairs, tcfg.batch_size, device, precision)
 
     def evaluate(m: torch.nn.Module, precision: str) -> dict:
         return evaluate_loss(m, objective, sets.val, tcfg.batch_size, tcfg.eval_batches, device, precision)

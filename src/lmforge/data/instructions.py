@@ -147,16 +147,19 @@ class Examples:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        width = int(self.lengths[indices].max())
+    def batch(self, indices: list[int], shift: bool = True) -> dict[str, torch.Tensor]:
+        """Right-padded rows; `shift`: inputs without the last token, labels without the first (next-token
+        targets), else whole rows (what a reward model scores)."""
+        cut = int(shift)
+        width = int(self.lengths[indices].max()) + 1 - cut
         input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
         for r, i in enumerate(indices):
-            n = self.lengths[i]
-            input_ids[r, :n] = self.ids[i][:-1]
-            labels[r, :n] = self.targets[i][1:]
+            n = self.lengths[i] + 1 - cut
+            input_ids[r, :n] = self.ids[i][: len(self.ids[i]) - cut]
+            labels[r, :n] = self.targets[i][cut:]
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "num_tokens": torch.tensor(int(self.lengths[indices].sum()))}
+                "num_tokens": torch.tensor(int(self.lengths[indices].sum()) + len(indices) * (1 - cut))}
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
         return grouped_batches(self.lengths, batch_size, self.group_size, seed, epoch)

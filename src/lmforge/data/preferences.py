@@ -53,8 +53,9 @@ class PreferencePairs:
     """Tokenized (chosen, rejected) pairs in memory, and the reference model's log-probabilities of
     each row once `reference_logps` is set (DPO compares the policy against them)."""
 
-    def __init__(self, rows: Examples):
+    def __init__(self, rows: Examples, whole_rows: bool = False):
         self.rows = rows  # 2N examples, interleaved: chosen, rejected, chosen, ...
+        self.whole_rows = whole_rows  # unshifted rows, for objectives that score rows, not next tokens
         self.lengths = np.maximum(rows.lengths[0::2], rows.lengths[1::2])
         self.reference_logps: np.ndarray | None = None  # (2N,), in the rows' order
 
@@ -63,7 +64,7 @@ class PreferencePairs:
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [r for i in indices for r in (2 * i, 2 * i + 1)]
-        batch = self.rows.batch(rows)
+        batch = self.rows.batch(rows, shift=not self.whole_rows)
         if self.reference_logps is not None:
             batch["reference_logps"] = torch.from_numpy(self.reference_logps[rows])
         return batch
@@ -81,8 +82,9 @@ class PreferenceSets:
 
 def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen_column: str, rejected_column: str,
                      seq_len: int, val_fraction: float, long_examples: str = "drop", group_size: int = 128,
-                     max_rows: int | None = None) -> PreferenceSets:
-    """Read, render, tokenize and label every pair; split off the validation pairs."""
+                     max_rows: int | None = None, whole_rows: bool = False) -> PreferenceSets:
+    """Read, render, tokenize and label every pair; split off the validation pairs. `whole_rows`:
+    batches hold unshifted rows (a reward model scores each row at its last token)."""
     pairs = []
     for item in iter_preference_rows(files, fmt, chosen_column, rejected_column, max_rows):
         if isinstance(item, DataError):
@@ -105,5 +107,5 @@ def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen
             labels.append(row_labels)
     if not sets["train"][0]:
         raise DataError(f"{', '.join(files)}: no preference pair fits packing.seq_len={seq_len} ({dropped} dropped)")
-    train, val = (PreferencePairs(Examples(*sets[s], pad, group_size)) for s in ("train", "val"))
+    train, val = (PreferencePairs(Examples(*sets[s], pad, group_size), whole_rows) for s in ("train", "val"))
     return PreferenceSets(train, val, dropped)

@@ -10,12 +10,13 @@ from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.dpo import DirectPreference
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.prefix_lm import PrefixLM
+from lmforge.objectives.reward import RewardModel
 from lmforge.objectives.sft import SupervisedFineTuning
 from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
                                "contrastive": Contrastive, "classify": SequenceClassification,
-                               "sft": SupervisedFineTuning, "dpo": DirectPreference}
+                               "sft": SupervisedFineTuning, "dpo": DirectPreference, "reward": RewardModel}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:
