@@ -81,3 +81,41 @@ def base_model(tmp_path_factory, tokenizer_dir):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def write_recipe(tmp_path: Path, base: Path, sections: dict, overrides: dict) -> str:
+    """A recipe that adapts the local checkpoint `base` (also its tokenizer), written to tmp_path:
+    `sections` (data, objective, trainer, ...) on common defaults, then `overrides` key by key."""
+    import yaml
+
+    recipe = {
+        "output_dir": str(tmp_path / "run"), "seed": 0, "tokenizer": {"path": str(base)}, "model": {"path": str(base)},
+        "packing": {"seq_len": 256}, "generate": {"prompts": ["Name a colour."], "max_new_tokens": 4}, **sections,
+    }
+    recipe["trainer"] = {"eval_at_start": True, "log_every": 10, "progress": False, **recipe.get("trainer", {})}
+    for key, value in overrides.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def assert_cli_resume_is_exact(recipe: str, run: Path, weights_file: str, last_step: int) -> None:
+    """Train; delete the last checkpoint and the final model; resume: the same final weights, byte
+    for byte, and the same last loss."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+    from lmforge.engine.metrics import read_metrics
+
+    assert CliRunner().invoke(app, ["train", recipe]).exit_code == 0
+    straight = read_metrics(run / "metrics.jsonl", "train")[-1]["loss"]
+    reference = (run / "final" / weights_file).read_bytes()
+    shutil.rmtree(run / "checkpoints" / f"step_{last_step:08d}")
+    shutil.rmtree(run / "final")
+    result = CliRunner().invoke(app, ["train", recipe, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (run / "final" / weights_file).read_bytes() == reference
+    assert read_metrics(run / "metrics.jsonl", "train")[-1]["loss"] == straight

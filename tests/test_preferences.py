@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import yaml
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -17,7 +16,7 @@ from lmforge.data.instructions import IGNORE, InstructionFormat, ensure_chat_tem
 from lmforge.data.preferences import load_preferences
 from lmforge.engine.metrics import read_metrics
 
-from .conftest import REPO
+from .conftest import REPO, assert_cli_resume_is_exact, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +41,10 @@ def pairs_file(tmp_path_factory):
 
 
 def _recipe(tmp_path, base, pairs, **sections) -> str:
-    recipe = {
-        "output_dir": str(tmp_path / "run"), "seed": 0,
-        "tokenizer": {"path": str(base)},
-        "data": {"train_files": [str(pairs)], "val_fraction": 0.1},
-        "model": {"path": str(base)},
-        "objective": {"name": "dpo", "beta": 0.1},
-        "packing": {"seq_len": 256},
-        "trainer": {"max_steps": 30, "batch_size": 4, "lr": 1e-3, "warmup_steps": 3, "eval_every": 30, "eval_batches": 10,
-                    "eval_at_start": True, "log_every": 10, "progress": False},
-        "generate": {"prompts": ["Name a colour."], "max_new_tokens": 4},
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return write_recipe(tmp_path, base, {
+        "data": {"train_files": [str(pairs)], "val_fraction": 0.1}, "objective": {"name": "dpo", "beta": 0.1},
+        "trainer": {"max_steps": 30, "batch_size": 4, "lr": 1e-3, "warmup_steps": 3, "eval_every": 30, "eval_batches": 10},
+    }, sections)
 
 
 def _tiny_llama(vocab: int, seed: int, head: str = "causal_lm", **config):
@@ -129,19 +116,9 @@ def test_dpo_run_prefers_the_chosen_answers_on_held_out_pairs(tmp_path, base_mod
 
 def test_dpo_resume_is_exact(tmp_path, base_model, pairs_file):
     """A resumed run recomputes the reference from model.path (not from the checkpoint's weights)."""
-    import shutil
-
     path = _recipe(tmp_path, base_model, pairs_file,
                    trainer={"max_steps": 8, "save_every": 4, "eval_every": 100, "eval_at_start": False, "log_every": 1})
-    assert CliRunner().invoke(app, ["train", path]).exit_code == 0
-    straight = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")]
-    reference = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000008")
-    shutil.rmtree(tmp_path / "run" / "final")
-    result = CliRunner().invoke(app, ["train", path, "--resume"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == reference
-    assert [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")][-4:] == straight[-4:]
+    assert_cli_resume_is_exact(path, tmp_path / "run", "model.safetensors", last_step=8)
 
 
 def test_bad_preference_rows_are_named(tmp_path, chat_tokenizer):

@@ -3,7 +3,6 @@ answer-only output layer, and end-to-end runs that lower the held-out answer los
 
 import gzip
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from lmforge.data.packing import iterate_batches
 from lmforge.engine.metrics import read_metrics
 from lmforge.objectives.base import causal_lm_loss, token_cross_entropy
 
-from .conftest import REPO
+from .conftest import REPO, assert_cli_resume_is_exact, write_recipe
 
 INSTRUCTIONS = REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -217,23 +216,10 @@ def test_loss_equals_transformers_on_the_same_labels(excerpt_sets):
 
 
 def _recipe(tmp_path, base, **sections) -> str:
-    recipe = {
-        "output_dir": str(tmp_path / "run"), "seed": 0,
-        "tokenizer": {"path": str(base)},
-        "data": {"train_files": [str(INSTRUCTIONS)], "val_fraction": 0.05, "max_docs": None},
-        "model": {"path": str(base)},
-        "objective": {"name": "sft"},
-        "packing": {"seq_len": 256},
-        "trainer": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 4, "eval_every": 40, "eval_batches": 4,
-                    "eval_at_start": True, "log_every": 10, "progress": False},
-        "generate": {"prompts": ["Name a colour."], "max_new_tokens": 4},
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    recipe["data"].pop("max_docs")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return write_recipe(tmp_path, base, {
+        "data": {"train_files": [str(INSTRUCTIONS)], "val_fraction": 0.05}, "objective": {"name": "sft"},
+        "trainer": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 4, "eval_every": 40, "eval_batches": 4},
+    }, sections)
 
 
 def _val_losses(run_dir) -> list[float]:
@@ -295,15 +281,7 @@ def test_adapters_train_alone_and_load_with_plain_peft(tmp_path, base_model, met
 def test_lora_resume_is_exact(tmp_path, base_model, base_dtype):
     path = _recipe(tmp_path, base_model, method={"name": "lora", "lora": {"base_dtype": base_dtype}},
                    trainer={"max_steps": 12, "save_every": 6, "eval_every": 100, "eval_at_start": False})
-    assert CliRunner().invoke(app, ["train", path]).exit_code == 0
-    straight = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    reference = (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes()
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000012")
-    shutil.rmtree(tmp_path / "run" / "final")
-    result = CliRunner().invoke(app, ["train", path, "--resume"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes() == reference
-    assert [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")][-1] == straight[-1]["loss"]
+    assert_cli_resume_is_exact(path, tmp_path / "run", "adapter_model.safetensors", last_step=12)
 
 
 def test_lora_needs_a_pretrained_base(tmp_path, tokenizer_dir):

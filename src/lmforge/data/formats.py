@@ -10,8 +10,11 @@ import glob
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -126,6 +129,20 @@ def scan_jsonl_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[in
                 yield lineno, parse_jsonl_object(path, lineno, line)
         except DataError as exc:
             yield exc
+
+
+def parse_rows(files: list[str], parse: Callable[[str, int, dict], T], max_rows: int | None = None) -> Iterator[T | DataError]:
+    """`parse(path, line number, row)` of every JSONL row of `files`; a row that cannot be read or that
+    `parse` refuses is yielded as its DataError, and the scan goes on (a check lists them all)."""
+    for path in expand_inputs(files):
+        for item in scan_jsonl_rows(path, max_rows):
+            if isinstance(item, DataError):
+                yield item
+                continue
+            try:
+                yield parse(path, *item)
+            except DataError as exc:
+                yield exc
 
 
 def scan_jsonl(path: str, column: str, max_rows: int | None = None) -> Iterator[str | DataError]:

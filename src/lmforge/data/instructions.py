@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.formats import DataError, expand_inputs, scan_jsonl_rows
+from lmforge.data.formats import DataError, parse_rows
 from lmforge.data.packing import document_positions
 from lmforge.data.prepare import is_validation
 
@@ -80,15 +80,7 @@ def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> l
 def iter_conversations(files: list[str], fmt: InstructionFormat,
                        max_rows: int | None = None) -> Iterator[tuple[str, list[dict]] | DataError]:
     """("file:line", messages) for each row; a bad row is yielded as its error (a scan lists them all)."""
-    for path in expand_inputs(files):
-        for item in scan_jsonl_rows(path, max_rows):
-            if isinstance(item, DataError):
-                yield item
-                continue
-            try:
-                yield f"{path}:{item[0]}", row_messages(path, *item, fmt)
-            except DataError as exc:
-                yield exc
+    return parse_rows(files, lambda path, lineno, row: (f"{path}:{lineno}", row_messages(path, lineno, row, fmt)), max_rows)
 
 
 def ensure_chat_template(tokenizer, template: str | None) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.formats import DataError, expand_inputs, scan_jsonl_rows, text_field
+from lmforge.data.formats import DataError, parse_rows, text_field
 from lmforge.data.prepare import is_validation
 
 
@@ -40,22 +40,17 @@ def iter_labeled(files: list[str], column: str, label_column: str, labels: list[
                  max_rows: int | None = None) -> Iterator[tuple[str, str] | DataError]:
     """(text, label) rows; a bad row is yielded as its error (so a scan can list them all)."""
     allowed = set(labels) if labels is not None else None
-    for path in expand_inputs(files):
-        for item in scan_jsonl_rows(path, max_rows):
-            if isinstance(item, DataError):
-                yield item
-                continue
-            lineno, row = item
-            try:
-                text = text_field(path, lineno, row, column)
-                if label_column not in row:
-                    raise DataError(f"{path}:{lineno}: no label column '{label_column}' (columns: {', '.join(row)})")
-                label = str(row[label_column])
-                if allowed is not None and label not in allowed:
-                    raise DataError(f"{path}:{lineno}: label '{label}' is not in the label set {sorted(allowed)} (data.labels)")
-                yield text, label
-            except DataError as exc:
-                yield exc
+
+    def parse(path: str, lineno: int, row: dict) -> tuple[str, str]:
+        text = text_field(path, lineno, row, column)
+        if label_column not in row:
+            raise DataError(f"{path}:{lineno}: no label column '{label_column}' (columns: {', '.join(row)})")
+        label = str(row[label_column])
+        if allowed is not None and label not in allowed:
+            raise DataError(f"{path}:{lineno}: label '{label}' is not in the label set {sorted(allowed)} (data.labels)")
+        return text, label
+
+    return parse_rows(files, parse, max_rows)
 
 
 def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,

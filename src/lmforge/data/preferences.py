@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from lmforge.data.formats import DataError, expand_inputs, scan_jsonl_rows
+from lmforge.data.formats import DataError, parse_rows
 from lmforge.data.instructions import (
     Examples,
     InstructionFormat,
@@ -31,22 +31,17 @@ from lmforge.data.prepare import is_validation
 def iter_preference_rows(files: list[str], fmt: InstructionFormat, chosen_column: str, rejected_column: str,
                          max_rows: int | None = None) -> Iterator[tuple[str, list[dict], list[dict]] | DataError]:
     """("file:line", chosen conversation, rejected conversation) per row; a bad row is yielded as its error."""
-    for path in expand_inputs(files):
-        for item in scan_jsonl_rows(path, max_rows):
-            if isinstance(item, DataError):
-                yield item
-                continue
-            lineno, row = item
-            missing = [c for c in (chosen_column, rejected_column) if c not in row]
-            if missing:
-                yield DataError(f"{path}:{lineno}: no column {', '.join(repr(c) for c in missing)} for data.chosen_column / "
-                                f"data.rejected_column (columns: {', '.join(row)})")
-                continue
-            try:
-                yield (f"{path}:{lineno}", row_messages(path, lineno, row, dataclasses.replace(fmt, response_column=chosen_column)),
-                       row_messages(path, lineno, row, dataclasses.replace(fmt, response_column=rejected_column)))
-            except DataError as exc:
-                yield exc
+    answers = [dataclasses.replace(fmt, response_column=c) for c in (chosen_column, rejected_column)]
+
+    def parse(path: str, lineno: int, row: dict) -> tuple[str, list[dict], list[dict]]:
+        missing = [c for c in (chosen_column, rejected_column) if c not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: no column {', '.join(repr(c) for c in missing)} for data.chosen_column / "
+                            f"data.rejected_column (columns: {', '.join(row)})")
+        chosen, rejected = (row_messages(path, lineno, row, answer) for answer in answers)
+        return f"{path}:{lineno}", chosen, rejected
+
+    return parse_rows(files, parse, max_rows)
 
 
 class PreferencePairs:
