@@ -147,7 +147,7 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
                             pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs,
                             whole_rows=getattr(objective, "scores_whole_rows", False))
     skipped = f"; {sets.dropped} dropped (longer than seq_len {pcfg.seq_len}, or nothing to learn)" if sets.dropped else ""
-    reference = objective.name == "dpo"
+    reference = getattr(objective, "needs_reference", False)
     say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}"
         + ("; computing the reference model's log-probabilities" if reference else ""))
     if reference:  # in the run's precision (auto resolves as in the loop): reference and policy agree at step 0

@@ -28,6 +28,7 @@ class DirectPreference(ObjectiveBase):
     name = "dpo"
     head = "causal_lm"
     data_kind = "preferences"
+    needs_reference = True  # the data source runs attach_reference before training
 
     def __init__(self, cfg=None, tokenizer=None):
         super().__init__(cfg, tokenizer)
@@ -48,7 +49,8 @@ class DirectPreference(ObjectiveBase):
 def attach_reference(model: nn.Module, pairs: PreferencePairs, batch_size: int, device: torch.device,
                      precision: str) -> None:
     """The reference's summed answer log-probabilities of every row, stored on `pairs`. The reference
-    is `model` as it is now, with its adapters switched off (peft): the base the policy starts from."""
+    is `model` as it is now, with its adapters switched off (peft): the base the policy starts from.
+    (The model is left on `device`, where training is about to put it anyway.)"""
     was_training = model.training
     model.to(device).eval()
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()  # a PeftModel
