@@ -258,6 +258,14 @@ class TrainerConfig(Section):
         return self
 
 
+class RegularizeConfig(Section):
+    """Terms added to any objective's training loss that keep what the starting model knew."""
+
+    # L2-SP (Li et al., 2018): strength/2 * ||theta - theta_start||^2 over the trained parameters, pulling
+    # them toward the starting point instead of toward zero (0 = off)
+    l2sp: float = Field(0.0, ge=0.0)
+
+
 class GenerateConfig(Section):
     prompts: list[str] = Field(default_factory=lambda: ["The"])
     max_new_tokens: int = Field(40, gt=0)
@@ -278,6 +286,13 @@ class Recipe(Section):
     packing: PackingConfig = Field(default_factory=PackingConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+
+    @model_validator(mode="after")
+    def _l2sp_unsharded(self) -> Recipe:
+        if self.regularize.l2sp and self.trainer.strategy == "fsdp":  # its anchors are whole tensors
+            raise ValueError("regularize.l2sp: not with trainer.strategy fsdp (use ddp)")
+        return self
 
     @model_validator(mode="after")
     def _prompt_learning_fits(self) -> Recipe:

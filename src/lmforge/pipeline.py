@@ -43,6 +43,7 @@ from lmforge.models.factory import (
     preset_config,
 )
 from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
+from lmforge.objectives.regularize import Regularized, l2sp_penalty
 from lmforge.sources import training_source
 
 STAMP = "lmforge_stage.json"
@@ -225,6 +226,9 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
+    if recipe.regularize.l2sp:  # anchored at the weights training starts from (also on resume: from model.path)
+        trained = [p for group in groups for p in group["params"]]
+        objective = Regularized(objective, l2sp_penalty(trained, recipe.regularize.l2sp))
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out_dir / "recipe.yaml")
 
