@@ -264,6 +264,19 @@ class RegularizeConfig(Section):
     # L2-SP (Li et al., 2018): strength/2 * ||theta - theta_start||^2 over the trained parameters, pulling
     # them toward the starting point instead of toward zero (0 = off)
     l2sp: float = Field(0.0, ge=0.0)
+    # EWC (Kirkpatrick et al., 2017): strength/2 * sum F * (theta - theta_start)^2, F the diagonal Fisher
+    # of the starting model's language modelling on the old data (`fisher_data`: a prepared corpus,
+    # e.g. the general corpus a continual-pretraining run started from), scaled to mean 1 so that
+    # the strength reads like l2sp's; causal-LM objectives (0 = off)
+    ewc: float = Field(0.0, ge=0.0)
+    fisher_data: str | None = None
+    fisher_rows: int = Field(32, gt=0)  # rows of the old data, one gradient each
+
+    @model_validator(mode="after")
+    def _fisher_data_given(self) -> RegularizeConfig:
+        if self.ewc and not self.fisher_data:
+            raise ValueError("ewc needs fisher_data: a prepared corpus of the data the model should not forget")
+        return self
 
 
 class GenerateConfig(Section):
@@ -290,8 +303,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _l2sp_unsharded(self) -> Recipe:
-        if self.regularize.l2sp and self.trainer.strategy == "fsdp":  # its anchors are whole tensors
-            raise ValueError("regularize.l2sp: not with trainer.strategy fsdp (use ddp)")
+        if (self.regularize.l2sp or self.regularize.ewc) and self.trainer.strategy == "fsdp":  # anchors are whole tensors
+            raise ValueError("regularize: l2sp and ewc do not run with trainer.strategy fsdp (use ddp)")
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ recipe twice redoes nothing, and an interrupted run picks up at the stage it was
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, iter_corpus
 from lmforge.data.labeled import iter_labeled
-from lmforge.data.packing import PackedRows
+from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
 from lmforge.data.tokenizer import (
     domain_tokens,
@@ -43,7 +44,7 @@ from lmforge.models.factory import (
     preset_config,
 )
 from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
-from lmforge.objectives.regularize import Regularized, l2sp_penalty
+from lmforge.objectives.regularize import Regularized, diagonal_fisher, ewc_penalty, l2sp_penalty
 from lmforge.sources import training_source
 
 STAMP = "lmforge_stage.json"
@@ -214,6 +215,25 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     os.replace(tmp, out)
 
 
+def _regularized(recipe: Recipe, objective, model, groups: list[dict], tokenizer):
+    """The objective with the recipe's L2-SP / EWC terms, anchored at the weights training starts from
+    (a resumed run rebuilds them from model.path, as the first run did)."""
+    cfg = recipe.regularize
+    trained = [p for group in groups for p in group["params"]]
+    if cfg.l2sp:
+        objective = Regularized(objective, l2sp_penalty(trained, cfg.l2sp))
+    if cfg.ewc:
+        if objective.head != "causal_lm":
+            raise ValueError(f"regularize.ewc: its Fisher is of language modelling; objective '{objective.name}' "
+                             "trains another head")
+        rows = PackedRows(load_prepared(cfg.fisher_data, tokenizer).split("train"), recipe.packing.seq_len)
+        say(f"regularize: EWC's Fisher information from {cfg.fisher_rows} rows of {cfg.fisher_data}")
+        batches = itertools.islice(iterate_batches(rows, 1, recipe.seed), cfg.fisher_rows)
+        fisher = diagonal_fisher(model, trained, batches, pick_device())
+        objective = Regularized(objective, ewc_penalty(trained, cfg.ewc, fisher))
+    return objective
+
+
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
@@ -226,9 +246,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
-    if recipe.regularize.l2sp:  # anchored at the weights training starts from (also on resume: from model.path)
-        trained = [p for group in groups for p in group["params"]]
-        objective = Regularized(objective, l2sp_penalty(trained, recipe.regularize.l2sp))
+    objective = _regularized(recipe, objective, model, groups, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out_dir / "recipe.yaml")
 
