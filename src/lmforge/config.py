@@ -100,7 +100,7 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "reward"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "reward", "distill"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -120,6 +120,18 @@ class ObjectiveConfig(Section):
     symmetric: bool = False
     # dpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer)
     beta: float = Field(0.1, gt=0.0)
+    # distill: the teacher (a local causal-LM checkpoint with the student's vocabulary), the softmax
+    # temperature of both distributions, and the distillation term's share of the loss (the rest is
+    # the usual next-token loss on the data)
+    teacher: str | None = None
+    distill_temperature: float = Field(2.0, gt=0.0)
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _teacher_given(self) -> ObjectiveConfig:
+        if self.name == "distill" and not self.teacher:
+            raise ValueError("teacher: the distill objective needs the teacher's local checkpoint directory")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> ObjectiveConfig:

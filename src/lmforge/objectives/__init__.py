@@ -7,6 +7,7 @@ from lmforge.objectives.base import Objective
 from lmforge.objectives.classify import SequenceClassification
 from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.contrastive import Contrastive
+from lmforge.objectives.distill import Distillation
 from lmforge.objectives.dpo import DirectPreference
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.prefix_lm import PrefixLM
@@ -16,7 +17,8 @@ from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
                                "contrastive": Contrastive, "classify": SequenceClassification,
-                               "sft": SupervisedFineTuning, "dpo": DirectPreference, "reward": RewardModel}
+                               "sft": SupervisedFineTuning, "dpo": DirectPreference, "reward": RewardModel,
+                               "distill": Distillation}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:
