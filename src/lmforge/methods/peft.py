@@ -57,10 +57,12 @@ def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.
     if cfg.name == "lora":
         model.to(base_dtype(cfg.lora.base_dtype))
     heads = [name for name in HEAD_MODULES if isinstance(getattr(model, name, None), nn.Module)]
+    config = _adapter_config(cfg, heads or None, model)
     try:
-        model = get_peft_model(model, _adapter_config(cfg, heads or None, model))
-    except ValueError as exc:  # peft names the target modules it could not find
-        raise ValueError(f"method.{cfg.name}.target_modules: {exc}") from None
+        model = get_peft_model(model, config)
+    except ValueError as exc:  # e.g. peft names the target modules it could not find
+        where = "method.prompt" if cfg.name in PROMPT_METHODS else f"method.{cfg.name}.target_modules"
+        raise ValueError(f"{where}: {exc}") from None
     for name in heads:  # peft keeps a trainable copy of each head; store it in fp32 like the adapters
         model.base_model.model.get_submodule(name).to(torch.float32)
     if cfg.name == "lora" and cfg.lora.base_dtype == "int8":
