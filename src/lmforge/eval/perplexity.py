@@ -37,7 +37,9 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs,
             for key, value in metrics.items():
                 counts[key] = counts.get(key, 0) + int(value)
     mean = total_loss / max(total_tokens, 1)
-    result = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}
+    result = {"loss": mean, "tokens": total_tokens}
+    if getattr(objective, "per_token_loss", True):  # a perplexity only where the loss is per token
+        result["ppl"] = math.exp(min(mean, 50.0))
     if "correct" in counts:
         result["accuracy"] = counts["correct"] / max(total_tokens, 1)
     if "sentence_correct" in counts:

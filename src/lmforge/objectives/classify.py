@@ -12,6 +12,7 @@ class SequenceClassification(ObjectiveBase):
     name = "classify"
     head = "classifier"
     data_kind = "labeled"
+    per_token_loss = False  # one loss per example (pair): no perplexity
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

@@ -28,6 +28,7 @@ class DirectPreference(ObjectiveBase):
     name = "dpo"
     head = "causal_lm"
     data_kind = "preferences"
+    per_token_loss = False  # one loss per example (pair): no perplexity
     needs_reference = True  # the data source runs attach_reference before training
 
     def __init__(self, cfg=None, tokenizer=None):

@@ -20,6 +20,7 @@ class RewardModel(ObjectiveBase):
     name = "reward"
     head = "classifier"
     data_kind = "preferences"
+    per_token_loss = False  # one loss per example (pair): no perplexity
     head_config = {"num_labels": 1, "id2label": {0: "reward"}, "label2id": {"reward": 0}}
     scores_whole_rows = True  # the answer's last token (its EOS) included: batches are not shifted
 
