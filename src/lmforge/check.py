@@ -86,13 +86,15 @@ def _sources(recipe: Recipe) -> list[tuple[str, str, bool]]:
 
 
 def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_rows: int | None):
+    from lmforge.objectives import objective_data
+
     cfg = recipe.data
     if fmt != "jsonl":
         return _guarded_rows(path, column, fmt, sample_rows)
-    if main and recipe.objective.name == "sft":  # conversations: prompt columns, answer column or messages
+    if main and objective_data(recipe.objective) == "instructions":  # conversations: prompt columns, answer column or messages
         conversations = iter_conversations([path], InstructionFormat.of(cfg), sample_rows)
         return (c if isinstance(c, DataError) else "\n".join(str(m["content"]) for m in c[1]) for c in conversations)
-    if main and recipe.objective.name in ("dpo", "reward"):  # the prompt's columns and both answers' columns
+    if main and objective_data(recipe.objective) == "preferences":  # the prompt's columns and both answers' columns
         pairs = iter_preference_rows([path], InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column, sample_rows)
         return (p if isinstance(p, DataError) else "\n".join(str(m["content"]) for m in p[1]) for p in pairs)
     if main and cfg.label_column:  # labels too, against the label set when one is given
@@ -171,7 +173,9 @@ def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
         report.length_unit = "tokens, estimated as characters/4 (tokenizer not trained yet)"
     report.histogram = _histogram(lengths)
     report.longer_than_seq = sum(n > recipe.packing.seq_len for n in lengths)
-    if recipe.objective.name in ("sft", "dpo", "reward"):  # examples are never split: see data.long_examples
+    from lmforge.objectives import objective_data
+
+    if objective_data(recipe.objective) in ("instructions", "preferences"):  # examples are never split: see data.long_examples
         report.long_fate = f"data.long_examples: {recipe.data.long_examples}"
     if tokenizer is not None:
         try:

@@ -176,7 +176,7 @@ class PromptConfig(Section):
     """Prompt learning (method.name: prompt_tuning | prefix_tuning | p_tuning): the model stays frozen and
     `virtual_tokens` learned vectors steer it. prompt_tuning: embeddings prepended to the input;
     p_tuning: the same, produced by a small MLP; prefix_tuning: keys and values prepended in every layer.
-    Built by `peft` for causal LMs (clm, sft); the folder loads with `PeftModel.from_pretrained`."""
+    Built by `peft` for causal LMs (clm, sft, dpo); the folder loads with `PeftModel.from_pretrained`."""
 
     virtual_tokens: int = Field(20, gt=0)  # prompt_tuning starts them as embeddings of sampled vocabulary tokens
     encoder_hidden_size: int | None = Field(None, gt=0)  # p_tuning's MLP, prefix_tuning's projection (default: model width)

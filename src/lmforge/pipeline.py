@@ -347,7 +347,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []
-    chat = recipe.objective.name in ("sft", "dpo")  # instruction-tuned: prompts are user turns
+    chat = objective_data(recipe.objective) in ("instructions", "preferences")  # chat-tuned: prompts are user turns
     if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p,
                                  recipe.seed, chat=chat)

@@ -133,6 +133,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a decoder reads from a batch of pre-shifted rows: the ids, and position ids when documents are masked."""
+    return {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
+
+
+def token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits at the batch's own positions (under prompt learning peft's output also
+    covers its virtual tokens, in front of them)."""
+    return model(**model_inputs(batch), use_cache=False).logits[:, -batch["labels"].shape[1]:]
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], labelled_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy on pre-shifted `labels` (-100 = not learned), and the target count.
 
@@ -140,14 +151,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], labelled_on
     logits tensor). With `labelled_only` (instruction tuning: prompts are not learned) only labelled
     positions go through the output layer at all: on short answers after long prompts most of the
     vocabulary-sized work disappears. Same loss and gradients as the plain path (tested)."""
-    inputs = {"input_ids": batch["input_ids"]}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
     labels = batch["labels"]
     plain = _plain_decoder(model)
-    if plain is None:  # (prompt tuning's logits also cover its virtual tokens, in front)
-        return token_cross_entropy(model(**inputs, use_cache=False).logits[:, -labels.shape[1]:], labels)
-    hidden = plain.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    if plain is None:
+        return token_cross_entropy(token_logits(model, batch), labels)
+    hidden = plain.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state
     keep = labels != -100
     if labelled_only:
         hidden, labels = hidden[keep], labels[keep]
@@ -160,8 +168,7 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     """Each row's summed log-probability of its labelled tokens (`labels` pre-shifted, -100 = not
     scored), in fp32: what preference objectives compare between answers and between models."""
     labels = batch["labels"]
-    # (prompt learning's logits also cover its virtual tokens, in front)
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, -labels.shape[1]:].float()
+    logits = token_logits(model, batch).float()
     # gather - logsumexp keeps only the logits for the backward pass (log_softmax would keep a second
     # tokens x vocabulary tensor)
     token_logps = logits.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) - logits.logsumexp(-1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.factory import ModelError, load_model
-from lmforge.objectives.base import ObjectiveBase, token_cross_entropy
+from lmforge.objectives.base import ObjectiveBase, token_cross_entropy, token_logits
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -49,12 +49,11 @@ class Distillation(ObjectiveBase):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
-        inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
-        student = model(**inputs, use_cache=False).logits[:, -labels.shape[1]:]
+        student = token_logits(model, batch)
         ce, count = token_cross_entropy(student, labels)
         if not (model.training and torch.is_grad_enabled()):  # evaluation: the student's own loss
             return ce, {"tokens": count}
         with torch.no_grad():
-            teacher = self.teacher(labels.device, student.shape[-1])(**inputs, use_cache=False).logits
+            teacher = token_logits(self.teacher(labels.device, student.shape[-1]), batch)
         kl = distillation_kl(student, teacher, labels != -100, self.temperature)
         return self.alpha * self.temperature**2 * kl + (1 - self.alpha) * ce, {"tokens": count}
