@@ -91,3 +91,26 @@ def test_training_raises_retrieval_recall_above_chance(tmp_path, tokenizer_dir):
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(str(tmp_path / "out" / "final")).config.model_type == "bert"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_a_trained_encoder_is_a_sentence_transformers_folder(tmp_path, tokenizer_dir, pooling):
+    """The saved encoder records its pooling: `SentenceTransformer(folder)` embeds as training did."""
+    from sentence_transformers import SentenceTransformer
+
+    path = _pair_recipe(tmp_path, tokenizer_dir, pooling=pooling)
+    result = CliRunner().invoke(app, ["train", str(path), "trainer.max_steps=2", "trainer.save_every=null"])
+    assert result.exit_code == 0, result.output
+    final = tmp_path / "out" / "final"
+    assert not any("pooler" in k for k in __import__("safetensors.torch").torch.load_file(final / "model.safetensors"))
+    st = SentenceTransformer(str(final), device="cpu", local_files_only=True)
+    texts = ["How do I read a file?", "What is a list comprehension in Python?"]
+    theirs = st.encode(texts, convert_to_tensor=True)
+    features = st.tokenize(texts)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(final), add_pooling_layer=False).eval()
+    objective = get_objective(ObjectiveConfig(name="contrastive", pooling=pooling), None)
+    with torch.no_grad():
+        ours = objective.embed(model, features["input_ids"], features["attention_mask"])
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)

@@ -78,6 +78,13 @@ def _worker(rank: int, world: int, port: int, prepared_dir: str, out: str, optio
         torch.distributed.destroy_process_group()
 
 
+# Adam turns fp32 reduction-order noise in near-zero gradients into moves of up to lr (3e-3): on an
+# AMD EPYC (fp32 kernels other than the Intel machine's these tests were first run on) the two sides
+# ended up to 1.3e-5 apart after 4 steps. Sides that trained apart (no gradient all-reduce, other rows)
+# end much further apart, their gradients pointing different ways.
+ADAM_ATOL = 1e-4
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +98,7 @@ def test_ddp_two_processes_match_one_process(prepared, tmp_path):
     assert saved["rows"].tolist() == [4, 4, 4, 4]  # each rank trained on its half of every batch of 8
     ddp = saved["weights"]
     for name, tensor in single.state_dict().items():
-        torch.testing.assert_close(ddp[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ddp[name], tensor, atol=ADAM_ATOL, rtol=1e-4, msg=name)
     # rank 0 alone wrote the metrics and the checkpoint; the logged loss is the global batch's
     single_losses = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl", "train")]
     ddp_losses = [r["loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl", "train")]
@@ -115,7 +122,7 @@ def test_ddp_lora_on_an_int8_base_matches_one_process(prepared, tmp_path):
     assert trained and all("lora_" in n for n in trained)
     assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # they trained (B starts at zero)
     for name, tensor in trained.items():
-        torch.testing.assert_close(ddp[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ddp[name], tensor, atol=ADAM_ATOL, rtol=1e-4, msg=name)
 
 
 def _checkpoint_weights(out) -> dict[str, torch.Tensor]:
@@ -136,7 +143,7 @@ def test_fsdp_two_processes_hold_half_each_and_match_one_process(prepared, tmp_p
         assert held["held"] <= held["total"] // 2 + 64 * 2  # a half, give or take odd rows
     saved = _checkpoint_weights(tmp_path / "fsdp")
     for name, tensor in single.named_parameters():  # each tied weight once, as checkpoints hold it
-        torch.testing.assert_close(saved[name], tensor.detach(), atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(saved[name], tensor.detach(), atol=ADAM_ATOL, rtol=1e-4, msg=name)
     single_losses = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl", "train")]
     fsdp_losses = [r["loss"] for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl", "train")]
     assert len(fsdp_losses) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(single_losses, fsdp_losses, strict=True))
@@ -154,7 +161,7 @@ def test_fsdp_run_killed_mid_way_resumes_to_the_same_weights(prepared, tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), str(prepared.directory), out, {"strategy": "fsdp", "resume": True}), nprocs=2, join=True)
     saved = _checkpoint_weights(tmp_path / "fsdp")
     for name, tensor in single.named_parameters():  # each tied weight once, as checkpoints hold it
-        torch.testing.assert_close(saved[name], tensor.detach(), atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(saved[name], tensor.detach(), atol=ADAM_ATOL, rtol=1e-4, msg=name)
 
 
 def test_fsdp_lora_trains_the_adapters_one_process_trains(prepared, tmp_path):
@@ -194,8 +201,8 @@ def test_a_checkpoint_resumes_under_another_strategy(prepared, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), data, str(single_then_sharded), {"strategy": "fsdp", "resume": True}), nprocs=2, join=True)
     resharded = _checkpoint_weights(single_then_sharded)
     for name, tensor in single.named_parameters():  # each tied weight once, as checkpoints hold it
-        torch.testing.assert_close(resumed.state_dict()[name], tensor.detach(), atol=1e-5, rtol=1e-4, msg=name)
-        torch.testing.assert_close(resharded[name], tensor.detach(), atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(resumed.state_dict()[name], tensor.detach(), atol=ADAM_ATOL, rtol=1e-4, msg=name)
+        torch.testing.assert_close(resharded[name], tensor.detach(), atol=ADAM_ATOL, rtol=1e-4, msg=name)
 
 
 def _train_contrastive(tokenizer_dir: str, out: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -243,4 +250,4 @@ def test_ddp_contrastive_sees_the_whole_batch_as_negatives(tokenizer_dir, tmp_pa
     for saved in ranks:
         torch.testing.assert_close(saved["logit_scale"], single_scale, atol=1e-6, rtol=1e-5)
         for name, tensor in single.state_dict().items():
-            torch.testing.assert_close(saved["weights"][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(saved["weights"][name], tensor, atol=ADAM_ATOL, rtol=1e-4, msg=name)

@@ -98,7 +98,7 @@ def test_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
     assert int(metrics["tokens"]) == 4
 
 
-@pytest.mark.parametrize("method, lr", [({"name": "full"}, 1e-3), ({"name": "lora", "lora": {"rank": 8}}, 1e-2)],
+@pytest.mark.parametrize("method, lr", [({"name": "full"}, 1e-3), ({"name": "lora", "lora": {"rank": 8}}, 5e-3)],
                          ids=["full", "lora"])
 def test_dpo_run_prefers_the_chosen_answers_on_held_out_pairs(tmp_path, base_model, pairs_file, method, lr):
     """Step 0 is the reference itself (loss log 2, no pair won); after 30 steps the held-out pairs'
@@ -108,7 +108,8 @@ def test_dpo_run_prefers_the_chosen_answers_on_held_out_pairs(tmp_path, base_mod
     assert "computing the reference model's log-probabilities" in result.output
     before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-6) and before["accuracy"] == 0.0
-    # measured: full 0.135 and 33/33 pairs won; LoRA 0.523 and 32/33
+    # measured: full 0.135 and 33/33 pairs won; LoRA at lr 5e-3 0.300 and 33/33 on an AMD EPYC (at 1e-2
+    # it reached 0.523 on another machine but rose to 0.771 there: too large a step to hold everywhere)
     assert after["loss"] < before["loss"] - 0.1 and after["accuracy"] >= 0.8 and after["tokens"] >= 20
     final = tmp_path / "run" / "final"
     assert (final / ("adapter_model.safetensors" if method["name"] == "lora" else "model.safetensors")).is_file()

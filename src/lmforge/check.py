@@ -199,6 +199,13 @@ def _check_paths(recipe: Recipe, report: CheckReport) -> None:
             break
     if recipe.model.path and not Path(recipe.model.path, "config.json").is_file():
         report.errors.append(f"model.path: {recipe.model.path} is not a model directory (no config.json)")
+    elif recipe.model.path and not Path(recipe.model.path, "adapter_config.json").is_file():
+        from lmforge.models.factory import ModelError, ensure_safe_weights
+
+        try:
+            ensure_safe_weights(Path(recipe.model.path))
+        except ModelError as exc:
+            report.errors.append(f"model.path: {exc}")
     report.notes.append(f"trust_remote_code: {'ON (recipe asks for it)' if recipe.model.trust_remote_code else 'off'}")
 
 

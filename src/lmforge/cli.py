@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -28,19 +29,47 @@ def _fail(message: str) -> None:
 
 
 def _guarded(fn, *args, **kwargs):
-    """Run a stage; expected failures (bad input, bad config) become one clear line and exit code 2."""
+    """Run a stage; expected failures (bad input, bad config, a full disk) become one clear line and
+    exit code 2. Anything else is a bug in lmforge: one line and exit code 3, the traceback in a file."""
     from lmforge.config import ConfigError
     from lmforge.data.formats import DataError
     from lmforge.engine.checkpoint import CheckpointError
     from lmforge.engine.loop import TrainingDiverged
     from lmforge.models.factory import ModelError
+    from lmforge.outputs import is_disk_full
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, DataError, ModelError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if isinstance(exc, (ConfigError, DataError, ModelError, CheckpointError, TrainingDiverged, ValueError)):
+            _fail(str(exc))  # their messages name the file or key already
+        if is_disk_full(exc):
+            where = getattr(exc, "filename", None)
+            _fail(f"disk full{f' writing {where}' if where else ''}: nothing half-written was kept; free some space "
+                  "and run again (--resume continues a training run from its last checkpoint)")
+        if isinstance(exc, FileNotFoundError) and not exc.filename:
+            _fail(str(exc))
+        if isinstance(exc, OSError):
+            _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+        _crash(exc)
+
+
+def _crash(exc: BaseException) -> None:
+    """An unexpected exception: its traceback goes to a file, the user gets one line naming it."""
+    import tempfile
+    import traceback
+
+    log = Path(tempfile.gettempdir()) / f"lmforge-crash-{os.getpid()}.txt"
+    try:
+        log.write_text("".join(traceback.format_exception(exc)))
+        saved = f"; the traceback is in {log}"
+    except OSError:
+        saved = ""
+    typer.secho(f"error: internal error {type(exc).__name__}: {exc} (a bug in lmforge, please report it{saved})",
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=3)
 
 
 def _recipe(path: Path | None, overrides: list[str] | None):
@@ -53,7 +82,7 @@ def _precheck(cfg) -> None:
     """The pre-launch check on a sample of each data file; a run never starts on known-bad input."""
     from lmforge.check import check_recipe
 
-    report = check_recipe(cfg, sample_rows=1000, measure=False)
+    report = _guarded(check_recipe, cfg, sample_rows=1000, measure=False)
     if not report.ok:
         typer.echo(report.render(), err=True)
         _fail("pre-launch check failed; nothing was written (details above; `lmforge check` scans every row)")
@@ -78,9 +107,9 @@ def tokenizer(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output tokenizer directory.")],
     column: Annotated[str, typer.Option(help="Column holding the text (JSONL/CSV/Parquet).")] = "text",
     kind: Annotated[str, typer.Option(help="bpe (byte-level) or unigram.")] = "bpe",
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 8192,
-    min_frequency: Annotated[int, typer.Option(help="Minimum pair frequency for a BPE merge.")] = 2,
-    num_sentinels: Annotated[int, typer.Option(help="T5 sentinel tokens <extra_id_N> to reserve.")] = 0,
+    vocab_size: Annotated[int, typer.Option(min=1, help="Vocabulary size, special tokens included.")] = 8192,
+    min_frequency: Annotated[int, typer.Option(min=1, help="Minimum pair frequency for a BPE merge.")] = 2,
+    num_sentinels: Annotated[int, typer.Option(min=0, help="T5 sentinel tokens <extra_id_N> to reserve.")] = 0,
 ) -> None:
     """Train a tokenizer and save it as a transformers tokenizer directory."""
     from lmforge.data.formats import iter_corpus
@@ -97,8 +126,8 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for shards and manifest.")],
     column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
     fmt: Annotated[str, typer.Option("--format", help="auto, text, jsonl, csv, parquet or hf.")] = "auto",
-    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.02,
-    max_docs: Annotated[int | None, typer.Option(help="Stop after this many documents.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Fraction of documents held out for validation.")] = 0.02,
+    max_docs: Annotated[int | None, typer.Option(min=1, help="Stop after this many documents.")] = None,
 ) -> None:
     """Tokenize a corpus into memory-mapped token shards (a no-op when nothing changed)."""
     from lmforge.data.prepare import prepare_corpus
@@ -140,9 +169,9 @@ def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Prepared corpus directory.")],
     objective: Annotated[str, typer.Option(help="Objective whose loss to measure.")] = "clm",
-    seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
-    max_batches: Annotated[int | None, typer.Option(help="Evaluate at most this many batches.")] = None,
+    seq_len: Annotated[int, typer.Option(min=2, help="Sequence length.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
+    max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many batches.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
 ) -> None:
     """Validation loss and perplexity of a model (or training checkpoint) on a prepared corpus."""
@@ -159,10 +188,10 @@ def evaluate(
 def generate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens.")] = 50,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 40,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Keep the k most likely tokens.")] = 50,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass, in (0, 1].")] = 0.95,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
     chat: Annotated[bool, typer.Option(help="Each prompt is a user turn, rendered with the model's chat template.")] = False,
@@ -170,6 +199,8 @@ def generate(
     """Sample continuations from a causal LM (a final model or a training checkpoint), or chat replies."""
     from lmforge.pipeline import generate_stage
 
+    if top_p is not None and top_p <= 0:
+        _fail("--top-p: must be above 0 (0 would keep no token); 1 keeps them all")
     texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, chat))
     for p, text in zip(prompt, texts, strict=True):
         typer.echo(f"{p}\n-> {text}" if chat else p + text)

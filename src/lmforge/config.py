@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no settings: `trainer.lr=inf` would train a model of non-finite weights
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TokenizerConfig(Section):
@@ -391,6 +392,8 @@ TRAINING_LENGTH = {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs"}
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings; values are parsed as YAML (`3e-4`, `true`, `[1, 2]`)."""
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError(f"the recipe must be a mapping of sections to apply overrides to, got {type(raw).__name__}")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -402,7 +405,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_value(text)
+        try:
+            node[parts[-1]] = _parse_value(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         if key.strip() in TRAINING_LENGTH:  # a new length replaces the recipe's (it may use another unit)
             for other in TRAINING_LENGTH - {key.strip()}:
                 node.pop(other.split(".")[-1], None)
@@ -420,6 +426,25 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently,
+    dropping a whole section when a section name repeats)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' given twice (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     raw: dict = {}
     source = str(path) if path else "recipe"
@@ -428,11 +453,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{line}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the recipe must be a mapping of sections (trainer:, model:, ...), "
+                          f"got a {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     return validate_recipe(raw, source)
 

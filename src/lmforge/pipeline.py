@@ -6,6 +6,9 @@ recipe twice redoes nothing, and an interrupted run picks up at the stage it was
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import itertools
 import json
@@ -25,9 +28,12 @@ from lmforge.data.tokenizer import (
     domain_tokens,
     extend_tokenizer,
     load_tokenizer,
+    save_portable,
+    save_tokenizer,
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from lmforge.engine.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from lmforge.engine.distributed import init_strategy, say
 from lmforge.engine.loop import TrainResult, train
 from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
@@ -45,9 +51,35 @@ from lmforge.models.factory import (
 )
 from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
 from lmforge.objectives.regularize import Regularized, diagonal_fisher, ewc_penalty, l2sp_penalty
+from lmforge.outputs import (
+    OutputError,
+    RunLock,
+    ensure_replaceable,
+    ensure_run_folder,
+    has_stamp,
+    is_disk_full,
+    move_aside,
+    read_stamp,
+    remove_stale_temporaries,
+    replace_dir,
+    stamp_matches,
+    temporaries_of,
+    temporary_sibling,
+    write_stamp,
+)
 from lmforge.sources import training_source
 
-STAMP = "lmforge_stage.json"
+# Recipe keys that cannot change the trained weights (evaluation runs on a forked RNG): left out of
+# the train key, so changing them never retrains. Every other key is in it, and so is a fingerprint of
+# every file and folder the recipe names.
+NOT_IN_TRAIN_KEY = frozenset({
+    "name", "output_dir", "generate", "trainer.progress", "trainer.log_every", "trainer.save_every",
+    "trainer.keep_last", "trainer.eval_every", "trainer.eval_batches", "trainer.eval_at_start",
+})
+# What `--resume` accepts as changed: the above, a new training length (the schedule is then stretched
+# or shortened from the checkpoint on), and the strategy (checkpoints are keyed by parameter name and
+# resume under any strategy, tested). Any other change would make the run neither the old nor the new recipe.
+SAFE_ON_RESUME = NOT_IN_TRAIN_KEY | {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs", "trainer.strategy"}
 
 
 def _hash(obj) -> str:
@@ -59,13 +91,52 @@ def _file_stats(patterns: list[str]) -> list[tuple[str, int, float]]:
     return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in expand_inputs(patterns)]
 
 
-def _stamp_matches(directory: Path, key: str) -> bool:
-    stamp = directory / STAMP
-    return stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+def flat_settings(recipe: Recipe) -> dict:
+    """The recipe as `section.key -> value` (lists and free-form mappings stay whole values)."""
+    out: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key not in ("overrides",) and value:
+                walk(name + ".", value)
+            else:
+                out[name] = value
+    walk("", recipe.model_dump(mode="json"))
+    return out
 
 
-def _write_stamp(directory: Path, key: str, **info) -> None:
-    (directory / STAMP).write_text(json.dumps({"key": key, **info}, indent=1))
+def _excluded(key: str, excluded: frozenset[str]) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in excluded)
+
+
+def _path_fingerprint(value: str, outputs: Path) -> list | None:
+    """Size and mtime of every file at a path the recipe names (a file, a folder, a glob); None when
+    the string names nothing on disk. The run's own outputs are left out (they are what it writes)."""
+    matches = sorted(glob.glob(value, recursive=True)) if any(c in value for c in "*?[") else [value]
+    found = []
+    for match in matches:
+        path = Path(match)
+        if not path.exists() or path.absolute().is_relative_to(outputs):
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        found += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return found or None
+
+
+def input_fingerprints(recipe: Recipe) -> dict:
+    """For every recipe string that names a file, folder or glob on disk: its files' sizes and mtimes."""
+    outputs = Path(recipe.output_dir).absolute()
+    prints = {}
+    for key, value in flat_settings(recipe).items():
+        if _excluded(key, NOT_IN_TRAIN_KEY):
+            continue
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str) and item and not item.startswith("hf:"):
+                found = _path_fingerprint(item, outputs)
+                if found:
+                    prints[f"{key}[{i}]"] = found
+    return prints
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -81,12 +152,12 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
         return load_tokenizer(source, recipe.model.trust_remote_code)
     files = expand_inputs(cfg.train_files)
     key = _hash({"cfg": cfg.model_dump(), "inputs": _file_stats(files)})
-    if _stamp_matches(out, key):
+    if stamp_matches(out, key):
         return load_tokenizer(out)
     say(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
     tokenizer = train_tokenizer(iter_corpus(files, cfg.column, max_docs=cfg.max_docs), out, cfg.kind,
                                 cfg.vocab_size, cfg.min_frequency, cfg.num_sentinels)
-    _write_stamp(out, key, fingerprint=tokenizer_fingerprint(tokenizer))
+    write_stamp(out, key, fingerprint=tokenizer_fingerprint(tokenizer))
     return tokenizer
 
 
@@ -98,13 +169,13 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     out = recipe.tokenizer_dir
     files = expand_inputs(cfg.extend_files)
     key = _hash({"cfg": cfg.model_dump(), "inputs": _file_stats(files)})
-    if _stamp_matches(out, key):
+    if stamp_matches(out, key):
         return load_tokenizer(out)
+    ensure_replaceable(out.absolute(), has_stamp, "a tokenizer lmforge wrote")
     tokenizer = load_tokenizer(base_dir, recipe.model.trust_remote_code)
     new_tokens = domain_tokens(tokenizer, iter_corpus(files, cfg.column), cfg.extend_count, cfg.extend_min_frequency)
     new_ids = extend_tokenizer(tokenizer, new_tokens)
-    tokenizer.save_pretrained(out)
-    _write_stamp(out, key, base=str(base_dir), new_tokens=new_tokens, new_ids=new_ids)
+    save_tokenizer(tokenizer, out, key, base=str(base_dir), new_tokens=new_tokens, new_ids=new_ids)
     say(f"tokenizer: added {len(new_tokens)} domain tokens to {base_dir} (e.g. {new_tokens[:5]}); saved to {out}")
     return load_tokenizer(out)
 
@@ -166,8 +237,7 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         model = load_model(cfg.path, head, cfg.trust_remote_code, **head_config)
         if model.config.pad_token_id is None:  # sequence classifiers find each row's end by the pad id
             model.config.pad_token_id = tokenizer.pad_token_id
-        stamp = recipe.tokenizer_dir / STAMP
-        added = json.loads(stamp.read_text()) if recipe.tokenizer.extend_count and stamp.is_file() else {}
+        added = read_stamp(recipe.tokenizer_dir) if recipe.tokenizer.extend_count else {}
         if added.get("new_tokens"):
             init_new_embeddings(model, load_tokenizer(added["base"]), added["new_tokens"], added["new_ids"])
         elif len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -179,7 +249,6 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
         config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **{**head_config, **cfg.overrides})
         model = build_model(config, head, tokenizer)
     ensure_fits_length(model.config, seq_len, recipe.method.virtual_positions)
-    say(describe(model, seq_len))
     return model
 
 
@@ -191,28 +260,76 @@ class TrainOutcome:
     skipped: bool = False
 
 
-def _train_key(recipe: Recipe, corpora: dict[str, PreparedCorpus]) -> str:
-    parts = recipe.model_dump(include={"seed", "model", "objective", "method", "packing", "trainer"})
-    parts["trainer"].pop("progress", None)
-    weights = {m.name: m.weight for m in recipe.data.mixture}
-    files = _file_stats(recipe.data.train_files) if not corpora else []  # in-memory sets: their files
-    data = {n: c.manifest["fingerprint"] for n, c in corpora.items()}
-    return _hash({"recipe": parts, "data": data, "files": files, "weights": weights,
-                  "columns": [recipe.data.column, recipe.data.pair_column, recipe.data.label_column, recipe.data.labels]})
+def run_identity(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus]) -> dict:
+    """Everything that decides the trained weights: the recipe's settings (less NOT_IN_TRAIN_KEY), the
+    tokenizer, the prepared corpora and every named input file. Its hash is the train key; checkpoints
+    keep it whole, so that a resume can list what changed."""
+    settings = {k: v for k, v in flat_settings(recipe).items() if not _excluded(k, NOT_IN_TRAIN_KEY)}
+    identity = {"settings": settings, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "corpora": {n: c.manifest["fingerprint"] for n, c in corpora.items()},
+                "inputs": input_fingerprints(recipe)}
+    return json.loads(json.dumps(identity))  # as a checkpoint's state.json gives it back (lists, not tuples)
+
+
+def train_key(identity: dict) -> str:
+    return _hash(identity)
+
+
+def resume_changes(saved: dict | None, current: dict) -> tuple[list[str], list[str]]:
+    """(changes `--resume` refuses, changes it accepts) between a checkpoint's run identity and this run's."""
+    if not saved:
+        return ["the checkpoint records no recipe (written by an older lmforge); start over without --resume"], []
+    refused, accepted = [], []
+    old, new = saved.get("settings", {}), current["settings"]
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (accepted if _excluded(key, SAFE_ON_RESUME) else refused).append(line)
+    for part, what in (("tokenizer", "the tokenizer"), ("corpora", "the prepared data"), ("inputs", "the input files")):
+        if saved.get(part) != current[part]:
+            changed = sorted(k for k in saved.get(part, {}).keys() | current[part].keys()
+                             if saved.get(part, {}).get(k) != current[part].get(k)) if isinstance(current[part], dict) else []
+            refused.append(f"{what} changed" + (f" ({', '.join(changed)})" if changed else ""))
+    return refused, accepted
+
+
+def checkpoint_acceptor(identity: dict):
+    """What the loop asks before resuming from a checkpoint: refuse one whose run differs in what
+    breaks exactness (the list of changes), log the accepted changes."""
+    def accept(path: Path, saved: dict | None) -> None:
+        refused, accepted = resume_changes(saved, identity)
+        if refused:
+            raise CheckpointError(f"{path}: --resume would continue another run; changed since that checkpoint:\n  "
+                                  + "\n  ".join(refused)
+                                  + "\nrevert these, or start a new run without --resume (--force moves the checkpoints aside)")
+        if accepted:
+            say("resume: accepted changes since the checkpoint: " + "; ".join(accepted))
+    return accept
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, weights: dict | None = None,
-               **stamp) -> None:
-    """`save_pretrained` into a temporary folder, then rename: `out` is either complete or absent.
-    `weights`: the whole state gathered from a sharded (FSDP) model, in place of its own."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+               alongside=None, **stamp) -> None:
+    """`save_pretrained` into a temporary folder, then rename: `out` is either complete or absent, and
+    only a model folder lmforge wrote is ever replaced.
+    `weights`: the whole state gathered from a sharded (FSDP) model, in place of its own; `alongside(folder)`
+    writes what the objective adds to the folder (a sentence-transformers description of an encoder)."""
+    out = out.absolute()
+    ensure_replaceable(out, has_stamp, "a model folder lmforge saved")
+    tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
-    _write_stamp(tmp, **stamp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        save_portable(tokenizer, tmp)
+        if alongside is not None:
+            alongside(tmp)
+        write_stamp(tmp, **stamp)
+        replace_dir(tmp, out)
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, OSError):  # safetensors reports it as its own error
+            raise OSError(errno.ENOSPC, "No space left on device", str(out)) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _regularized(recipe: Recipe, objective, model, groups: list[dict], tokenizer):
@@ -234,21 +351,58 @@ def _regularized(recipe: Recipe, objective, model, groups: list[dict], tokenizer
     return objective
 
 
+def _claim_checkpoints(recipe: Recipe, key: str, force: bool) -> None:
+    """A run folder belongs to one run: a fresh run refuses a folder holding checkpoints (another run's,
+    or an earlier attempt of this one), or with --force moves them aside (never deletes them)."""
+    found = list_checkpoints(recipe.checkpoint_dir)
+    if not found:
+        return
+    if force:
+        say(f"train: --force: moved the earlier checkpoints aside to {move_aside(recipe.checkpoint_dir)}")
+        return
+    try:
+        saved = verify_checkpoint(found[-1])
+    except CheckpointError:
+        saved = {}
+    same = saved.get("run_key") == key
+    whose = "an interrupted attempt at this same recipe" if same else "another run (its recipe or data differ)"
+    raise OutputError(f"{recipe.checkpoint_dir}: holds checkpoints of {whose} (newest {found[-1].name}); "
+                      + ("--resume continues it, " if same else "")
+                      + "--force starts over and moves them aside, or choose another output_dir")
+
+
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
-    key = _train_key(recipe, corpora)
-    if not force and not resume and _stamp_matches(recipe.final_model_dir, key):
+    identity = run_identity(recipe, tokenizer, corpora)
+    key = train_key(identity)
+    if not force and not resume and stamp_matches(recipe.final_model_dir, key):
         say(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
+    strategy = init_strategy()
+    ensure_run_folder(out_dir)
+    ensure_replaceable(recipe.final_model_dir.absolute(), has_stamp, "a model folder lmforge saved")
+    lock = RunLock(out_dir, say) if strategy.is_main else None
+    with lock or contextlib.nullcontext():
+        if strategy.is_main:
+            remove_stale_temporaries(out_dir, temporaries_of(recipe.final_model_dir), say)
+            remove_stale_temporaries(recipe.checkpoint_dir, [".tmp-step_"], say)
+            if not resume:
+                _claim_checkpoints(recipe, key, force)
+        strategy.barrier()
+        return _train(recipe, tokenizer, corpora, identity, key, resume, lock)
+
+
+def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus], identity: dict,
+           key: str, resume: bool, lock: RunLock | None) -> TrainOutcome:
+    out_dir = Path(recipe.output_dir)
     configure_threads(recipe.trainer.num_threads)
     seed_everything(recipe.seed, recipe.trainer.deterministic)
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
+    say(describe(model, recipe.packing.seq_len))  # after the method: the trainable count is the adapter's
     objective = _regularized(recipe, objective, model, groups, tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, out_dir / "recipe.yaml")
 
     device = pick_device()
     source = training_source(recipe, objective, tokenizer, corpora, device, model)
@@ -256,12 +410,23 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     if extra:  # objective-owned parameters (a learned temperature) train too, undecayed
         groups.append({"params": extra, "weight_decay": 0.0, "lr_scale": 1.0})
 
-    result = train(model, objective, groups, cfg=recipe.trainer, out_dir=out_dir, resume=resume, **source)
+    # the run's files are written when it has really started (its first metrics record), so a run
+    # that fails before that leaves the previous run's recipe.yaml and metrics.jsonl as they were
+    def started() -> None:
+        if lock is not None:
+            lock.keep = True  # the folder is this run's now: the lock file stays as its mark
+        dump_recipe(recipe, out_dir / "recipe.yaml")
+
+    result = train(model, objective, groups, cfg=recipe.trainer, out_dir=out_dir, resume=resume,
+                   run_info={"run_key": key, "run": identity}, accept_checkpoint=checkpoint_acceptor(identity),
+                   on_start=started, **source)
     if result.interrupted:
         return TrainOutcome(result, recipe.checkpoint_dir)
     if not result.is_main:  # under torchrun, rank 0 writes the model
         return TrainOutcome(result, recipe.final_model_dir)
-    save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step)
+    alongside = getattr(objective, "save_alongside", None)
+    save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
+               alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
     say(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
           f"model saved to {recipe.final_model_dir}")
     return TrainOutcome(result, recipe.final_model_dir)
@@ -281,6 +446,7 @@ def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: Objective
     objective = get_objective(objective_cfg, tokenizer)
     load_prepared(corpus.directory, tokenizer)  # refuse a corpus of another tokenizer
     model = load_model(model_dir, objective.head)
+    ensure_fits_length(model.config, seq_len)
     device = pick_device()
     model.to(device)
     rows = PackedRows(corpus.split("val"), objective.row_length(seq_len), document_mask)
@@ -329,6 +495,8 @@ def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, Prepa
 
 def inputs_stage(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, dict[str, PreparedCorpus]]:
     """Tokenizer and corpora; under torchrun rank 0 builds them while the other ranks wait."""
+    ensure_run_folder(Path(recipe.output_dir))  # before any stage writes into it
+
     def build():
         tokenizer = tokenizer_stage(recipe)
         return tokenizer, prepare_stage(recipe, tokenizer)

@@ -1,6 +1,8 @@
 """Read documents from text, JSONL (plain or gzip), CSV, Parquet or a `datasets` name.
 
-Every reader streams: memory does not grow with corpus size. Errors name the file and line.
+Every reader streams: memory does not grow with corpus size. Errors name the file and line. One rule
+for every format: empty (or all-blank) texts are skipped; a null or a non-text value is a bad row
+(CSV has no null: its empty cell is an empty text).
 """
 
 from __future__ import annotations
@@ -195,9 +197,16 @@ def read_parquet(path: str, column: str) -> Iterator[str]:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     if column not in table.schema_arrow.names:
         raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.schema_arrow.names)})")
+    import pyarrow as pa
+
+    kind = table.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{path}: column '{column}' holds {kind}, not text")
+    row = 0
     for batch in table.iter_batches(columns=[column], batch_size=4096):
         for value in batch.column(0).to_pylist():
-            yield value or ""
+            row += 1
+            yield _document(f"{path}: row {row}", column, value)
 
 
 def read_hf(name: str, column: str) -> Iterator[str]:
@@ -211,7 +220,15 @@ def read_hf(name: str, column: str) -> Iterator[str]:
     for row in ds:
         if column not in row:
             raise DataError(f"{name}: no column '{column}' (columns: {', '.join(row)})")
-        yield row[column]
+        yield _document(name, column, row[column])
+
+
+def _document(where: str, column: str, value: object) -> str:
+    """One rule for every format: text is a document (empty ones are skipped later); null, or any
+    other type, is a bad row named by file and row (JSONL's reader says the same)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column '{column}' is {type(value).__name__}, not text")
+    return value
 
 
 def read_documents(path: str, column: str = "text", fmt: str = "auto") -> Iterator[str]:

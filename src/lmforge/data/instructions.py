@@ -57,13 +57,32 @@ class InstructionFormat:
         return [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name]
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text(where: str, what: str, value) -> str:
+    """A row's text value; numbers are text too (a numeric answer), anything else is a bad row."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: {what} is {type(value).__name__}, not text")
+
+
 def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> list[dict]:
-    """The conversation in one row, or a DataError naming the file, line and missing column."""
+    """The conversation in one row, or a DataError naming the file, line and what is wrong with it."""
     where = f"{path}:{lineno}"
     if fmt.messages_column in row:
         messages = row[fmt.messages_column]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
             raise DataError(f"{where}: '{fmt.messages_column}' must be a list of {{\"role\", \"content\"}} objects")
+        for i, message in enumerate(messages):
+            if message["role"] not in CHAT_ROLES:
+                raise DataError(f"{where}: message {i} has the unknown role {message['role']!r} "
+                                f"(known: {', '.join(CHAT_ROLES)})")
+            if not isinstance(message["content"], str):
+                raise DataError(f"{where}: message {i} ({message['role']}) has content of type "
+                                f"{type(message['content']).__name__}, not text")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant turn to learn")
         return messages
@@ -71,9 +90,10 @@ def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> l
     if missing:
         raise DataError(f"{where}: no column {', '.join(repr(c) for c in missing)} for data.prompt_template / "
                         f"data.response_column, and no '{fmt.messages_column}' conversation (columns: {', '.join(row)})")
+    fields = {k: _text(where, f"column '{k}'", row[k]) for k in fmt.fields()}
     messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
-    messages.append({"role": "user", "content": fmt.prompt_template.format_map({k: str(v) for k, v in row.items()})})
-    messages.append({"role": "assistant", "content": str(row[fmt.response_column])})
+    messages.append({"role": "user", "content": fmt.prompt_template.format_map(fields)})
+    messages.append({"role": "assistant", "content": _text(where, f"column '{fmt.response_column}'", row[fmt.response_column])})
     return messages
 
 

@@ -41,6 +41,7 @@ class PackedRows:
         shard = self.shards[shard_idx]
         start = (index - int(self._offsets[shard_idx])) * self.seq_len
         tokens = np.asarray(shard.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        shard.check_ids(tokens, start)
         if not self.document_mask:
             return tokens, None
         return tokens, document_positions(shard.doc_ends, start, self.seq_len)

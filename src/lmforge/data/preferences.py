@@ -39,6 +39,9 @@ def iter_preference_rows(files: list[str], fmt: InstructionFormat, chosen_column
             raise DataError(f"{path}:{lineno}: no column {', '.join(repr(c) for c in missing)} for data.chosen_column / "
                             f"data.rejected_column (columns: {', '.join(row)})")
         chosen, rejected = (row_messages(path, lineno, row, answer) for answer in answers)
+        if chosen == rejected:
+            raise DataError(f"{path}:{lineno}: the chosen and the rejected answer are the same; the pair says "
+                            "nothing to learn from")
         return f"{path}:{lineno}", chosen, rejected
 
     return parse_rows(files, parse, max_rows)

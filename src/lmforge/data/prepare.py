@@ -25,6 +25,13 @@ from transformers import PreTrainedTokenizerBase
 from lmforge.data.formats import DataError, expand_inputs, read_documents
 from lmforge.data.shards import Shard, ShardWriter, open_shards, token_dtype
 from lmforge.data.tokenizer import tokenizer_fingerprint
+from lmforge.outputs import (
+    ensure_replaceable,
+    remove_stale_temporaries,
+    replace_dir,
+    temporaries_of,
+    temporary_sibling,
+)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -51,7 +58,7 @@ class PreparedCorpus:
 
     def split(self, name: str) -> list[Shard]:
         meta = self.manifest["splits"][name]
-        return open_shards(self.directory, meta["shards"], self.manifest["dtype"])
+        return open_shards(self.directory, meta["shards"], self.manifest["dtype"], self.manifest["vocab_size"])
 
     def tokens(self, name: str) -> int:
         return self.manifest["splits"][name]["tokens"]
@@ -82,6 +89,16 @@ def read_manifest(directory: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: corrupt manifest ({exc.msg}); delete the folder and prepare again") from None
+
+
+def is_prepared_corpus(directory: Path) -> bool:
+    """A folder lmforge prepared (its manifest says so; manifests before the `writer` field have its keys)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and (manifest.get("writer") == "lmforge"
+                                           or {"fingerprint", "tokenizer_fingerprint", "splits"} <= manifest.keys())
 
 
 def load_prepared(directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedCorpus:
@@ -174,7 +191,7 @@ def prepare_corpus(
     progress: bool = True,
 ) -> PreparedCorpus:
     """Tokenize `files` into `out_dir`; a no-op when inputs, tokenizer and settings are unchanged."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # `-o .` has a parent to write beside
     files = expand_inputs(files)
     tok_hash = tokenizer_fingerprint(tokenizer)
     inputs = _input_fingerprint(files)
@@ -186,20 +203,21 @@ def prepare_corpus(
         return PreparedCorpus(out_dir, existing)
     if existing is not None and existing.get("tokenizer_fingerprint") != tok_hash:
         print(f"prepare: tokenizer changed ({existing.get('tokenizer_fingerprint')} -> {tok_hash}); re-preparing")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: output path exists and is not a directory")
+    ensure_replaceable(out_dir, is_prepared_corpus, "a corpus lmforge prepared")
 
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token; documents cannot be separated")
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    remove_stale_temporaries(out_dir.parent, temporaries_of(out_dir))
+    tmp_dir = temporary_sibling(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
         manifest = _write_shards(files, tokenizer, tmp_dir, column, fmt, val_fraction, max_docs, shard_tokens, dtype, eos_id, progress)
         manifest.update(
+            writer="lmforge",
             version=FORMAT_VERSION,
             fingerprint=fingerprint,
             tokenizer_fingerprint=tok_hash,
@@ -210,9 +228,7 @@ def prepare_corpus(
             settings=settings,
         )
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except OSError as exc:
         raise DataError(f"{out_dir}: cannot write the prepared corpus ({exc.strerror or exc}); "
                         "the previous contents are untouched") from None

@@ -24,6 +24,7 @@ def _documents(shards: list[Shard]) -> list[np.ndarray]:
         starts = np.concatenate([[0], shard.doc_ends[:-1]]).astype(np.int64)
         for start, end in zip(starts, shard.doc_ends.astype(np.int64), strict=True):
             docs.append(np.asarray(shard.tokens[start : end - 1], dtype=np.int64))  # drop the EOS
+            shard.check_ids(docs[-1], start)
     return docs
 
 

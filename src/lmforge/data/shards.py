@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.data.formats import DataError
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
@@ -76,23 +78,45 @@ class ShardWriter:
 class Shard:
     tokens: np.ndarray  # memmap, dtype uint16/uint32
     doc_ends: np.ndarray  # memmap, uint64
+    vocab_size: int | None = None  # ids at or above it are corruption (checked per row as rows are read)
+    path: Path | None = None
+
+    def check_ids(self, ids: np.ndarray, start: int) -> None:
+        if self.vocab_size is not None and len(ids) and int(ids.max()) >= self.vocab_size:
+            bad = int(np.argmax(ids >= self.vocab_size))
+            raise DataError(f"{self.path}: token id {int(ids[bad])} at token {start + bad} is beyond the tokenizer's "
+                            f"{self.vocab_size} ids; the shard is corrupt, prepare the corpus again")
 
 
-def open_shards(directory: Path, shards: list[dict], dtype: str) -> list[Shard]:
+def _check_doc_ends(path: Path, ends: np.ndarray, meta: dict) -> None:
+    """The .docs file: one end offset per document, rising, the last one at the shard's end."""
+    if len(ends) != meta["docs"]:
+        raise DataError(f"{path}: {len(ends)} document ends, manifest says {meta['docs']}; the shard is truncated or "
+                        "corrupt, prepare the corpus again")
+    if len(ends) and (int(ends[-1]) != meta["tokens"] or bool((np.diff(ends.astype(np.int64)) <= 0).any())):
+        raise DataError(f"{path}: document ends are not rising to the shard's {meta['tokens']} tokens; the shard is "
+                        "corrupt, prepare the corpus again")
+
+
+def open_shards(directory: Path, shards: list[dict], dtype: str, vocab_size: int | None = None) -> list[Shard]:
     out = []
     for meta in shards:
         bin_path = directory / f"{meta['name']}.bin"
         docs_path = directory / f"{meta['name']}.docs"
         for path in (bin_path, docs_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard file missing; prepare the corpus again")
+                raise DataError(f"{path}: shard file missing; prepare the corpus again")
         expected = meta["tokens"] * np.dtype(dtype).itemsize
         if bin_path.stat().st_size != expected:
-            raise ValueError(
+            raise DataError(
                 f"{bin_path}: {bin_path.stat().st_size} bytes, manifest says {expected}; "
                 "the shard is truncated or corrupt, prepare the corpus again"
             )
         tokens = np.memmap(bin_path, dtype=dtype, mode="r") if meta["tokens"] else np.zeros(0, dtype)
-        ends = np.memmap(docs_path, dtype=np.uint64, mode="r") if meta["docs"] else np.zeros(0, np.uint64)
-        out.append(Shard(tokens, ends))
+        if docs_path.stat().st_size % 8:
+            raise DataError(f"{docs_path}: {docs_path.stat().st_size} bytes, not whole uint64 document ends; the "
+                            "shard is corrupt, prepare the corpus again")
+        ends = np.memmap(docs_path, dtype=np.uint64, mode="r") if docs_path.stat().st_size else np.zeros(0, np.uint64)
+        _check_doc_ends(docs_path, ends, meta)
+        out.append(Shard(tokens, ends, vocab_size, bin_path))
     return out

@@ -10,6 +10,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lmforge.outputs import ensure_replaceable, has_stamp, replace_dir, temporary_sibling, write_stamp
+
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
     "eos_token": "</s>",
@@ -63,15 +65,47 @@ def train_tokenizer(
     """Train on `texts` and save to `out_dir`; `AutoTokenizer.from_pretrained(out_dir)` loads it."""
     sentinels = sentinel_tokens(num_sentinels)
     specials = [*SPECIAL_TOKENS.values(), *sentinels]
+    minimum = len(specials) + (len(pre_tokenizers.ByteLevel.alphabet()) if kind == "bpe" else 1)
+    if vocab_size < minimum:
+        what = "the 256-symbol byte alphabet" if kind == "bpe" else "one ordinary token"
+        raise ValueError(f"tokenizer.vocab_size: {vocab_size} is below {minimum}, the {len(specials)} special tokens "
+                         f"plus {what}; a tokenizer that small cannot encode every text")
+    out_dir = Path(out_dir).absolute()
+    ensure_replaceable(out_dir, has_stamp, "a tokenizer lmforge trained")
     tok, trainer = _build(kind, vocab_size, min_frequency, specials)
     tok.train_from_iterator(texts, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     if sentinels:
         wrapped.add_special_tokens({"additional_special_tokens": sentinels})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wrapped.save_pretrained(out_dir)
+    save_tokenizer(wrapped, out_dir)
     return wrapped
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path, key: str | None = None, **info) -> None:
+    """Write the tokenizer whole under a temporary name, stamped as lmforge's, then rename it into place."""
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out_dir)
+    try:
+        save_portable(tokenizer, tmp)
+        write_stamp(tmp, key, **info)
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_portable(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """`save_pretrained`, with `tokenizer_class` set to the fast tokenizer class that transformers 4.x
+    and 5.x both load (5.x writes `TokenizersBackend`, which 4.x does not know)."""
+    tokenizer.save_pretrained(directory)
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -9,6 +9,7 @@ the newest valid one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from lmforge.outputs import is_disk_full
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -83,8 +86,10 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, OSError):  # safetensors reports it as its own error
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
         raise
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

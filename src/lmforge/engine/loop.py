@@ -124,13 +124,16 @@ class LogWindow:
         return record
 
 
-def _restore(checkpoints: Path, model, optimizer, scheduler, objective, strategy, log) -> tuple[TrainState, str | None]:
-    """Load the newest valid checkpoint; (fresh state, None) when there is none."""
+def _restore(checkpoints: Path, model, optimizer, scheduler, objective, strategy, log,
+             accept: Callable[[Path, dict | None], None] | None) -> tuple[TrainState, str | None]:
+    """Load the newest valid checkpoint, once `accept(path, its run info)` has not refused it."""
     found = ckpt.latest_valid_checkpoint(checkpoints, warn=log)
     if found is None:
-        log(f"resume: no valid checkpoint in {checkpoints}; starting from scratch")
-        return TrainState(), None
+        raise ckpt.CheckpointError(f"{checkpoints}: no valid checkpoint to resume from; "
+                                   "run without --resume to start over")
     path, saved = found
+    if accept is not None:
+        accept(path, saved.get("run"))
     ckpt.load_checkpoint(path, model, optimizer, strategy.load_full_state if strategy.sharded else None)
     scheduler.load_state_dict(saved["scheduler"])
     if "objective" in saved and hasattr(objective, "load_state_dict"):
@@ -195,6 +198,16 @@ class StepGuard:
                 "Lower trainer.lr or check the data.")
 
 
+def ensure_finite_weights(params: list[torch.Tensor], strategy, step: int, last_saved: Path | None) -> None:
+    """Stop before a checkpoint or the final model holds a non-finite weight (every rank agrees)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    finite = torch.stack([torch.isfinite(p).all() for p in local]).all().float() if local else torch.ones(())
+    if float(strategy.mean(finite.to(strategy.device))) < 1.0:
+        raise TrainingDiverged(f"step {step}: the weights are no longer finite (a step too large for them: lower "
+                               f"trainer.lr); nothing was saved from this step on; last good checkpoint: "
+                               f"{last_saved or 'none'}")
+
+
 def _step_scheduler(scheduler) -> None:
     with warnings.catch_warnings():
         # a skipped first step makes torch warn about the call order; the schedule is a pure
@@ -217,7 +230,12 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     source_names: list[str] | None = None,
+    run_info: dict | None = None,
+    accept_checkpoint: Callable[[Path, dict | None], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
+    """`run_info` goes into every checkpoint; `accept_checkpoint(path, its run_info)` may refuse one on
+    resume; `on_start()` runs once, when the run writes its first metrics record (it has started)."""
     strategy = init_strategy(cfg.strategy)
     device = strategy.device
     precision = strategy.same_on_all(resolve_precision(cfg.precision, device))
@@ -232,22 +250,31 @@ def train(
     checkpoints = out_dir / "checkpoints"
     state = TrainState()
     if resume:
-        state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, strategy, log)
+        state, saved_precision = _restore(checkpoints, model, optimizer, scheduler, objective, strategy, log,
+                                          accept_checkpoint)
         precision = saved_precision or precision
 
     uncheckpoint = checkpoint_activations(model, cfg.activation_checkpointing)
     step_model = strategy.wrap(model)
     compiled = compile_for_training(step_model, cfg.compile)
     step_model = compiled.module
-    metrics = MetricsLogger(out_dir, resume_step=state.step if resume else None) if strategy.is_main else NullMetrics()
+    metrics = (MetricsLogger(out_dir, resume_step=state.step if resume else None, on_first_write=on_start)
+               if strategy.is_main else NullMetrics())
+    if cfg.warmup_steps >= total_steps:
+        log(f"warning: trainer.warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "
+            f"rate never reaches trainer.lr {cfg.lr:g}")
+    if cfg.log_every > total_steps:
+        log(f"note: trainer.log_every {cfg.log_every} > the run's {total_steps} steps: the loss is logged at the end only")
     log(f"train: {total_steps} steps, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
 
     def save(step: int) -> Path:
         path = checkpoints / f"step_{step:08d}"
+        ensure_finite_weights(trainable, strategy, step, last_saved)
         full = strategy.full_state(model, optimizer)  # FSDP: every rank takes part in gathering
         if strategy.is_main:
-            extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision}
+            extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision,
+                     **(run_info or {})}
             if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
                 extra["objective"] = objective.state_dict()
             path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last, full)
@@ -342,6 +369,7 @@ def train(
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
     if not result.interrupted:  # the final model is saved (FSDP: gathered by every rank, kept by rank 0)
+        ensure_finite_weights(trainable, strategy, state.step, last_saved)
         result.full_weights = strategy.full_weights(model)
     if source_names:
         result.mix_seen = dict(zip(source_names, (total_mix + window.mix).tolist(), strict=True))

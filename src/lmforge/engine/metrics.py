@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
-        out_dir.mkdir(parents=True, exist_ok=True)
+    """Nothing is written before the first record: a run that fails before it logs anything leaves
+    the previous run's metrics.jsonl as it was. `on_first_write()` runs just before that first record."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 on_first_write: Callable[[], None] | None = None):
+        self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        self.resume_step = resume_step
+        self.tensorboard = tensorboard
+        self.on_first_write = on_first_write
+        self._started = False
+        self._tb = None
+
+    def _start(self) -> None:
+        self._started = True
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.on_first_write is not None:
+            self.on_first_write()
+        if self.resume_step is not None:
+            self._truncate_after(self.resume_step)
         else:
             self.path.write_text("")
-        self._tb = None
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.resume_step)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the resumed step: they belong to the interrupted attempt."""
@@ -28,6 +43,8 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self._started:
+            self._start()
         record = {"step": step, "split": prefix, **values}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")

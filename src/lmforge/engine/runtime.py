@@ -47,8 +47,19 @@ def bf16_matmul_speedup(width: int = 512) -> float:
     return min(timings[torch.float32]) / min(timings[torch.bfloat16])
 
 
+# What `auto` resolves to without measuring: a whole process (a test run) can act as the machine of the
+# other kind, where bf16 GEMMs run faster than fp32 and `auto` picks bf16, or the other way round.
+AUTO_PRECISION_ENV = "LMFORGE_AUTO_PRECISION"
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast where the device has native bf16 and it is actually faster there."""
+    """`auto`: bf16 autocast where the device has native bf16 and it is actually faster there
+    (or what $LMFORGE_AUTO_PRECISION says: bf16 | fp32)."""
+    forced = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
+    if requested == "auto" and forced:
+        if forced not in ("bf16", "fp32"):
+            raise ValueError(f"${AUTO_PRECISION_ENV}: {forced!r} is neither bf16 nor fp32")
+        return forced
     if requested == "auto":
         if not bf16_supported(device):
             return "fp32"

@@ -70,15 +70,27 @@ def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.
     return model, decay_groups(model.named_parameters(), weight_decay)
 
 
+def task_type(model: nn.Module) -> str | None:
+    """peft's task type for the model's head, recorded in adapter_config.json so that peft's Auto
+    classes (and readers of the folder) know what it is; None for heads peft has no type for (masked LM)."""
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if name.endswith("Model") else None
+
+
 def _adapter_config(cfg: MethodConfig, heads: list[str] | None, model: nn.Module) -> PeftConfig:
     if cfg.name in PROMPT_METHODS:
         return _prompt_config(cfg, model)
     if cfg.name == "ia3":
         return IA3Config(target_modules=cfg.ia3.target_modules, feedforward_modules=cfg.ia3.feedforward_modules,
-                         modules_to_save=heads)
+                         modules_to_save=heads, task_type=task_type(model))
     lora = cfg.lora
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
-                      target_modules=lora.target_modules, modules_to_save=heads)
+                      target_modules=lora.target_modules, modules_to_save=heads, task_type=task_type(model))
 
 
 def _prompt_config(cfg: MethodConfig, model: nn.Module) -> PeftConfig:

@@ -126,14 +126,25 @@ def build_model(config: PretrainedConfig, head: str, tokenizer: PreTrainedTokeni
     return AUTO_CLASSES[head].from_config(config, attn_implementation="sdpa", **_head_options(config.model_type, head))
 
 
+def ensure_safe_weights(path: Path) -> None:
+    """Refuse a model folder without safetensors weights: a pickle checkpoint can run code when loaded."""
+    if not any(Path(path).glob("*.safetensors")):
+        pickles = sorted(p.name for p in Path(path).glob("*.bin")) + sorted(p.name for p in Path(path).glob("*.pt*"))
+        raise ModelError(f"{path}: no safetensors weights" + (f" (only the pickle checkpoint {', '.join(pickles)}, "
+                         "which lmforge does not unpickle: it can run code); convert it once with "
+                         "`model.save_pretrained(DIR, safe_serialization=True)` where you trust it" if pickles else ""))
+
+
 def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
                **config_overrides: Any) -> PreTrainedModel:
-    """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use."""
-    path = Path(path).resolve()  # absolute: an adapter trained on it records where its base lives
+    """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use.
+    The path stays as given (relative where it was): an adapter trained on the model records it so."""
+    path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter(path, head, trust_remote_code, dtype, **config_overrides)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
+    ensure_safe_weights(path)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
     ensure_head_fits(config, head, str(path))
     try:

@@ -13,7 +13,9 @@ loss and gradients as one process on the whole batch.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,24 @@ class Contrastive(ObjectiveBase):
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.logit_scale.fill_(state["logit_scale"])
+
+    def save_alongside(self, directory: Path, model: nn.Module, seq_len: int) -> None:
+        """Make the saved encoder a sentence-transformers folder: the pooling it was trained with (and
+        the normalisation) are recorded, so `SentenceTransformer(folder)` embeds exactly as training did."""
+        directory = Path(directory)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+        (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": seq_len, "do_lower_case": False}))
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": model.config.hidden_size,
+                   "pooling_mode_cls_token": self.cfg.pooling == "cls", "pooling_mode_mean_tokens": self.cfg.pooling == "mean",
+                   "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+                   "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True}
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+        (directory / "2_Normalize").mkdir(exist_ok=True)
+        (directory / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "cosine"}))
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
