@@ -69,3 +69,29 @@ def test_classifier_trains_and_loads_with_plain_transformers(tmp_path, genre_fil
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "final"))
     assert model.config.id2label == {0: "fiction", 1: "news"}
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 2)
+
+
+def test_held_out_metrics_cover_every_row_and_equal_scikit_learn(genre_file, tokenizer):
+    """All held-out rows are scored (not eval_batches x batch_size of them), with macro-F1, per-class
+    precision/recall and the confusion matrix as scikit-learn computes them from the same predictions."""
+    from sklearn.metrics import confusion_matrix, f1_score, recall_score
+
+    from lmforge.config import ObjectiveConfig
+    from lmforge.eval.classification import classification_metrics
+    from lmforge.models.factory import build_model, preset_config
+    from lmforge.objectives import get_objective
+
+    _, val, names = load_labeled([str(genre_file)], tokenizer, "text", "genre", None, 64, 0.5)
+    torch.manual_seed(1)
+    model = build_model(preset_config("bert", "tiny", (len(tokenizer) + 63) // 64 * 64, 128, num_labels=2, **TINY_BERT),
+                        "classifier", tokenizer).eval()
+    objective = get_objective(ObjectiveConfig(name="classify"), tokenizer)
+    metrics = classification_metrics(model, objective, val, 3, torch.device("cpu"), "fp32", names)
+    assert metrics["tokens"] == len(val) > 3 * 2  # batch size 3: every batch, not a sample
+    with torch.no_grad():
+        predicted = objective.logits(model, val.batch(list(range(len(val))))).argmax(-1).tolist()
+    assert metrics["macro_f1"] == pytest.approx(f1_score(val.labels, predicted, average="macro"))
+    recalls = recall_score(val.labels, predicted, average=None, labels=[0, 1], zero_division=0)
+    assert [metrics["recall_fiction"], metrics["recall_news"]] == pytest.approx(list(recalls))
+    assert metrics["confusion"] == confusion_matrix(val.labels, predicted, labels=[0, 1]).tolist()
+    assert metrics["support_fiction"] + metrics["support_news"] == len(val)

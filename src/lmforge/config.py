@@ -249,6 +249,8 @@ class TrainerConfig(Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     eval_every: int = Field(200, gt=0)
     eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining
+    # batches drawn from a large split (packed corpora, sentence pairs); example-level held-out sets
+    # (classify, sft, dpo, reward, contrastive pairs) are evaluated whole
     eval_batches: int = Field(20, gt=0)
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)

@@ -25,6 +25,7 @@ from lmforge.data.prepare import PreparedCorpus
 from lmforge.data.sentence_pairs import SentencePairs
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import resolve_precision
+from lmforge.eval.classification import classification_metrics
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.retrieval import retrieval_metrics
 from lmforge.objectives import objective_data
@@ -108,8 +109,8 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
                                              recipe.packing.seq_len, cfg.val_fraction)
     say(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
 
-    def evaluate(m: torch.nn.Module, precision: str) -> dict:
-        return evaluate_loss(m, objective, val_set, tcfg.batch_size, tcfg.eval_batches, device, precision)
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out row, not eval_batches of them
+        return classification_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names)
 
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 
@@ -132,8 +133,8 @@ def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: t
     say(f"data: {len(train_set)} training examples ({int(train_set.lengths.sum()):,} tokens, {layout}), "
         f"{len(sets.val)} held out{skipped}")
 
-    def evaluate(m: torch.nn.Module, precision: str) -> dict:
-        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, tcfg.eval_batches, device, precision)
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out example
+        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, None, device, precision)
 
     return _in_memory_source(recipe, rows, evaluate if len(sets.val) else None, per_row)
 
@@ -155,8 +156,8 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
         for pairs in (sets.train, sets.val):
             attach_reference(model, pairs, tcfg.batch_size, device, precision)
 
-    def evaluate(m: torch.nn.Module, precision: str) -> dict:
-        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, tcfg.eval_batches, device, precision)
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out pair
+        return evaluate_loss(m, objective, sets.val, tcfg.batch_size, None, device, precision)
 
     return _in_memory_source(recipe, sets.train, evaluate if len(sets.val) else None,
                              2 * float(sets.train.lengths.mean()))

@@ -290,7 +290,8 @@ def train(
         if strategy.is_main:
             metrics.log(step, values, prefix="val")
             # through tqdm while a bar is drawn, so the bar is not torn
-            (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()))
+            (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()
+                                                                    if isinstance(v, (int, float))))
         strategy.barrier()
         model.train()
         return values

@@ -42,6 +42,8 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs,
         result["ppl"] = math.exp(min(mean, 50.0))
     if "correct" in counts:
         result["accuracy"] = counts["correct"] / max(total_tokens, 1)
+    if "ties" in counts:  # pairs scored equal: neither won (all of them at step 0 of DPO, policy = reference)
+        result["ties"] = counts["ties"] / max(total_tokens, 1)
     if "sentence_correct" in counts:
         result["sentence_accuracy"] = counts["sentence_correct"] / max(counts["sentences"], 1)
     return result

@@ -14,8 +14,11 @@ class SequenceClassification(ObjectiveBase):
     data_kind = "labeled"
     per_token_loss = False  # one loss per example (pair): no perplexity
 
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = self.logits(model, batch)
         loss = nn.functional.cross_entropy(logits, batch["labels"])
         correct = (logits.argmax(-1) == batch["labels"]).sum()
         return loss, {"tokens": torch.tensor(len(logits)), "correct": correct}

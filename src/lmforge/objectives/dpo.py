@@ -42,8 +42,10 @@ class DirectPreference(ObjectiveBase):
             raise ValueError("trainer.batch_size: each process must get whole (chosen, rejected) pairs")
         log_ratios = sequence_logprobs(model, batch) - batch["reference_logps"]
         margins = self.beta * (log_ratios[0::2] - log_ratios[1::2])
-        # per pair: "tokens" weighs evaluation means by pairs; "correct" = chosen rewarded above rejected
-        return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum()}
+        # per pair: "tokens" weighs evaluation means by pairs; "correct" = chosen rewarded above rejected,
+        # "ties" = neither above the other (reported apart from the pairs lost)
+        return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum(),
+                                            "ties": (margins == 0).sum()}
 
 
 @torch.no_grad()

@@ -30,5 +30,7 @@ class RewardModel(ObjectiveBase):
         # right padding under a causal mask: no attention mask needed; the head finds each row's last real token
         scores = model(input_ids=batch["input_ids"], use_cache=False).logits.squeeze(-1).float()
         margins = scores[0::2] - scores[1::2]
-        # per pair: "tokens" weighs evaluation means by pairs; "correct" = chosen scored above rejected
-        return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum()}
+        # per pair: "tokens" weighs evaluation means by pairs; "correct" = chosen scored above rejected,
+        # "ties" = neither above the other (reported apart from the pairs lost)
+        return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum(),
+                                            "ties": (margins == 0).sum()}
