@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,34 @@ def test_held_out_metrics_cover_every_row_and_equal_scikit_learn(genre_file, tok
     assert [metrics["recall_fiction"], metrics["recall_news"]] == pytest.approx(list(recalls))
     assert metrics["confusion"] == confusion_matrix(val.labels, predicted, labels=[0, 1]).tolist()
     assert metrics["support_fiction"] + metrics["support_news"] == len(val)
+
+
+def test_a_lora_classifier_loads_with_plain_peft_with_its_labels(tmp_path, genre_file, base_model, monkeypatch):
+    """The adapter folder of a LoRA classifier (head trained too) loads with plain
+    AutoPeftModelForSequenceClassification: its label map, a head of the right size, lmforge's logits."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    from lmforge.models.factory import load_model
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {
+        "output_dir": "out", "tokenizer": {"path": str(base_model)}, "model": {"path": str(base_model)},
+        "data": {"train_files": [str(genre_file)], "label_column": "genre", "labels": ["news", "fiction", "other"],
+                 "val_fraction": 0.2},
+        "objective": {"name": "classify"}, "method": {"name": "lora", "lora": {"rank": 4, "base_dtype": "fp32"}},
+        "packing": {"seq_len": 64},
+        "trainer": {"max_steps": 4, "batch_size": 8, "eval_every": 100, "progress": False, "precision": "fp32"},
+    }
+    Path("r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", "r.yaml"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(Path("out/final/adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == "out/final/base"
+    plain = AutoPeftModelForSequenceClassification.from_pretrained("out/final").eval()
+    assert plain.config.id2label == {0: "news", 1: "fiction", 2: "other"}
+    ours = load_model("out/final", "classifier").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits)
+    # the base's weights are linked, not copied: the folder stays adapter-sized on one file system
+    assert Path("out/final/base/model.safetensors").stat().st_ino == (base_model / "model.safetensors").stat().st_ino

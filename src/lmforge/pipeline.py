@@ -40,6 +40,7 @@ from lmforge.engine.runtime import configure_threads, pick_device, resolve_preci
 from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.methods import apply_method
+from lmforge.methods.peft import link_labelled_base
 from lmforge.models.factory import (
     build_model,
     describe,
@@ -313,12 +314,14 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     only a model folder lmforge wrote is ever replaced.
     `weights`: the whole state gathered from a sharded (FSDP) model, in place of its own; `alongside(folder)`
     writes what the objective adds to the folder (a sentence-transformers description of an encoder)."""
-    out = out.absolute()
+    given, out = out, out.absolute()
     ensure_replaceable(out, has_stamp, "a model folder lmforge saved")
     tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if hasattr(model, "peft_config"):
+            link_labelled_base(model, tmp, given)
         save_portable(tokenizer, tmp)
         if alongside is not None:
             alongside(tmp)

@@ -17,7 +17,11 @@ matmuls are measured faster, because on some CPUs bf16 halves memory but slows e
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import warnings
+from pathlib import Path
 
 import torch
 from peft import (
@@ -85,12 +89,13 @@ def task_type(model: nn.Module) -> str | None:
 def _adapter_config(cfg: MethodConfig, heads: list[str] | None, model: nn.Module) -> PeftConfig:
     if cfg.name in PROMPT_METHODS:
         return _prompt_config(cfg, model)
+    # modules_to_save gets a copy of `heads`: for SEQ_CLS peft adds its own head names to the list in place
     if cfg.name == "ia3":
         return IA3Config(target_modules=cfg.ia3.target_modules, feedforward_modules=cfg.ia3.feedforward_modules,
-                         modules_to_save=heads, task_type=task_type(model))
+                         modules_to_save=list(heads or []) or None, task_type=task_type(model))
     lora = cfg.lora
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
-                      target_modules=lora.target_modules, modules_to_save=heads, task_type=task_type(model))
+                      target_modules=lora.target_modules, modules_to_save=list(heads or []) or None, task_type=task_type(model))
 
 
 def _prompt_config(cfg: MethodConfig, model: nn.Module) -> PeftConfig:
@@ -116,3 +121,27 @@ def _quantize_base(model: nn.Module) -> None:
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
+
+
+def link_labelled_base(model: nn.Module, folder: Path, final_dir: Path) -> None:
+    """A classifier's adapter folder gets its own base: `base/` holds the base's config with the label
+    map and number of labels, and its weight files (hard links, or copies across file systems). The
+    adapter config points there, so plain `AutoPeftModelForSequenceClassification.from_pretrained(folder)`
+    builds a head of the right size with the right labels (the base's own config would give a
+    two-label head, a size mismatch); `final_dir` is the folder's path as the recipe gave it."""
+    config = model.peft_config["default"]
+    if config.task_type != "SEQ_CLS":
+        return
+    source = Path(config.base_model_name_or_path)
+    base = Path(folder) / "base"
+    base.mkdir()
+    model.get_base_model().config.save_pretrained(base)
+    for weights in [*source.glob("*.safetensors"), *source.glob("*.safetensors.index.json")]:
+        try:
+            os.link(weights, base / weights.name)
+        except OSError:  # another file system
+            shutil.copy2(weights, base / weights.name)
+    adapter_config = Path(folder) / "adapter_config.json"
+    saved = json.loads(adapter_config.read_text())
+    saved["base_model_name_or_path"] = str(Path(final_dir) / "base")
+    adapter_config.write_text(json.dumps(saved, indent=2, sort_keys=True))
