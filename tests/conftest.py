@@ -56,6 +56,22 @@ def prepared(tmp_path_factory, small_jsonl, tokenizer):
     return prepare_corpus([str(small_jsonl)], tokenizer, out, val_fraction=0.1, progress=False)
 
 
+@pytest.fixture(scope="session")
+def genre_file(tmp_path_factory):
+    """Brown paragraphs labelled with their genre, news vs. fiction-like: a real two-class task."""
+    path = tmp_path_factory.mktemp("labels") / "genres.jsonl"
+    rows = []
+    with gzip.open(EXCERPT, "rt") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            kind = {"news": "news", "editorial": "news", "reviews": "news",
+                    "fiction": "fiction", "mystery": "fiction", "adventure": "fiction", "romance": "fiction"}.get(doc["genre"])
+            if kind:
+                rows += [{"text": p, "genre": kind} for p in doc["text"].split("\n") if len(p) > 200][:12]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture
 def llama_mlp_calls(monkeypatch) -> list[int]:
     """One entry per run of a Llama block's MLP. Counted in `forward` itself: forward hooks do not

@@ -1,6 +1,5 @@
 """Sequence classification: labels from data, a fixed label set refusing strangers, training."""
 
-import gzip
 import json
 from pathlib import Path
 
@@ -15,25 +14,7 @@ from lmforge.data.formats import DataError
 from lmforge.data.labeled import iter_labeled, load_labeled
 from lmforge.engine.metrics import read_metrics
 
-from .conftest import REPO
-
 TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
-
-
-@pytest.fixture(scope="module")
-def genre_file(tmp_path_factory):
-    """Brown paragraphs labelled with their genre, news vs. fiction-like: a real two-class task."""
-    path = tmp_path_factory.mktemp("labels") / "genres.jsonl"
-    rows = []
-    with gzip.open(REPO / "assets" / "corpora" / "brown_excerpt.jsonl.gz", "rt") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            kind = {"news": "news", "editorial": "news", "reviews": "news",
-                    "fiction": "fiction", "mystery": "fiction", "adventure": "fiction", "romance": "fiction"}.get(doc["genre"])
-            if kind:
-                rows += [{"text": p, "genre": kind} for p in doc["text"].split("\n") if len(p) > 200][:12]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_label_set_from_data_and_refusal_of_unknown_labels(tmp_path, genre_file, tokenizer):

@@ -263,6 +263,8 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
     # every objective finds its keys: packed rows (input_ids, labels) or pairs (input_ids, _b, masks)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "attention_mask": ones,
              "input_ids_b": tokens[:, 1:], "attention_mask_b": ones}
+    if objective.head == "classifier":  # one class per row, not a token per position
+        batch["labels"] = torch.randint(0, model.config.num_labels, (t.batch_size,), device=device)
     timings = []
     for _ in range(steps + 1):  # the first step warms up kernels and allocators
         start = time.perf_counter()

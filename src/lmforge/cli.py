@@ -78,6 +78,16 @@ def _recipe(path: Path | None, overrides: list[str] | None):
     return _guarded(load_recipe, path, overrides or [])
 
 
+def _pipeline_or_none(path: Path, overrides: list[str] | None):
+    """The pipeline a recipe file describes (it lists stages:), else None."""
+    from lmforge.config import is_pipeline, read_yaml
+    from lmforge.lifecycle import load_pipeline
+
+    if not is_pipeline(_guarded(read_yaml, path)):
+        return None
+    return _guarded(load_pipeline, path, overrides or [])
+
+
 def _precheck(cfg) -> None:
     """The pre-launch check on a sample of each data file; a run never starts on known-bad input."""
     from lmforge.check import check_recipe
@@ -94,6 +104,16 @@ def check(recipe: RecipeArg, overrides: Overrides = None,
     """Validate a recipe, scan all its data, and measure time and memory per step."""
     from lmforge.check import check_recipe
 
+    pipeline = _pipeline_or_none(recipe, overrides)
+    if pipeline is not None:
+        from lmforge.lifecycle import check_pipeline
+
+        reports = _guarded(check_pipeline, pipeline, pipeline.runs, None, measure)
+        for stage, report in reports:
+            typer.echo(f"== stage {stage}\n{report.render()}")
+        if not all(report.ok for _, report in reports):
+            raise typer.Exit(code=1)
+        return
     cfg = _recipe(recipe, overrides)
     report = _guarded(check_recipe, cfg, None, measure)
     typer.echo(report.render())
@@ -212,15 +232,61 @@ def run(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue training from the newest valid checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if the final model is up to date.")] = False,
+    only: Annotated[str | None, typer.Option("--only", help="Pipeline: run this stage only (its parent must have run).")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="Pipeline: run this stage and every stage after it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Pipeline: print the plan (with estimated times) and stop.")] = False,
 ) -> None:
-    """Run a whole recipe: tokenizer -> prepare -> train -> eval -> generate."""
+    """Run a whole recipe (tokenizer -> prepare -> train -> eval -> generate), or a pipeline of stages."""
     from lmforge.pipeline import run_recipe
 
+    pipeline = _pipeline_or_none(recipe, overrides)
+    if pipeline is not None:
+        _run_pipeline(pipeline, resume, force, only, start, dry_run)
+        return
+    if only or start or dry_run:
+        _fail(f"{recipe}: --only, --from and --dry-run are for pipelines (a recipe with stages:)")
     cfg = _recipe(recipe, overrides)
     _precheck(cfg)
     summary = _guarded(run_recipe, cfg, resume, force)
     if summary.get("interrupted"):
         raise typer.Exit(code=130)
+
+
+@app.command()
+def report(
+    folders: Annotated[list[Path], typer.Argument(help="Pipeline or run folders to report on (and compare).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """A self-contained HTML report: stages, curves, task metrics with intervals, forgetting, branches compared."""
+    from lmforge.eval.report import write_report
+
+    path = _guarded(write_report, folders, out)
+    typer.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB, open it in a browser)")
+
+
+def _run_pipeline(pipeline, resume: bool, force: bool, only: str | None, start: str | None, dry_run: bool) -> None:
+    from lmforge import lifecycle
+
+    if only and start:
+        _fail("give --only or --from, not both")
+    selected = _guarded(pipeline.select, only, start)
+    steps = _guarded(lifecycle.plan, pipeline, selected, resume, force)
+    todo = [s.run for s in steps if s.action != "skip"]
+    reports = _guarded(lifecycle.check_pipeline, pipeline, todo, None if dry_run else 1000, dry_run)
+    failed = [(stage, r) for stage, r in reports if not r.ok]
+    for stage, report in failed:
+        typer.echo(f"== stage {stage}\n{report.render()}", err=True)
+    if failed:
+        _fail(f"pre-launch check failed for stage(s) {', '.join(s for s, _ in failed)}; nothing was run")
+    lifecycle.estimate(steps, dict(reports))
+    typer.echo(lifecycle.render_plan(steps))
+    if dry_run:
+        return
+    results = _guarded(lifecycle.run_pipeline, pipeline, steps, force, typer.echo)
+    if "interrupted" in results:
+        raise typer.Exit(code=130)
+    typer.echo(f"pipeline: {len(steps)} stage run(s) in {pipeline.output_dir}; `lmforge report {pipeline.output_dir}` "
+               "compares them")
 
 
 def main() -> None:  # pragma: no cover

@@ -411,8 +411,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node[parts[-1]] = _parse_value(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-        if key.strip() in TRAINING_LENGTH:  # a new length replaces the recipe's (it may use another unit)
-            for other in TRAINING_LENGTH - {key.strip()}:
+        length = next((t for t in TRAINING_LENGTH if key.strip() == t or key.strip().endswith("." + t)), None)
+        if length:  # a new length replaces the recipe's (it may use another unit); also in a pipeline's stage
+            for other in TRAINING_LENGTH - {length}:
                 node.pop(other.split(".")[-1], None)
     return raw
 
@@ -447,19 +448,29 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A recipe file's YAML (duplicate keys refused), errors naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {exc}") from None
+
+
+def is_pipeline(raw: Any) -> bool:
+    """A pipeline recipe lists `stages:`; a plain recipe is one stage's body."""
+    return isinstance(raw, dict) and "stages" in raw
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    raw: dict = {}
+    raw: Any = read_yaml(path) if path is not None else {}
     source = str(path) if path else "recipe"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        try:
-            raw = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML: {exc}") from None
+    if is_pipeline(raw):
+        raise ConfigError(f"{source}: a pipeline (it lists stages:); run it with `lmforge run {source}`")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the recipe must be a mapping of sections (trainer:, model:, ...), "
                           f"got a {type(raw).__name__}")

@@ -379,7 +379,7 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
     out_dir = Path(recipe.output_dir)
     identity = run_identity(recipe, tokenizer, corpora)
     key = train_key(identity)
-    if not force and not resume and stamp_matches(recipe.final_model_dir, key):
+    if not force and stamp_matches(recipe.final_model_dir, key):
         say(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
     strategy = init_strategy()
@@ -529,7 +529,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     if outcome.result is not None:
         summary["train"] = {"steps": outcome.result.state.step, "seconds": round(outcome.result.seconds, 1),
                             "tokens_per_second": round(outcome.result.tokens_per_second),
-                            "final_train_loss": outcome.result.train_loss, "bad_steps": outcome.result.state.bad_steps}
+                            "final_train_loss": outcome.result.train_loss, "bad_steps": outcome.result.state.bad_steps,
+                            "tokens": outcome.result.tokens, "parameters": outcome.result.parameters,
+                            "trainable": outcome.result.trainable,
+                            "peak_memory_mb": round(outcome.result.peak_memory_mb), "precision": outcome.result.precision}
         if outcome.result.first_eval:
             summary["eval_before"] = outcome.result.first_eval
     (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

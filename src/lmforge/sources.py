@@ -109,8 +109,8 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
                                              recipe.packing.seq_len, cfg.val_fraction)
     say(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
 
-    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out row, not eval_batches of them
-        return classification_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names)
+    def evaluate(m: torch.nn.Module, precision: str, detail: bool = False) -> dict:  # every held-out row
+        return classification_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names, detail)
 
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 

@@ -9,6 +9,7 @@ goes into each checkpoint.
 from __future__ import annotations
 
 import math
+import resource
 import signal
 import threading
 import time
@@ -60,6 +61,11 @@ class TrainResult:
     full_weights: dict | None = None  # FSDP: the whole trained model's weights (rank 0), for saving it
     is_main: bool = True  # rank 0 (or the only process): the one that writes outputs
     mix_seen: dict = field(default_factory=dict)  # rows drawn from each source (mixtures only)
+    parameters: int = 0  # the model's, and those the method trains (for reports)
+    trainable: int = 0
+    tokens: int = 0  # trained on
+    peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the process
+    precision: str = ""
 
 
 def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_batch: int) -> int:
@@ -369,6 +375,11 @@ def train(
     result.seconds = time.perf_counter() - run_start
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
+    result.tokens, result.precision = state.tokens_seen, precision
+    result.parameters = sum(p.numel() for p in model.parameters())
+    result.trainable = sum(p.numel() for p in trainable)
+    result.peak_memory_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     if not result.interrupted:  # the final model is saved (FSDP: gathered by every rank, kept by rank 0)
         ensure_finite_weights(trainable, strategy, state.step, last_saved)
         result.full_weights = strategy.full_weights(model)

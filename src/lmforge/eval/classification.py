@@ -9,12 +9,14 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from torch import nn
 
 from lmforge.engine.runtime import autocast
+from lmforge.eval.intervals import classification_intervals
 
 
 @torch.no_grad()
 def classification_metrics(model: nn.Module, objective, rows, batch_size: int, device: torch.device, precision: str,
-                           names: list[str]) -> dict:
-    """The mean loss and scikit-learn's metrics over all of `rows` (labels indexed as `names`)."""
+                           names: list[str], detail: bool = False) -> dict:
+    """The mean loss and scikit-learn's metrics over all of `rows` (labels indexed as `names`); with
+    `detail`, bootstrap intervals of accuracy and macro-F1 and each example's label and prediction."""
     model.eval()
     predicted, actual, loss_sum = [], [], 0.0
     for start in range(0, len(rows), batch_size):
@@ -33,4 +35,7 @@ def classification_metrics(model: nn.Module, objective, rows, batch_size: int, d
     for name, p, r, n in zip(names, per_precision, per_recall, support, strict=True):
         out[f"precision_{name}"], out[f"recall_{name}"], out[f"support_{name}"] = float(p), float(r), int(n)
     out["confusion"] = confusion_matrix(actual, predicted, labels=classes).tolist()  # rows: true, columns: predicted
+    if detail:
+        out.update(classification_intervals(actual, predicted, classes))
+        out["actual"], out["predicted"] = actual, predicted
     return out

@@ -14,8 +14,10 @@ from lmforge.engine.runtime import autocast
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs, batch_size: int, max_batches: int | None,
-                  device: torch.device, precision: str, seed: int = 1234) -> dict[str, float]:
-    """Token-weighted mean loss (and accuracy, where the objective counts it) over the first `max_batches` batches of `rows` (in order, so every eval sees the same data)."""
+                  device: torch.device, precision: str, seed: int = 1234, parts: list | None = None) -> dict[str, float]:
+    """Token-weighted mean loss (and accuracy, where the objective counts it) over the first `max_batches`
+    batches of `rows` (in order, so every eval sees the same data). `parts` gets each batch's
+    (loss sum, token count): what a bootstrap interval resamples."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
     counts: dict[str, int] = {}
@@ -34,6 +36,8 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs,
             count = int(metrics["tokens"])
             total_loss += float(loss) * count
             total_tokens += count
+            if parts is not None:
+                parts.append((float(loss) * count, count))
             for key, value in metrics.items():
                 counts[key] = counts.get(key, 0) + int(value)
     mean = total_loss / max(total_tokens, 1)

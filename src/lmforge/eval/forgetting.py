@@ -1,0 +1,220 @@
+"""What each pipeline stage bought and what it cost, measured on the same held-out data before and after it.
+
+Per stage instance, `evaluate_stage` writes STAGE_DIR/eval.json:
+- probes: the general corpora (the first pretraining stage's validation split by default) through the
+  stage's final model: loss and perplexity, with bootstrap intervals; `before` is the same probe on the
+  parent's final model (the stage's starting point), and the change gets a paired interval. A model
+  whose head is not the probe's (a classifier after masked-LM pretraining) is measured with its body in
+  the nearest ancestor's LM head: the question is what fine-tuning did to the body's knowledge.
+- tasks: the stage's own held-out task, and every earlier task of its lineage that its head can still
+  answer, before and after (classification: accuracy and macro-F1 with intervals, the examples flipped).
+- baseline: for a classification stage, a k-shot baseline of the untuned starting model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmforge.config import ObjectiveConfig
+from lmforge.data.formats import DataError
+from lmforge.data.labeled import iter_labeled
+from lmforge.data.packing import PackedRows
+from lmforge.data.prepare import is_validation, load_prepared
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.engine.distributed import say
+from lmforge.engine.runtime import pick_device, resolve_precision
+from lmforge.eval.fewshot import prototype_baseline
+from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval
+from lmforge.eval.perplexity import evaluate_loss
+from lmforge.models.factory import load_model
+from lmforge.objectives import get_objective, objective_data, objective_head
+
+if TYPE_CHECKING:
+    from lmforge.lifecycle import Pipeline, StageRun
+
+EVAL_FILE = "eval.json"
+LM_HEADS = ("causal_lm", "masked_lm")
+TASK_DATA = ("labeled", "instructions", "preferences")
+
+
+def probes(pipeline: Pipeline) -> list[dict]:
+    """The general corpora measured at every stage: `general:` folders, else the first pretraining
+    stage's main corpus, with that stage's objective and row length."""
+    first = next((r for r in pipeline.runs if objective_data(r.recipe.objective) == "packed"
+                  and objective_head(r.recipe.objective) in LM_HEADS), None)
+    if first is None:
+        return []
+    r = first.recipe
+    folders = pipeline.general or [str(r.data.mixture[0].prepared_dir if r.data.mixture and r.data.mixture[0].prepared_dir
+                                       else (Path(r.output_dir) / f"data_{r.data.mixture[0].name}" if r.data.mixture
+                                             else r.prepared_dir))]
+    return [{"name": "general" if len(folders) == 1 else Path(f).name, "corpus": f,
+             "objective": r.objective.model_dump(), "seq_len": r.packing.seq_len,
+             "batch_size": r.trainer.batch_size, "batches": pipeline.eval_batches} for f in folders]
+
+
+def read_eval(run: StageRun | None) -> dict:
+    path = run.folder / EVAL_FILE if run is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _final(run: StageRun) -> Path:
+    return run.folder / "final"
+
+
+def _head(run: StageRun) -> str:
+    return objective_head(run.recipe.objective)
+
+
+def model_for_head(run: StageRun, head: str) -> torch.nn.Module | None:
+    """The stage's final model with `head`: itself, or its body grafted into the nearest ancestor that
+    has that head (None when no ancestor has it, or the bodies do not match)."""
+    if _head(run) == head:
+        return load_model(_final(run), head)
+    donor = next((a for a in run.ancestors() if _head(a) == head), None)
+    if donor is None:
+        return None
+    target = load_model(_final(donor), head)
+    trained = load_model(_final(run), _head(run)).state_dict()
+    state = target.state_dict()
+    moved = {k: v for k, v in trained.items() if k in state and state[k].shape == v.shape}
+    covered = sum(state[k].numel() for k in moved) / sum(v.numel() for v in state.values())
+    if covered < 0.5:  # another architecture: nothing meaningful to measure
+        return None
+    target.load_state_dict(moved, strict=False)
+    return target
+
+
+def _probe(run: StageRun, probe: dict, device: torch.device, precision: str) -> dict:
+    tokenizer = load_tokenizer(_final(run))
+    try:
+        corpus = load_prepared(probe["corpus"], tokenizer)
+    except DataError as exc:
+        return {"skipped": str(exc)}
+    objective = get_objective(ObjectiveConfig.model_validate(probe["objective"]), tokenizer)
+    model = model_for_head(run, objective.head)
+    if model is None:
+        return {"skipped": f"no {objective.head} head in this stage's lineage to measure it with"}
+    model.to(device)
+    rows = PackedRows(corpus.split("val"), objective.row_length(probe["seq_len"]))
+    parts: list = []
+    metrics = evaluate_loss(model, objective, rows, probe["batch_size"], probe["batches"], device, precision, parts=parts)
+    metrics["ppl_ci"] = perplexity_interval(parts)
+    metrics["parts"] = parts
+    return metrics
+
+
+def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision: str) -> dict | None:
+    """`task`'s held-out metrics of `run`'s final model (None when its head cannot answer that task)."""
+    from lmforge.sources import training_source
+
+    if _head(run) != _head(task) or objective_data(task.recipe.objective) == "preferences" and task is not run:
+        return None  # another head; DPO's metric is relative to its own reference model
+    model = load_model(_final(run), _head(run))
+    if getattr(model.config, "id2label", None) != getattr(load_model_config(_final(task)), "id2label", None):
+        return None  # a classifier of other labels
+    tokenizer = load_tokenizer(_final(run))
+    objective = get_objective(task.recipe.objective, tokenizer)
+    model.to(device)
+    source = training_source(task.recipe, objective, tokenizer, {}, device, model)
+    if source["evaluate"] is None:
+        return None
+    detail = objective_data(task.recipe.objective) == "labeled"
+    return source["evaluate"](model, precision, detail=True) if detail else source["evaluate"](model, precision)
+
+
+def load_model_config(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def _flips(task: StageRun, before: dict, after: dict, limit: int = 5) -> dict:
+    """Held-out examples right before the stage and wrong after it (and the reverse), with a few texts."""
+    if "predicted" not in before or "predicted" not in after or len(before["actual"]) != len(after["actual"]):
+        return {}
+    right_b = [int(p == a) for p, a in zip(before["predicted"], before["actual"], strict=True)]
+    right_a = [int(p == a) for p, a in zip(after["predicted"], after["actual"], strict=True)]
+    lost = [i for i, (b, a) in enumerate(zip(right_b, right_a, strict=True)) if b and not a]
+    gained = [i for i, (b, a) in enumerate(zip(right_b, right_a, strict=True)) if a and not b]
+    cfg = task.recipe.data
+    texts, index = {}, 0
+    wanted = set(lost[:limit])
+    for i, row in enumerate(iter_labeled(cfg.train_files, cfg.column, cfg.label_column, cfg.labels)):
+        if isinstance(row, DataError) or not is_validation(i, cfg.val_fraction):
+            continue
+        if index in wanted:
+            texts[index] = row[0][:300]
+        index += 1
+    return {"lost": len(lost), "gained": len(gained), "accuracy_change": accuracy_change(right_b, right_a),
+            "lost_examples": [{"index": i, "text": texts.get(i, ""), "label": after["actual"][i],
+                               "predicted_after": after["predicted"][i]} for i in lost[:limit]]}
+
+
+def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool = False) -> dict:
+    """Measure the stage (see the module's docstring); reuses eval.json when nothing changed."""
+    parent_eval = read_eval(run.parent)
+    specs = probes(pipeline)
+    key = _key(plan_key, parent_eval.get("key"), specs)
+    existing = read_eval(run)
+    if not force and existing.get("key") == key:
+        return existing
+    device = pick_device()
+    precision = resolve_precision("auto", device)
+    out: dict = {"stage": run.stage, "seed": run.seed, "label": run.label,
+                 "parent": run.parent.label if run.parent else None, "key": key, "probes": {}, "tasks": {}}
+    for spec in specs:
+        after = _probe(run, spec, device, precision)
+        entry = {"after": after}
+        before = parent_eval.get("probes", {}).get(spec["name"], {}).get("after")
+        if before and "parts" in before and "parts" in after:
+            entry["before"] = before
+            entry["change"] = perplexity_change(before["parts"], after["parts"])
+            change = entry["change"]
+            say(f"forgetting [{run.label}]: {spec['name']} perplexity {before['ppl']:.1f} -> {after['ppl']:.1f} "
+                f"({change['relative_change']:+.1%}" + (f", 95% CI {change['ci'][0]:+.1%}..{change['ci'][1]:+.1%}"
+                                                       if change.get("ci") else "") + ")")
+        out["probes"][spec["name"]] = entry
+    lineage = [run, *run.ancestors()]
+    for task in lineage:
+        if objective_data(task.recipe.objective) not in TASK_DATA:
+            continue
+        after = _task_metrics(task, run, device, precision)
+        if after is None:
+            continue
+        entry = {"after": after}
+        before = parent_eval.get("tasks", {}).get(task.stage, {}).get("after") if task is not run else None
+        if before:
+            entry["before"] = before
+            entry["flips"] = _flips(task, before, after)
+            change = entry["flips"].get("accuracy_change", {})
+            if change:
+                say(f"forgetting [{run.label}]: task {task.stage} accuracy {before['accuracy']:.3f} -> "
+                    f"{after['accuracy']:.3f} ({change['change']:+.3f}"
+                    + (f", 95% CI {change['ci'][0]:+.3f}..{change['ci'][1]:+.3f}" if change.get("ci") else "") + ")")
+        out["tasks"][task.stage] = entry
+    if objective_data(run.recipe.objective) == "labeled" and run.recipe.model.path:
+        out["baseline"] = prototype_baseline(run.recipe, Path(run.recipe.model.path), device)
+        mine = out["tasks"].get(run.stage, {}).get("after", {})
+        if mine and out["baseline"]:
+            b = out["baseline"]
+            say(f"eval [{run.label}]: accuracy {mine['accuracy']:.3f} (macro-F1 {mine['macro_f1']:.3f}) vs "
+                f"{b['shots']}-shot baseline of the untuned model {b['accuracy']:.3f} (macro-F1 {b['macro_f1']:.3f})"
+                + ("" if not (mine.get("accuracy_ci") and b.get("accuracy_ci")) else
+                   "; the difference is " + ("larger" if mine["accuracy_ci"][0] > b["accuracy_ci"][1]
+                                              or mine["accuracy_ci"][1] < b["accuracy_ci"][0] else "not larger")
+                   + " than the intervals"))
+    summary = run.folder / "summary.json"
+    out["summary"] = json.loads(summary.read_text()) if summary.is_file() else {}
+    (run.folder / EVAL_FILE).write_text(json.dumps(out, indent=1))
+    return out
+

@@ -1,0 +1,390 @@
+"""`lmforge report DIR... -o report.html`: one self-contained page comparing runs and pipeline stages.
+
+It reads what the runs wrote (pipeline.json, each stage's eval.json, summary.json, metrics.jsonl and
+recipe.yaml), draws the plots with matplotlib into embedded PNGs (nothing is fetched at view time) and
+lays out: stage cards, loss and validation curves on shared axes, the task table with intervals and
+the few-shot baseline, the forgetting table, branches compared over seeds, config differences and
+sample generations.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lmforge.engine.metrics import read_metrics
+from lmforge.eval.intervals import excludes_zero, mean_difference
+
+
+class ReportError(ValueError):
+    """A folder that holds no run lmforge wrote."""
+
+
+@dataclass
+class RunView:
+    label: str
+    folder: Path
+    stage: str
+    seed: int | None = None
+    parent: str | None = None
+    evaluation: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    train: list[dict] = field(default_factory=list)
+    val: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    objective: str = ""
+    method: str = ""
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _run(folder: Path, label: str, stage: str, seed: int | None = None, parent: str | None = None) -> RunView:
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
+    metrics = folder / "metrics.jsonl"
+    records = read_metrics(metrics) if metrics.is_file() else []
+    summary = _json(folder / "summary.json")
+    return RunView(label, folder, stage, seed, parent, _json(folder / "eval.json"), summary,
+                   [r for r in records if r.get("split") == "train"], [r for r in records if r.get("split") == "val"],
+                   _flat(recipe), (recipe.get("objective") or {}).get("name", ""), (recipe.get("method") or {}).get("name", ""))
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (node or {}).items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
+    """Every run under the given folders: a pipeline's stage instances, or single run folders."""
+    runs: list[RunView] = []
+    names = []
+    for folder in folders:
+        layout = _json(folder / "pipeline.json")
+        if layout.get("writer") == "lmforge":
+            names.append(layout.get("name", folder.name))
+            prefix = f"{layout.get('name', folder.name)}:" if len(folders) > 1 else ""
+            for s in layout["stages"]:
+                if (folder / s["folder"] / "summary.json").is_file():
+                    runs.append(_run(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"],
+                                     prefix + s["parent"] if s["parent"] else None))
+        elif (folder / "recipe.yaml").is_file() or (folder / "summary.json").is_file():
+            names.append(folder.name)
+            runs.append(_run(folder, folder.name, folder.name))
+        else:
+            raise ReportError(f"{folder}: neither a pipeline folder (pipeline.json) nor a run folder (recipe.yaml)")
+    if not runs:
+        raise ReportError(f"{', '.join(map(str, folders))}: no finished run to report on")
+    return " vs ".join(names), runs
+
+
+# ---------------------------------------------------------------- plots
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _curves(runs: list[RunView], split: str) -> str | None:
+    """One panel per objective, every run of it on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[RunView]] = {}
+    for r in runs:
+        records = r.train if split == "train" else r.val
+        if any(_loss(rec) is not None for rec in records):
+            groups.setdefault(r.objective or "run", []).append(r)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), squeeze=False)
+    for ax, (objective, members) in zip(axes[0], groups.items(), strict=True):
+        for r in members:
+            records = r.train if split == "train" else r.val
+            points = [(rec["step"], _loss(rec)) for rec in records if _loss(rec) is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 12 else None,
+                    markersize=3, label=r.label)
+        ax.set_title(f"{objective}: {'training' if split == 'train' else 'validation'} loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _loss(record: dict) -> float | None:
+    if "loss" in record:
+        return record["loss"]
+    losses = [v for k, v in record.items() if k.endswith("_loss") and isinstance(v, (int, float))]
+    return statistics.fmean(losses) if losses else None
+
+
+def _branch_plot(groups: list[dict]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [g for g in groups if g["accuracy"]]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(rows), 3.4))
+    x = range(len(rows))
+    means = [statistics.fmean(g["accuracy"]) for g in rows]
+    spread = [statistics.stdev(g["accuracy"]) if len(g["accuracy"]) > 1 else 0 for g in rows]
+    ax.bar(x, means, yerr=spread, capsize=4, color="#4c78a8", label="fine-tuned (mean ± sd over seeds)")
+    base = [statistics.fmean(g["baseline"]) if g["baseline"] else None for g in rows]
+    ax.scatter([i for i, b in zip(x, base, strict=True) if b is not None], [b for b in base if b is not None],
+               color="#e45756", marker="_", s=600, linewidths=3, label="few-shot baseline", zorder=3)
+    ax.set_xticks(list(x), [g["stage"] for g in rows])
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- tables
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+def _ci(ci) -> str:
+    return f" <span class=ci>[{_fmt(ci[0])}, {_fmt(ci[1])}]</span>" if ci else ""
+
+
+def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+TASK_OBJECTIVES = ("classify", "reward", "dpo")  # example-level tasks with an accuracy
+
+
+def _task(r: RunView) -> dict:
+    """The run's own held-out task metrics (none for pretraining: its accuracy is of masked tokens)."""
+    if r.objective not in TASK_OBJECTIVES:
+        return {}
+    own = r.evaluation.get("tasks", {}).get(r.stage.split(":")[-1], {}).get("after")
+    return own or r.summary.get("eval") or {}
+
+
+def _cards(runs: list[RunView]) -> str:
+    rows = []
+    for r in runs:
+        t = r.summary.get("train", {})
+        params, trainable = t.get("parameters"), t.get("trainable")
+        best = _task(r) or r.summary.get("eval") or {}
+        shown = ", ".join(f"{k} {_fmt(best[k])}" for k in ("accuracy", "macro_f1", "ppl", "loss") if k in best)
+        rows.append([html.escape(r.label), html.escape(r.parent or "–"), html.escape(r.objective), html.escape(r.method),
+                     _fmt(params), f"{trainable / params:.1%}" if params and trainable else "–", _fmt(t.get("tokens")),
+                     _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")), _fmt(t.get("peak_memory_mb")),
+                     html.escape(str(t.get("precision") or "–")), shown])
+    return _table(["run", "after", "objective", "method", "parameters", "trainable", "tokens", "wall s", "tokens/s",
+                   "peak MB", "precision", "final held-out"], rows, "cards")
+
+
+def _task_table(runs: list[RunView]) -> str:
+    rows = []
+    for r in runs:
+        t = _task(r)
+        if "accuracy" not in t and "macro_f1" not in t:
+            continue
+        b = r.evaluation.get("baseline") or {}
+        beat = ""
+        if t.get("accuracy_ci") and b.get("accuracy_ci"):
+            beat = ("yes" if t["accuracy_ci"][0] > b["accuracy_ci"][1] else
+                    "no (worse)" if t["accuracy_ci"][1] < b["accuracy_ci"][0] else "not beyond the intervals")
+        rows.append([html.escape(r.label), _fmt(t.get("accuracy")) + _ci(t.get("accuracy_ci")),
+                     _fmt(t.get("macro_f1")) + _ci(t.get("macro_f1_ci")), _fmt(t.get("tokens")),
+                     _fmt(b.get("accuracy")) + _ci(b.get("accuracy_ci")) if b else "–",
+                     _fmt(b.get("macro_f1")) if b else "–", beat or "–"])
+    if not rows:
+        return "<p>No stage with a held-out task metric.</p>"
+    return _table(["run", "accuracy [95% CI]", "macro-F1 [95% CI]", "held-out examples", "few-shot baseline accuracy",
+                   "baseline macro-F1", "beat the baseline?"], rows, "tasks")
+
+
+def _forgetting_table(runs: list[RunView]) -> str:
+    rows = []
+    for r in runs:
+        for name, probe in r.evaluation.get("probes", {}).items():
+            change = probe.get("change") or {}
+            before, after = probe.get("before", {}), probe.get("after", {})
+            if "skipped" in after:
+                rows.append([html.escape(r.label), html.escape(f"{name} perplexity"), "–", "–", "–",
+                             html.escape(after["skipped"])])
+                continue
+            rel = change.get("relative_change")
+            rows.append([html.escape(r.label), html.escape(f"{name} perplexity"), _fmt(before.get("ppl"), 1),
+                         _fmt(after.get("ppl"), 1),
+                         (f"{rel:+.1%}" if rel is not None else "–")
+                         + (f" <span class=ci>[{change['ci'][0]:+.1%}, {change['ci'][1]:+.1%}]</span>" if change.get("ci") else ""),
+                         "beyond the interval" if excludes_zero(change.get("ci")) else ("within the interval" if change else "")])
+        for task, entry in r.evaluation.get("tasks", {}).items():
+            flips = entry.get("flips") or {}
+            if not flips:
+                continue
+            change = flips.get("accuracy_change", {})
+            rows.append([html.escape(r.label), html.escape(f"task {task} accuracy"), _fmt(entry["before"].get("accuracy")),
+                         _fmt(entry["after"].get("accuracy")),
+                         f"{change.get('change', 0):+.3f}" + _ci(change.get("ci")),
+                         f"{flips['lost']} right before and wrong after, {flips['gained']} the reverse"])
+    if not rows:
+        return "<p>No stage measured before and after (a single run, or a pipeline without a general corpus).</p>"
+    return _table(["run", "measured on", "before", "after", "change [95% CI]", "verdict"], rows, "forgetting")
+
+
+def branch_groups(runs: list[RunView]) -> list[dict]:
+    """Per stage: the task metrics and the general-perplexity change of each of its seeds."""
+    groups: dict[str, dict] = {}
+    for r in runs:
+        g = groups.setdefault(r.stage, {"stage": r.stage, "accuracy": [], "macro_f1": [], "baseline": [],
+                                        "ppl_change": [], "seconds": [], "seeds": []})
+        t = _task(r)
+        if "accuracy" in t:
+            g["accuracy"].append(t["accuracy"])
+            g["macro_f1"].append(t.get("macro_f1", float("nan")))
+        if (r.evaluation.get("baseline") or {}).get("accuracy") is not None:
+            g["baseline"].append(r.evaluation["baseline"]["accuracy"])
+        for probe in r.evaluation.get("probes", {}).values():
+            if (probe.get("change") or {}).get("relative_change") is not None:
+                g["ppl_change"].append(probe["change"]["relative_change"])
+        g["seconds"].append(r.summary.get("train", {}).get("seconds") or 0.0)
+        g["seeds"].append(r.seed)
+    return list(groups.values())
+
+
+def _mean_sd(values: list[float], pct: bool = False) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:+.1%} ± {sd:.1%}" if pct else f"{mean:.3f} ± {sd:.3f}"
+
+
+def _branches(groups: list[dict]) -> str:
+    rows = [[html.escape(g["stage"]), str(len(g["seeds"])), _mean_sd(g["accuracy"]), _mean_sd(g["macro_f1"]),
+             _mean_sd(g["baseline"]), _mean_sd(g["ppl_change"], pct=True), f"{sum(g['seconds']):.0f}"] for g in groups]
+    table = _table(["stage", "runs", "accuracy (mean ± sd)", "macro-F1 (mean ± sd)", "few-shot baseline",
+                    "general perplexity change", "wall s (all seeds)"], rows, "branches")
+    tasks = [g for g in groups if len(g["accuracy"]) >= 2]
+    verdicts = []
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1:]:
+            d = mean_difference(a["accuracy"], b["accuracy"])
+            ci = d.get("ci")
+            verdicts.append(f"<li>{html.escape(b['stage'])} − {html.escape(a['stage'])}: accuracy {d['difference']:+.3f}"
+                            + (f" (bootstrap 95% CI over seeds [{ci[0]:+.3f}, {ci[1]:+.3f}]: "
+                               + ("larger than the interval" if excludes_zero(ci) else "not larger than the interval") + ")"
+                               if ci else "") + "</li>")
+    return table + (f"<ul class=verdicts>{''.join(verdicts)}</ul>" if verdicts else "")
+
+
+def _config_diff(runs: list[RunView]) -> str:
+    keys = sorted({k for r in runs for k in r.settings})
+    varying = [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True, default=str) for r in runs}) > 1
+               and k not in ("output_dir", "name")]
+    if not varying:
+        return "<p>All runs share one configuration.</p>"
+    rows = [[html.escape(k)] + [_fmt(r.settings.get(k)) for r in runs] for k in varying]
+    return _table(["setting"] + [r.label for r in runs], rows, "config")
+
+
+def _samples(runs: list[RunView]) -> str:
+    with_samples = [r for r in runs if r.summary.get("samples")]
+    if not with_samples:
+        return "<p>No sample generations (no causal-LM stage).</p>"
+    prompts = list(dict.fromkeys(p for r in with_samples for p in r.summary["samples"]))
+    rows = [[html.escape(p)] + [html.escape(r.summary["samples"].get(p, "–")) for r in with_samples] for p in prompts]
+    return _table(["prompt"] + [r.label for r in with_samples], rows, "samples")
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:12px;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
+th{background:#f4f4f4} .ci{color:#777;font-size:11px} img{max-width:100%;border:1px solid #eee}
+.meta{color:#666;font-size:12px}
+"""
+
+# The page marks itself once every plot has decoded, so a headless browser (and a person) can tell.
+CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.querySelectorAll('img.plot'));
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-plots', imgs.length);
+  document.body.setAttribute('data-plots-rendered', ok);
+});
+"""
+
+
+def render(folders: list[Path]) -> str:
+    from lmforge.engine.runtime import bf16_matmul_speedup
+
+    title, runs = collect(folders)
+    groups = branch_groups(runs)
+    plots = [("Training loss", _curves(runs, "train")), ("Validation loss", _curves(runs, "val")),
+             ("Task accuracy by stage", _branch_plot(groups))]
+    figures = "".join(f"<figure><img class=plot alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+                      f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, data in plots if data)
+    machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}; bf16/fp32 GEMM speed {bf16_matmul_speedup():.2f}×"
+    return f"""<!doctype html><html><head><meta charset=utf-8><title>lmforge report: {html.escape(title)}</title>
+<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>
+<h1>lmforge report: {html.escape(title)}</h1>
+<p class=meta>{len(runs)} run(s); reported on {html.escape(machine)}</p>
+<h2>Stages</h2>{_cards(runs)}
+<h2>Branches compared</h2>{_branches(groups)}
+<h2>Held-out task metrics</h2>{_task_table(runs)}
+<h2>Forgetting</h2>{_forgetting_table(runs)}
+<h2>Curves</h2>{figures}
+<h2>Configuration differences</h2>{_config_diff(runs)}
+<h2>Sample generations</h2>{_samples(runs)}
+</body></html>"""
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def write_report(folders: list[Path], out: Path) -> Path:
+    from lmforge.outputs import OutputError
+
+    if out.exists() and out.is_file() and b"lmforge report" not in out.read_bytes()[:4096]:
+        raise OutputError(f"{out}: exists and is not an lmforge report; choose another -o")
+    page = render(folders)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out

