@@ -220,3 +220,30 @@ def test_pseudo_perplexity_matches_one_mask_at_a_time(prepared, tokenizer):
                 n += 1
     assert fast["pseudo_tokens"] == n
     assert fast["pseudo_loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_masked_lm_head_on_selected_positions_equals_the_full_head(family, tokenizer):
+    """The vocabulary head runs on the masked positions only; loss, gradients and counts are those of
+    the whole model's logits."""
+    from lmforge.objectives import mlm as mlm_module
+
+    torch.manual_seed(0)
+    config = preset_config(family, "tiny", 576, 128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=128)
+    model = build_model(config, "masked_lm", tokenizer)
+    objective = mlm_module.MaskedLM(ObjectiveConfig(name="mlm"), tokenizer)
+    assert mlm_module._body_and_head(model) is not None
+    inputs, labels = objective.corrupt(torch.randint(10, 500, (4, 48)))
+    fast_loss, fast = objective.masked_loss(model, inputs, labels)
+    fast_loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=inputs).logits
+    full_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    full_loss.backward()
+    torch.testing.assert_close(fast_loss, full_loss)
+    assert int(fast["tokens"]) == int((labels != -100).sum())
+    assert int(fast["correct"]) == int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fast_grads[name], param.grad, atol=1e-6, rtol=1e-4)
