@@ -201,3 +201,29 @@ def test_prefetcher_yields_everything_then_stops_and_surfaces_errors():
     next(endless)
     endless.close()
     assert not endless._thread.is_alive()
+
+
+def test_prepare_ignores_truncation_and_padding_a_tokenizer_carries(tmp_path, small_jsonl, tokenizer_dir):
+    """A tokenizer.json with truncation and fixed padding (as sentence-transformers ship MiniLM's) must not
+    cut or pad the documents of a corpus."""
+    import json as json_module
+
+    from lmforge.data.prepare import prepare_corpus
+    from lmforge.data.tokenizer import load_tokenizer
+
+    plain = prepare_corpus([str(small_jsonl)], load_tokenizer(tokenizer_dir), tmp_path / "plain", val_fraction=0.1,
+                           progress=False)
+    carrying = tmp_path / "tok"
+    carrying.mkdir()
+    for f in tokenizer_dir.iterdir():
+        (carrying / f.name).write_bytes(f.read_bytes())
+    spec = json_module.loads((carrying / "tokenizer.json").read_text())
+    spec["truncation"] = {"max_length": 32, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    spec["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<pad>"}
+    (carrying / "tokenizer.json").write_text(json_module.dumps(spec))
+    tokenizer = load_tokenizer(carrying)
+    tokenizer(["a long text " * 50], truncation=True, max_length=8)  # a call that switches truncation on
+    corpus = prepare_corpus([str(small_jsonl)], tokenizer, tmp_path / "carrying", val_fraction=0.1, progress=False)
+    assert corpus.manifest["splits"] == plain.manifest["splits"]
+    assert corpus.manifest["splits"]["train"]["tokens"] > 30 * 32 * 5

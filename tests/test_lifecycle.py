@@ -259,3 +259,48 @@ def test_intervals_cover_the_estimate_and_tell_a_real_difference():
     parts = [(float(rng.normal(400, 20)), 100) for _ in range(50)]
     low, high = perplexity_interval(parts)
     assert low < np.exp(sum(p[0] for p in parts) / 5000) < high
+
+
+def test_generation_metrics_equal_rouge_score_and_sacrebleu():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from lmforge.eval.generation import generation_metrics
+
+    predictions = ["The cat sat on the mat.", "yes", "Paris is the capital", "running fast"]
+    references = ["the cat sat on the mat", "No.", "The capital is Paris", "he runs fast"]
+    metrics = generation_metrics(predictions, references)
+    assert metrics["exact_match"] == 0.25  # lower-cased, end punctuation dropped
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
+    assert metrics["rouge_l"] == pytest.approx(expected)
+    assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score)
+    assert metrics["rouge_l_ci"][0] <= metrics["rouge_l"] <= metrics["rouge_l_ci"][1]
+
+
+@pytest.mark.slow
+def test_an_sft_stage_scores_its_held_out_answers_before_and_after(tmp_path, small_jsonl, tokenizer_dir):
+    spec = {
+        "name": "sft", "output_dir": str(tmp_path / "runs"), "generation_examples": 12, "eval_batches": 4,
+        "defaults": {"trainer": {"batch_size": 8, "progress": False, "precision": "fp32"}},
+        "stages": {
+            "pretrain": {"tokenizer": {"path": str(tokenizer_dir)}, "model": {"family": "llama", "preset": "tiny"},
+                         "data": {"train_files": [str(small_jsonl)], "val_fraction": 0.1}, "packing": {"seq_len": 64},
+                         "trainer": {"max_steps": 20, "lr": 3e-3}},
+            "sft": {"after": "pretrain", "objective": {"name": "sft"}, "packing": {"seq_len": 256},
+                    "data": {"train_files": [str(REPO / "assets/corpora/instructions_excerpt.jsonl.gz")],
+                             "val_fraction": 0.03}, "trainer": {"max_steps": 20, "lr": 1e-3}},
+        },
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, output = _invoke("run", str(path))
+    assert code == 0, output
+    generation = json.loads((tmp_path / "runs/sft/eval.json").read_text())["generation"]
+    before, after = generation["before"], generation["after"]
+    assert before["examples"] == after["examples"] == 12
+    assert [s["prompt"] for s in before["samples"]] == [s["prompt"] for s in after["samples"]]
+    assert [s["answer"] for s in before["samples"]] != [s["answer"] for s in after["samples"]]  # training changed them
+    assert "held-out answers ROUGE-L" in output
+    code, output = _invoke("report", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html"))
+    assert code == 0 and f"{after['rouge_l']:.3f}" in (tmp_path / "r.html").read_text()

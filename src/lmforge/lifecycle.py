@@ -33,7 +33,8 @@ from typing import Any
 
 from lmforge.config import ConfigError, Recipe, apply_overrides, is_pipeline, read_yaml, validate_recipe
 
-PIPELINE_KEYS = {"name", "output_dir", "vars", "seeds", "defaults", "stages", "general", "eval_batches"}
+PIPELINE_KEYS = {"name", "output_dir", "vars", "seeds", "defaults", "stages", "general", "eval_batches",
+                 "generation_examples"}
 STAGE_KEYS = {"after", "seeds"}
 _PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
@@ -71,7 +72,8 @@ class Pipeline:
     source: str
     runs: list[StageRun]  # parents before children
     general: list[str] = field(default_factory=list)  # prepared corpora probed for forgetting (default: see forgetting)
-    eval_batches: int = 50
+    eval_batches: int = 50  # general-corpus batches measured before and after every stage
+    generation_examples: int = 48  # held-out prompts an instruction-tuned stage answers, before and after
 
     def select(self, only: str | None = None, start: str | None = None) -> list[StageRun]:
         """The instances `--only STAGE` or `--from STAGE` (it and what follows it) run; all by default."""
@@ -212,7 +214,14 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise ConfigError(f"{source}: general: expected a list of prepared corpus folders")
     return Pipeline(str(raw.get("name", out_dir.name)), out_dir, source, runs,
                     [str(_substitute(g, values, f"{source}: general")) for g in general],
-                    int(raw.get("eval_batches", 50)))
+                    _count(raw, "eval_batches", 50, source), _count(raw, "generation_examples", 48, source))
+
+
+def _count(raw: dict, key: str, default: int, source: str) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{source}: {key}: expected a whole number above 0, got {value!r}")
+    return value
 
 
 def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, seed: int | None, out_dir: Path,

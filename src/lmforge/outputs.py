@@ -236,14 +236,25 @@ def _metrics_log(path: Path) -> bool:
 
 
 # What a run writes at the top of its output_dir, and how each is recognised as lmforge's.
+def _summary(path: Path) -> bool:
+    summary = _json(path)
+    return isinstance(summary, dict) and "model_dir" in summary
+
+
+def _prepared_corpus(path: Path) -> bool:
+    from lmforge.data.prepare import is_prepared_corpus  # data imports outputs: imported when used
+
+    return is_prepared_corpus(path)
+
+
 RUN_FILES: dict[str, Callable[[Path], bool]] = {
     "recipe.yaml": _dumped_recipe,
     "metrics.jsonl": _metrics_log,
-    "summary.json": lambda p: isinstance(_json(p), dict) and "model_dir" in _json(p),
+    "summary.json": _summary,
     "tensorboard": lambda p: p.is_dir() and all(f.name.startswith("events.out.tfevents") for f in p.iterdir()),
     "final": has_stamp,
     "tokenizer": has_stamp,
-    "data": lambda p: isinstance(_json(p / "manifest.json"), dict) and "tokenizer_fingerprint" in _json(p / "manifest.json"),
+    "data": _prepared_corpus,
     "checkpoints": lambda p: p.is_dir() and all(f.name.startswith(("step_", ".tmp-step_")) for f in p.iterdir()),
 }
 
@@ -268,3 +279,10 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return "code: 28" in text or "StorageFull" in text or "No space left on device" in text
+
+
+def as_disk_full(exc: BaseException, path: Path | str) -> None:
+    """Raise ENOSPC as an OSError naming `path` when a Rust library (safetensors) reported it as its own
+    error, so every full disk reaches the user as the same one line; otherwise return."""
+    if is_disk_full(exc) and not isinstance(exc, OSError):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None

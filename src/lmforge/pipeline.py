@@ -7,12 +7,10 @@ recipe twice redoes nothing, and an interrupted run picks up at the stage it was
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import itertools
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
-from lmforge.data.formats import expand_inputs, iter_corpus
+from lmforge.data.formats import expand_inputs, file_fingerprints, iter_corpus
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
@@ -55,10 +53,10 @@ from lmforge.objectives.regularize import Regularized, diagonal_fisher, ewc_pena
 from lmforge.outputs import (
     OutputError,
     RunLock,
+    as_disk_full,
     ensure_replaceable,
     ensure_run_folder,
     has_stamp,
-    is_disk_full,
     move_aside,
     read_stamp,
     remove_stale_temporaries,
@@ -85,11 +83,6 @@ SAFE_ON_RESUME = NOT_IN_TRAIN_KEY | {"trainer.max_steps", "trainer.max_tokens", 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_stats(patterns: list[str]) -> list[tuple[str, int, float]]:
-    """Path, size and mtime of each input: enough to notice a rewritten file without reading it."""
-    return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in expand_inputs(patterns)]
 
 
 def flat_settings(recipe: Recipe) -> dict:
@@ -120,8 +113,7 @@ def _path_fingerprint(value: str, outputs: Path) -> list | None:
         path = Path(match)
         if not path.exists() or path.absolute().is_relative_to(outputs):
             continue
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        found += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        found += file_fingerprints([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))
     return found or None
 
 
@@ -152,7 +144,7 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
             raise ValueError("tokenizer: set tokenizer.train_files to train one, or tokenizer.path / model.path to load one")
         return load_tokenizer(source, recipe.model.trust_remote_code)
     files = expand_inputs(cfg.train_files)
-    key = _hash({"cfg": cfg.model_dump(), "inputs": _file_stats(files)})
+    key = _hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
     if stamp_matches(out, key):
         return load_tokenizer(out)
     say(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
@@ -169,7 +161,7 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
         raise ValueError("tokenizer.extend_count: extending needs tokenizer.path (or model.path) and tokenizer.extend_files")
     out = recipe.tokenizer_dir
     files = expand_inputs(cfg.extend_files)
-    key = _hash({"cfg": cfg.model_dump(), "inputs": _file_stats(files)})
+    key = _hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
     if stamp_matches(out, key):
         return load_tokenizer(out)
     ensure_replaceable(out.absolute(), has_stamp, "a tokenizer lmforge wrote")
@@ -328,8 +320,7 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
         write_stamp(tmp, **stamp)
         replace_dir(tmp, out)
     except Exception as exc:
-        if is_disk_full(exc) and not isinstance(exc, OSError):  # safetensors reports it as its own error
-            raise OSError(errno.ENOSPC, "No space left on device", str(out)) from None
+        as_disk_full(exc, out)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,7 +374,6 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
         say(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
     strategy = init_strategy()
-    ensure_run_folder(out_dir)
     ensure_replaceable(recipe.final_model_dir.absolute(), has_stamp, "a model folder lmforge saved")
     lock = RunLock(out_dir, say) if strategy.is_main else None
     with lock or contextlib.nullcontext():

@@ -12,6 +12,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -256,3 +257,16 @@ def iter_corpus(files: list[str], column: str = "text", fmt: str = "auto", max_d
             count += 1
             if max_docs is not None and count >= max_docs:
                 return
+
+
+def file_fingerprints(files: list[str | Path]) -> list[dict]:
+    """Path, size and mtime of each input (a `datasets` name by its name): cheap, and it changes whenever
+    a file is rewritten. The one fingerprint of input files for corpora, tokenizers and train keys."""
+    out = []
+    for path in map(str, files):
+        if path.startswith("hf:"):
+            out.append({"path": path})
+        else:
+            stat = os.stat(path)
+            out.append({"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return out

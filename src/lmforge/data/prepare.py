@@ -10,7 +10,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lmforge.data.formats import DataError, expand_inputs, read_documents
+from lmforge.data.formats import DataError, expand_inputs, file_fingerprints, read_documents
 from lmforge.data.shards import Shard, ShardWriter, open_shards, token_dtype
 from lmforge.data.tokenizer import tokenizer_fingerprint
 from lmforge.outputs import (
@@ -62,18 +61,6 @@ class PreparedCorpus:
 
     def tokens(self, name: str) -> int:
         return self.manifest["splits"][name]["tokens"]
-
-
-def _input_fingerprint(files: list[str]) -> list[dict]:
-    """Path, size and mtime of each input: cheap, and changes whenever a file is rewritten."""
-    out = []
-    for path in files:
-        if path.startswith("hf:"):
-            out.append({"path": path})
-        else:
-            stat = os.stat(path)
-            out.append({"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return out
 
 
 def _settings_hash(inputs: list[dict], tok_hash: str, settings: dict) -> str:
@@ -145,8 +132,15 @@ def _batches(files: list[str], column: str, fmt: str, max_docs: int | None) -> I
 
 
 def _encoder(tokenizer: PreTrainedTokenizerBase):
-    """The fastest batch encoder available: the Rust tokenizer, parallel across cores."""
-    backend = tokenizer.backend_tokenizer
+    """The fastest batch encoder available: the Rust tokenizer, parallel across cores. A copy, with no
+    truncation or padding: a tokenizer.json may carry them (MiniLM's truncates at 128 and pads to 128,
+    which cut every Brown document to 128 tokens and padded short ones), and a `truncation=True` call
+    elsewhere switches them on in the shared backend."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return lambda texts: encode(texts, add_special_tokens=False)
 
@@ -194,7 +188,7 @@ def prepare_corpus(
     out_dir = Path(out_dir).absolute()  # `-o .` has a parent to write beside
     files = expand_inputs(files)
     tok_hash = tokenizer_fingerprint(tokenizer)
-    inputs = _input_fingerprint(files)
+    inputs = file_fingerprints(files)
     settings = {"column": column, "format": fmt, "val_fraction": val_fraction, "max_docs": max_docs}
     fingerprint = _settings_hash(inputs, tok_hash, settings)
 
@@ -205,9 +199,10 @@ def prepare_corpus(
         print(f"prepare: tokenizer changed ({existing.get('tokenizer_fingerprint')} -> {tok_hash}); re-preparing")
     ensure_replaceable(out_dir, is_prepared_corpus, "a corpus lmforge prepared")
 
-    eos_id = tokenizer.eos_token_id
+    # documents end with EOS; an encoder's tokenizer (BERT, MiniLM) has none, and its [SEP] does that job
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if eos_id is None:
-        raise DataError("the tokenizer has no EOS token; documents cannot be separated")
+        raise DataError("the tokenizer has neither an EOS nor a SEP token; documents cannot be separated")
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     remove_stale_temporaries(out_dir.parent, temporaries_of(out_dir))

@@ -9,7 +9,6 @@ the newest valid one.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from lmforge.outputs import is_disk_full
+from lmforge.outputs import as_disk_full
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -88,8 +87,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         _fsync_dir(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc) and not isinstance(exc, OSError):  # safetensors reports it as its own error
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+        as_disk_full(exc, tmp)
         raise
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -29,6 +29,7 @@ from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
 from lmforge.eval.fewshot import prototype_baseline
+from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.models.factory import load_model
@@ -213,6 +214,16 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
                    "; the difference is " + ("larger" if mine["accuracy_ci"][0] > b["accuracy_ci"][1]
                                               or mine["accuracy_ci"][1] < b["accuracy_ci"][0] else "not larger")
                    + " than the intervals"))
+    if objective_data(run.recipe.objective) == "instructions":  # answers before and after, against references
+        start = Path(run.recipe.model.path) if run.recipe.model.path else None
+        out["generation"] = {"after": held_out_answers(run.recipe, _final(run), device, pipeline.generation_examples)}
+        if start is not None and (start / "config.json").is_file():
+            out["generation"]["before"] = held_out_answers(run.recipe, start, device, pipeline.generation_examples)
+        g = out["generation"]
+        if g["after"]:
+            say(f"eval [{run.label}]: held-out answers ROUGE-L " + (f"{g['before']['rouge_l']:.3f} -> " if g.get("before") else "")
+                + f"{g['after']['rouge_l']:.3f}, exact match "
+                + (f"{g['before']['exact_match']:.3f} -> " if g.get("before") else "") + f"{g['after']['exact_match']:.3f}")
     summary = run.folder / "summary.json"
     out["summary"] = json.loads(summary.read_text()) if summary.is_file() else {}
     (run.folder / EVAL_FILE).write_text(json.dumps(out, indent=1))

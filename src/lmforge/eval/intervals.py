@@ -17,7 +17,7 @@ from sklearn.metrics import f1_score
 RESAMPLES = 1000
 
 
-def _interval(data: tuple[np.ndarray, ...], statistic: Callable, seed: int = 0) -> list[float] | None:
+def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable, seed: int = 0) -> list[float] | None:
     if len(data[0]) < 2:
         return None
     result = bootstrap(data, statistic, paired=True, vectorized=False, n_resamples=RESAMPLES,
@@ -33,7 +33,7 @@ def _ppl(loss_sums: np.ndarray, counts: np.ndarray) -> float:
 def perplexity_interval(parts: Sequence[tuple[float, int]]) -> list[float] | None:
     """Interval of the perplexity over batches of (loss sum, tokens)."""
     sums, counts = (np.array(x, dtype=float) for x in zip(*parts, strict=True)) if parts else (np.array([]),) * 2
-    return _interval((sums, counts), _ppl)
+    return bootstrap_interval((sums, counts), _ppl)
 
 
 def perplexity_change(before: Sequence[tuple[float, int]], after: Sequence[tuple[float, int]]) -> dict:
@@ -45,14 +45,14 @@ def perplexity_change(before: Sequence[tuple[float, int]], after: Sequence[tuple
 
     def change(bs, bn, as_, an):
         return _ppl(as_, an) / _ppl(bs, bn) - 1.0
-    return {"relative_change": change(b_sum, b_n, a_sum, a_n), "ci": _interval((b_sum, b_n, a_sum, a_n), change)}
+    return {"relative_change": change(b_sum, b_n, a_sum, a_n), "ci": bootstrap_interval((b_sum, b_n, a_sum, a_n), change)}
 
 
 def classification_intervals(actual: Sequence[int], predicted: Sequence[int], classes: list[int]) -> dict:
     """Intervals of accuracy and macro-F1 over the held-out examples."""
     y, p = np.asarray(actual), np.asarray(predicted)
-    return {"accuracy_ci": _interval((y, p), lambda a, b: float(np.mean(a == b))),
-            "macro_f1_ci": _interval((y, p), lambda a, b: float(f1_score(a, b, labels=classes, average="macro",
+    return {"accuracy_ci": bootstrap_interval((y, p), lambda a, b: float(np.mean(a == b))),
+            "macro_f1_ci": bootstrap_interval((y, p), lambda a, b: float(f1_score(a, b, labels=classes, average="macro",
                                                                          zero_division=0)))}
 
 
@@ -61,7 +61,7 @@ def accuracy_change(correct_before: Sequence[int], correct_after: Sequence[int])
     b, a = np.asarray(correct_before, dtype=float), np.asarray(correct_after, dtype=float)
     if len(a) != len(b) or not len(a):
         return {}
-    return {"change": float(a.mean() - b.mean()), "ci": _interval((b, a), lambda x, y: float(y.mean() - x.mean()))}
+    return {"change": float(a.mean() - b.mean()), "ci": bootstrap_interval((b, a), lambda x, y: float(y.mean() - x.mean()))}
 
 
 def mean_difference(a: Sequence[float], b: Sequence[float]) -> dict:

@@ -260,6 +260,24 @@ def _forgetting_table(runs: list[RunView]) -> str:
     return _table(["run", "measured on", "before", "after", "change [95% CI]", "verdict"], rows, "forgetting")
 
 
+def _generation_table(runs: list[RunView]) -> str:
+    rows = []
+    for r in runs:
+        g = r.evaluation.get("generation") or {}
+        after, before = g.get("after") or {}, g.get("before") or {}
+        if not after:
+            continue
+        def cell(m: dict, key: str) -> str:
+            return _fmt(m.get(key)) + _ci(m.get(f"{key}_ci")) if m else "–"
+        rows.append([html.escape(r.label), cell(before, "rouge_l"), cell(after, "rouge_l"), cell(before, "exact_match"),
+                     cell(after, "exact_match"), _fmt(before.get("chrf"), 1) if before else "–", _fmt(after.get("chrf"), 1),
+                     _fmt(after.get("examples"))])
+    if not rows:
+        return "<p>No instruction-tuning stage.</p>"
+    return _table(["run", "ROUGE-L before", "ROUGE-L after", "exact match before", "exact match after", "chrF before",
+                   "chrF after", "held-out prompts"], rows, "generation")
+
+
 def branch_groups(runs: list[RunView]) -> list[dict]:
     """Per stage: the task metrics and the general-perplexity change of each of its seeds."""
     groups: dict[str, dict] = {}
@@ -361,6 +379,7 @@ def render(folders: list[Path]) -> str:
 <h2>Stages</h2>{_cards(runs)}
 <h2>Branches compared</h2>{_branches(groups)}
 <h2>Held-out task metrics</h2>{_task_table(runs)}
+<h2>Generated answers (greedy, against held-out references)</h2>{_generation_table(runs)}
 <h2>Forgetting</h2>{_forgetting_table(runs)}
 <h2>Curves</h2>{figures}
 <h2>Configuration differences</h2>{_config_diff(runs)}

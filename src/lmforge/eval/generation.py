@@ -1,0 +1,79 @@
+"""Generated answers scored against references: exact match, ROUGE-L (rouge-score, stemmed F-measure) and
+chrF (sacrebleu), with bootstrap intervals for the per-example ones.
+
+`held_out_answers` takes an instruction recipe's held-out conversations (the same split training
+used), has a model answer each prompt greedily with the chat template it was trained with, and scores
+the answers against the conversations' last assistant turns.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
+from lmforge.config import Recipe
+from lmforge.data.formats import DataError
+from lmforge.data.instructions import InstructionFormat, ensure_chat_template, iter_conversations
+from lmforge.data.prepare import is_validation
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.eval.generate import generate_text
+from lmforge.eval.intervals import bootstrap_interval
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?")
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict:
+    """Exact match (after lower-casing and collapsing whitespace and end punctuation), ROUGE-L F and chrF."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError("generation metrics: one prediction per reference, at least one")
+    exact = np.array([float(_normal(p) == _normal(r)) for p, r in zip(predictions, references, strict=True)])
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = np.array([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
+    return {"exact_match": float(exact.mean()), "exact_match_ci": bootstrap_interval((exact,), np.mean),
+            "rouge_l": float(rouge.mean()), "rouge_l_ci": bootstrap_interval((rouge,), np.mean),
+            "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score), "examples": len(predictions)}
+
+
+def held_out_conversations(recipe: Recipe, limit: int) -> list[list[dict]]:
+    """The first `limit` held-out conversations of an instruction recipe (the split training used)."""
+    cfg = recipe.data
+    out = []
+    for i, item in enumerate(iter_conversations(cfg.train_files, InstructionFormat.of(cfg))):
+        if isinstance(item, DataError) or not is_validation(i, cfg.val_fraction):
+            continue
+        messages = item[1]
+        if messages and messages[-1]["role"] == "assistant":
+            out.append(messages)
+        if len(out) == limit:
+            break
+    return out
+
+
+@torch.no_grad()
+def held_out_answers(recipe: Recipe, model_dir: Path, device: torch.device, limit: int = 48,
+                     max_new_tokens: int = 64) -> dict:
+    """Greedy answers of the model at `model_dir` to held-out prompts, scored; a few kept as samples."""
+    from lmforge.models.factory import load_model
+
+    tokenizer = load_tokenizer(model_dir)
+    ensure_chat_template(tokenizer, recipe.data.chat_template)
+    conversations = held_out_conversations(recipe, limit)
+    if not conversations:
+        return {}
+    model = load_model(model_dir, "causal_lm").to(device).eval()
+    predictions, references = [], []
+    for messages in conversations:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        predictions.append(generate_text(model, tokenizer, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None))
+        references.append(str(messages[-1]["content"]))
+    metrics = generation_metrics(predictions, references)
+    metrics["samples"] = [{"prompt": str(m[-2]["content"])[:200], "reference": r[:200], "answer": p[:200]}
+                          for m, p, r in zip(conversations[:4], predictions, references, strict=False)]
+    return metrics

