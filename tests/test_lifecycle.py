@@ -304,3 +304,33 @@ def test_an_sft_stage_scores_its_held_out_answers_before_and_after(tmp_path, sma
     assert "held-out answers ROUGE-L" in output
     code, output = _invoke("report", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html"))
     assert code == 0 and f"{after['rouge_l']:.3f}" in (tmp_path / "r.html").read_text()
+
+
+def test_the_harness_runs_a_local_task_and_agrees_with_the_models_likelihoods(base_model):
+    """lm-eval's accuracy on the shipped task equals the argmax of the model's own choice log-likelihoods."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    import torch
+
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.eval.harness import run_harness
+    from lmforge.models.factory import load_model
+
+    tasks = REPO / "assets" / "harness"
+    results = run_harness(base_model, tasks, ["lmforge_facts"])
+    model, tok = load_model(base_model, "causal_lm").eval(), load_tokenizer(base_model)
+    right = 0
+    rows = [json.loads(line) for line in (tasks / "lmforge_facts.jsonl").read_text().splitlines()]
+    for row in rows:
+        context = tok(row["question"], add_special_tokens=False).input_ids
+        scores = []
+        for choice in row["choices"]:
+            whole = tok(row["question"] + choice, add_special_tokens=False).input_ids
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, len(context):]
+            scores.append(float(logp[len(context) - 1:].gather(-1, targets[:, None]).sum()))
+        right += int(np.argmax(scores) == row["answer"])
+    assert results["lmforge_facts"]["acc"] == pytest.approx(right / len(rows))
+    code, output = _invoke("harness", "-m", str(base_model), "--tasks-dir", str(tasks), "-t", "nope")
+    assert code == 2 and "nope: not a task lm-eval knows" in output and "lmforge_facts" in output

@@ -253,6 +253,22 @@ def run(
 
 
 @app.command()
+def harness(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder (a full model or an adapter folder).")],
+    tasks_dir: Annotated[Path, typer.Option("--tasks-dir", help="Folder of lm-eval task YAMLs (with their local data).")],
+    task: Annotated[list[str], typer.Option("--task", "-t", help="Task name (repeatable).")],
+    num_fewshot: Annotated[int | None, typer.Option(min=0, help="In-context examples per prompt.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many documents per task.")] = None,
+) -> None:
+    """Benchmarks through the lm-evaluation-harness on local task files, the model loaded as lmforge loads it."""
+    from lmforge.eval.harness import run_harness
+
+    results = _guarded(run_harness, model, tasks_dir, task, num_fewshot, limit)
+    for name, metrics in results.items():
+        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+@app.command()
 def report(
     folders: Annotated[list[Path], typer.Argument(help="Pipeline or run folders to report on (and compare).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
