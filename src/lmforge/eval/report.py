@@ -206,7 +206,7 @@ def _cards(runs: list[RunView]) -> str:
                      _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")), _fmt(t.get("peak_memory_mb")),
                      html.escape(str(t.get("precision") or "–")), shown])
     return _table(["run", "after", "objective", "method", "parameters", "trainable", "tokens", "wall s", "tokens/s",
-                   "peak MB", "precision", "final held-out"], rows, "cards")
+                   "peak MB (process)", "precision", "final held-out"], rows, "cards")
 
 
 def _task_table(runs: list[RunView]) -> str:
