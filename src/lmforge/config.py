@@ -355,6 +355,17 @@ class Recipe(Section):
         return Path(self.output_dir) / "final"
 
 
+def flatten(node: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
+    """A nested mapping as `a.b.c -> value`; empty mappings and the keys in `whole` stay whole values."""
+    out: dict = {}
+    for key, value in (node or {}).items():
+        if isinstance(value, dict) and value and key not in whole:
+            out.update(flatten(value, f"{prefix}{key}.", whole))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _section_at(loc: tuple, model: type[BaseModel] = Recipe) -> type[BaseModel] | None:
     """The pydantic model that owns the key at `loc` (the key itself being loc[-1])."""
     for part in loc[:-1]:

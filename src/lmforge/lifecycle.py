@@ -273,10 +273,10 @@ def _refuse_shared_outputs(runs: list[StageRun], source: str) -> None:
 def plan_key(run: StageRun) -> str:
     """What decides a stage's outcome, known before it runs: its settings (less what cannot change the
     weights) and the files it reads, its parent's final model among them."""
-    from lmforge.pipeline import NOT_IN_TRAIN_KEY, _excluded, _hash, flat_settings, input_fingerprints
+    from lmforge.outputs import content_hash
+    from lmforge.pipeline import input_fingerprints, train_settings
 
-    settings = {k: v for k, v in flat_settings(run.recipe).items() if not _excluded(k, NOT_IN_TRAIN_KEY)}
-    return _hash({"settings": settings, "inputs": input_fingerprints(run.recipe)})
+    return content_hash({"settings": train_settings(run.recipe), "inputs": input_fingerprints(run.recipe)})
 
 
 STAGE_FILE = "stage.json"

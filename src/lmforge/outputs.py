@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -279,6 +280,12 @@ def is_disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return "code: 28" in text or "StorageFull" in text or "No space left on device" in text
+
+
+def content_hash(obj) -> str:
+    """A short, stable hash of JSON-able settings: the key of every "is this output up to date" question
+    (train keys, tokenizer stamps, a stage's evaluation)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def as_disk_full(exc: BaseException, path: Path | str) -> None:

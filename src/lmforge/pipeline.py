@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import itertools
 import json
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmforge.config import ObjectiveConfig, Recipe, dump_recipe
+from lmforge.config import ObjectiveConfig, Recipe, dump_recipe, flatten
 from lmforge.data.formats import expand_inputs, file_fingerprints, iter_corpus
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows, iterate_batches
@@ -54,6 +53,7 @@ from lmforge.outputs import (
     OutputError,
     RunLock,
     as_disk_full,
+    content_hash,
     ensure_replaceable,
     ensure_run_folder,
     has_stamp,
@@ -81,23 +81,14 @@ NOT_IN_TRAIN_KEY = frozenset({
 SAFE_ON_RESUME = NOT_IN_TRAIN_KEY | {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs", "trainer.strategy"}
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def flat_settings(recipe: Recipe) -> dict:
     """The recipe as `section.key -> value` (lists and free-form mappings stay whole values)."""
-    out: dict = {}
+    return flatten(recipe.model_dump(mode="json"), whole=("overrides",))
 
-    def walk(prefix: str, node) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict) and key not in ("overrides",) and value:
-                walk(name + ".", value)
-            else:
-                out[name] = value
-    walk("", recipe.model_dump(mode="json"))
-    return out
+
+def train_settings(recipe: Recipe) -> dict:
+    """The settings that decide the trained weights: all but NOT_IN_TRAIN_KEY."""
+    return {k: v for k, v in flat_settings(recipe).items() if not _excluded(k, NOT_IN_TRAIN_KEY)}
 
 
 def _excluded(key: str, excluded: frozenset[str]) -> bool:
@@ -144,7 +135,7 @@ def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
             raise ValueError("tokenizer: set tokenizer.train_files to train one, or tokenizer.path / model.path to load one")
         return load_tokenizer(source, recipe.model.trust_remote_code)
     files = expand_inputs(cfg.train_files)
-    key = _hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
+    key = content_hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
     if stamp_matches(out, key):
         return load_tokenizer(out)
     say(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
@@ -161,7 +152,7 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
         raise ValueError("tokenizer.extend_count: extending needs tokenizer.path (or model.path) and tokenizer.extend_files")
     out = recipe.tokenizer_dir
     files = expand_inputs(cfg.extend_files)
-    key = _hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
+    key = content_hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
     if stamp_matches(out, key):
         return load_tokenizer(out)
     ensure_replaceable(out.absolute(), has_stamp, "a tokenizer lmforge wrote")
@@ -257,15 +248,14 @@ def run_identity(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: di
     """Everything that decides the trained weights: the recipe's settings (less NOT_IN_TRAIN_KEY), the
     tokenizer, the prepared corpora and every named input file. Its hash is the train key; checkpoints
     keep it whole, so that a resume can list what changed."""
-    settings = {k: v for k, v in flat_settings(recipe).items() if not _excluded(k, NOT_IN_TRAIN_KEY)}
-    identity = {"settings": settings, "tokenizer": tokenizer_fingerprint(tokenizer),
+    identity = {"settings": train_settings(recipe), "tokenizer": tokenizer_fingerprint(tokenizer),
                 "corpora": {n: c.manifest["fingerprint"] for n, c in corpora.items()},
                 "inputs": input_fingerprints(recipe)}
     return json.loads(json.dumps(identity))  # as a checkpoint's state.json gives it back (lists, not tuples)
 
 
 def train_key(identity: dict) -> str:
-    return _hash(identity)
+    return content_hash(identity)
 
 
 def resume_changes(saved: dict | None, current: dict) -> tuple[list[str], list[str]]:

@@ -19,6 +19,7 @@ from lmforge.data.labeled import load_labeled
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.intervals import classification_intervals
 from lmforge.models.factory import load_model
+from lmforge.objectives.contrastive import pooled_embedding
 
 
 @torch.no_grad()
@@ -28,8 +29,7 @@ def _embed(model: torch.nn.Module, rows, indices: list[int], device: torch.devic
         batch = rows.batch(indices[start:start + batch_size])
         mask = batch["attention_mask"].to(device)
         hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        out.append(F.normalize(pooled.float(), dim=-1))
+        out.append(pooled_embedding(hidden, mask, "mean"))
     return torch.cat(out)
 
 

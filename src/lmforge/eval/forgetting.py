@@ -13,7 +13,6 @@ Per stage instance, `evaluate_stage` writes STAGE_DIR/eval.json:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,10 +29,11 @@ from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
 from lmforge.eval.fewshot import prototype_baseline
 from lmforge.eval.generation import held_out_answers
-from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval
+from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.models.factory import load_model
 from lmforge.objectives import get_objective, objective_data, objective_head
+from lmforge.outputs import content_hash
 
 if TYPE_CHECKING:
     from lmforge.lifecycle import Pipeline, StageRun
@@ -62,10 +62,6 @@ def probes(pipeline: Pipeline) -> list[dict]:
 def read_eval(run: StageRun | None) -> dict:
     path = run.folder / EVAL_FILE if run is not None else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _final(run: StageRun) -> Path:
@@ -120,9 +116,9 @@ def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision
 
     if _head(run) != _head(task) or objective_data(task.recipe.objective) == "preferences" and task is not run:
         return None  # another head; DPO's metric is relative to its own reference model
-    model = load_model(_final(run), _head(run))
-    if getattr(model.config, "id2label", None) != getattr(load_model_config(_final(task)), "id2label", None):
+    if load_model_config(_final(run)).id2label != load_model_config(_final(task)).id2label:
         return None  # a classifier of other labels
+    model = load_model(_final(run), _head(run))
     tokenizer = load_tokenizer(_final(run))
     objective = get_objective(task.recipe.objective, tokenizer)
     model.to(device)
@@ -165,7 +161,7 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
     """Measure the stage (see the module's docstring); reuses eval.json when nothing changed."""
     parent_eval = read_eval(run.parent)
     specs = probes(pipeline)
-    key = _key(plan_key, parent_eval.get("key"), specs)
+    key = content_hash([plan_key, parent_eval.get("key"), specs])
     existing = read_eval(run)
     if not force and existing.get("key") == key:
         return existing
@@ -211,8 +207,7 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
             say(f"eval [{run.label}]: accuracy {mine['accuracy']:.3f} (macro-F1 {mine['macro_f1']:.3f}) vs "
                 f"{b['shots']}-shot baseline of the untuned model {b['accuracy']:.3f} (macro-F1 {b['macro_f1']:.3f})"
                 + ("" if not (mine.get("accuracy_ci") and b.get("accuracy_ci")) else
-                   "; the difference is " + ("larger" if mine["accuracy_ci"][0] > b["accuracy_ci"][1]
-                                              or mine["accuracy_ci"][1] < b["accuracy_ci"][0] else "not larger")
+                   "; the difference is " + ("larger" if separated(mine["accuracy_ci"], b["accuracy_ci"]) else "not larger")
                    + " than the intervals"))
     if objective_data(run.recipe.objective) == "instructions":  # answers before and after, against references
         start = Path(run.recipe.model.path) if run.recipe.model.path else None

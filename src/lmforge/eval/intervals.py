@@ -76,5 +76,10 @@ def mean_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     return out
 
 
+def separated(a: list[float], b: list[float]) -> int:
+    """+1 when interval `a` lies wholly above `b`, -1 wholly below, 0 when they overlap."""
+    return 1 if a[0] > b[1] else -1 if a[1] < b[0] else 0
+
+
 def excludes_zero(ci: list[float] | None) -> bool:
     return bool(ci) and (ci[0] > 0 or ci[1] < 0)

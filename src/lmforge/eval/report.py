@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.config import flatten
 from lmforge.engine.metrics import read_metrics
-from lmforge.eval.intervals import excludes_zero, mean_difference
+from lmforge.eval.intervals import excludes_zero, mean_difference, separated
 
 
 class ReportError(ValueError):
@@ -55,17 +56,7 @@ def _run(folder: Path, label: str, stage: str, seed: int | None = None, parent: 
     summary = _json(folder / "summary.json")
     return RunView(label, folder, stage, seed, parent, _json(folder / "eval.json"), summary,
                    [r for r in records if r.get("split") == "train"], [r for r in records if r.get("split") == "val"],
-                   _flat(recipe), (recipe.get("objective") or {}).get("name", ""), (recipe.get("method") or {}).get("name", ""))
-
-
-def _flat(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in (node or {}).items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+                   flatten(recipe), (recipe.get("objective") or {}).get("name", ""), (recipe.get("method") or {}).get("name", ""))
 
 
 def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
@@ -92,21 +83,26 @@ def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
 
 
 # ---------------------------------------------------------------- plots
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed), imported when a report is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _curves(runs: list[RunView], split: str) -> str | None:
     """One panel per objective, every run of it on the same axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     groups: dict[str, list[RunView]] = {}
     for r in runs:
@@ -138,10 +134,7 @@ def _loss(record: dict) -> float | None:
 
 
 def _branch_plot(groups: list[dict]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [g for g in groups if g["accuracy"]]
     if not rows:
@@ -218,8 +211,7 @@ def _task_table(runs: list[RunView]) -> str:
         b = r.evaluation.get("baseline") or {}
         beat = ""
         if t.get("accuracy_ci") and b.get("accuracy_ci"):
-            beat = ("yes" if t["accuracy_ci"][0] > b["accuracy_ci"][1] else
-                    "no (worse)" if t["accuracy_ci"][1] < b["accuracy_ci"][0] else "not beyond the intervals")
+            beat = {1: "yes", -1: "no (worse)", 0: "not beyond the intervals"}[separated(t["accuracy_ci"], b["accuracy_ci"])]
         rows.append([html.escape(r.label), _fmt(t.get("accuracy")) + _ci(t.get("accuracy_ci")),
                      _fmt(t.get("macro_f1")) + _ci(t.get("macro_f1_ci")), _fmt(t.get("tokens")),
                      _fmt(b.get("accuracy")) + _ci(b.get("accuracy_ci")) if b else "–",

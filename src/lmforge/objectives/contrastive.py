@@ -66,13 +66,8 @@ class Contrastive(ObjectiveBase):
         (directory / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "cosine"}))
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # mean over real tokens
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled_embedding(model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                                attention_mask, self.cfg.pooling)
 
     def _embed_both(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' embeddings from one forward pass over their rows stacked (padded to one width):
@@ -122,3 +117,14 @@ def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.clone()
     dist.all_reduce(grad)
     return grad / dist.get_world_size()
+
+
+def pooled_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Unit-length text embeddings from an encoder's last hidden states: the first token's (`cls`) or
+    the mean over real tokens (`mean`)."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return nn.functional.normalize(pooled.float(), dim=-1)
