@@ -160,6 +160,10 @@ def test_the_report_renders_in_a_browser_with_the_runs_numbers(ran, tmp_path):
     assert f"{evaluation['tasks']['direct']['after']['accuracy']:.3f}" in page
     continual = json.loads((runs / "continual/eval.json").read_text())["probes"]["general"]
     assert f"{continual['change']['relative_change']:+.1%}" in page
+    train = json.loads((runs / "pretrain/summary.json").read_text())["train"]  # the stage card's MFU
+    assert train["mfu"] == pytest.approx(train["tokens_per_second"] * train["flops_per_token"] / (train["matmul_peak_gflops"] * 1e9),
+                                         rel=1e-2) and 0 < train["mfu"] < 1
+    assert "MFU" in page and f"{train['mfu']:.1%}" in page
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")

@@ -186,22 +186,66 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Prepared corpus directory.")],
-    objective: Annotated[str, typer.Option(help="Objective whose loss to measure.")] = "clm",
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder: a full model, an adapter, a checkpoint.")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="A prepared corpus: loss and perplexity of its validation split.")] = None,
+    corpus: Annotated[list[str] | None, typer.Option("--corpus", "-c", help="NAME=PATH: perplexity on a prepared folder or text/JSONL/CSV files (repeatable).")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help="[NAME=]FILE: a held-out labelled (classification) or conversation (generation) file (repeatable).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A YAML of the suite (corpora, tasks, prompts, ...), as an eval stage's eval: section.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt to answer greedily, as a sample (repeatable).")] = None,
+    column: Annotated[str, typer.Option(help="Text column of corpora and task files.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Label column of classification task files.")] = "label",
+    few_shot: Annotated[int, typer.Option(min=0, help="In-context examples for a model without a classifier head (per class for prototypes).")] = 8,
+    baseline: Annotated[Path | None, typer.Option(help="An untuned model scored few-shot on the same rows.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for eval.json and metrics.jsonl.")] = None,
+    objective: Annotated[str, typer.Option(help="--data: the objective whose loss to measure.")] = "clm",
     seq_len: Annotated[int, typer.Option(min=2, help="Sequence length.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
-    max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many batches.")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
+    max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many batches per corpus.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="--data: tokenizer directory, when the model folder has none.")] = None,
 ) -> None:
-    """Validation loss and perplexity of a model (or training checkpoint) on a prepared corpus."""
-    from lmforge.data.prepare import load_prepared
-    from lmforge.pipeline import eval_stage
+    """Evaluate a model folder: perplexity on named corpora, held-out task files (classification with
+    scikit-learn metrics, generation with exact match / ROUGE-L / chrF), a few-shot baseline, samples."""
+    if data is not None and not (corpus or task or config or prompt):
+        from lmforge.data.prepare import load_prepared
+        from lmforge.pipeline import eval_stage
 
-    metrics = _guarded(lambda: eval_stage(model, load_prepared(data), objective, seq_len, batch_size, max_batches,
-                                          tokenizer_dir=tokenizer))
-    typer.echo(f"eval: loss {metrics['loss']:.4f} nats/token, perplexity {metrics['ppl']:.2f}, "
-               f"unigram entropy {metrics['unigram_entropy']:.4f} ({metrics['tokens']:,} tokens)")
+        metrics = _guarded(lambda: eval_stage(model, load_prepared(data), objective, seq_len, batch_size, max_batches,
+                                              tokenizer_dir=tokenizer))
+        typer.echo(f"eval: loss {metrics['loss']:.4f} nats/token, perplexity {metrics['ppl']:.2f}, "
+                   f"unigram entropy {metrics['unigram_entropy']:.4f} ({metrics['tokens']:,} tokens)")
+        return
+    from lmforge.config import read_yaml, validate_eval
+    from lmforge.eval.suite import evaluate_model
+
+    raw: dict = dict(_guarded(read_yaml, config)) if config is not None else {}
+    if not isinstance(raw, dict):
+        _fail(f"{config}: expected a mapping (corpora, tasks, prompts, ...)")
+    raw.setdefault("corpora", {})
+    raw.setdefault("tasks", {})
+    if data is not None:
+        raw["corpora"]["data"] = str(data)
+    for item in corpus or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            _fail(f"--corpus {item}: expected NAME=PATH, e.g. --corpus general=data/brown.jsonl")
+        raw["corpora"][name] = [p for p in path.split(",") if p]
+    for item in task or []:
+        name, sep, path = item.partition("=")
+        name, path = (name, path) if sep else (Path(item).name.split(".")[0], item)
+        raw["tasks"][name] = {"files": [path], "column": column, "label_column": label_column}
+    raw.setdefault("prompts", list(prompt or []))
+    for key, value in (("few_shot", few_shot), ("baseline", str(baseline) if baseline else None), ("seq_len", seq_len),
+                       ("batch_size", batch_size), ("max_batches", max_batches), ("column", column)):
+        if value is not None:
+            raw.setdefault(key, value)
+    if not (raw["corpora"] or raw["tasks"] or raw["prompts"]):
+        _fail("nothing to evaluate: give --corpus, --task, --prompt, --data or --config")
+    cfg = _guarded(validate_eval, raw, str(config or "lmforge eval"))
+    result = _guarded(evaluate_model, model, cfg, out, False, typer.echo)
+    for sample in result["samples"]:
+        typer.echo(f"{sample['prompt']}\n-> {sample['answer']}")
+    if out is not None:
+        typer.echo(f"eval: wrote {out / 'eval.json'}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ name the key (with its dotted path), the bad value, and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -302,6 +303,62 @@ class GenerateConfig(Section):
     top_p: float | None = Field(0.95, gt=0.0, le=1.0)
 
 
+class EvalTaskConfig(Section):
+    """A held-out task file that `lmforge eval` (or an eval stage) scores: labelled rows (classification)
+    or conversations with reference answers (generation)."""
+
+    files: list[str]
+    kind: Literal["auto", "classification", "generation"] = "auto"  # auto: by the first row's columns
+    column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None
+    messages_column: str = "messages"
+    prompt_template: str = "{prompt}"
+    response_column: str = "response"
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    # where in-context examples come from; unset: the first rows of `files` (then not scored)
+    shots_files: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, gt=0)  # score at most this many rows
+
+    @field_validator("files", "shots_files", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class EvalConfig(Section):
+    """The evaluation suite: perplexity on named corpora, held-out tasks, sample generations."""
+
+    corpora: dict[str, list[str]] = Field(default_factory=dict)  # name -> a prepared folder, or text files
+    column: str = "text"
+    tasks: dict[str, EvalTaskConfig] = Field(default_factory=dict)
+    prompts: list[str] = Field(default_factory=list)
+    few_shot: int = Field(8, ge=0)  # in-context examples a causal LM sees per classification prompt
+    baseline: str | None = None  # an untuned model folder, scored in context (or by prototypes) on the same rows
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(8, gt=0)
+    max_batches: int | None = Field(50, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    seed: int = 0
+
+    @field_validator("corpora", mode="before")
+    @classmethod
+    def _corpus_files(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+
+def validate_eval(raw: Any, source: str) -> EvalConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping (corpora, tasks, prompts, ...), got {type(raw).__name__}")
+    try:
+        return EvalConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(e, source, EvalConfig) for e in exc.errors())) from None
+
+
 class Recipe(Section):
     name: str = "run"
     output_dir: str = "runs/run"
@@ -368,20 +425,24 @@ def flatten(node: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
 
 def _section_at(loc: tuple, model: type[BaseModel] = Recipe) -> type[BaseModel] | None:
     """The pydantic model that owns the key at `loc` (the key itself being loc[-1])."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         ann = getattr(field, "annotation", None) if field else None
+        if typing.get_origin(ann) is dict and parts:  # a mapping of names to sections: skip the name
+            ann = typing.get_args(ann)[1]
+            parts.pop(0)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann
     return model
 
 
-def _explain(error: dict, source: str) -> str:
+def _explain(error: dict, source: str, root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
-        section = _section_at(loc)
+        section = _section_at(loc, root or Recipe)
         valid = list(section.model_fields) if section else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""

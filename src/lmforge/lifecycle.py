@@ -31,11 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ConfigError, Recipe, apply_overrides, is_pipeline, read_yaml, validate_recipe
+from lmforge.config import (
+    ConfigError,
+    EvalConfig,
+    Recipe,
+    apply_overrides,
+    is_pipeline,
+    read_yaml,
+    validate_eval,
+    validate_recipe,
+)
 
 PIPELINE_KEYS = {"name", "output_dir", "vars", "seeds", "defaults", "stages", "general", "eval_batches",
                  "generation_examples"}
 STAGE_KEYS = {"after", "seeds"}
+EVAL_STAGE_KEYS = {"after", "eval"}  # an eval stage: `after` the model to measure, `eval` what to measure
 _PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
 
@@ -48,6 +58,7 @@ class StageRun:
     recipe: Recipe
     parent: StageRun | None = None
     children: list[StageRun] = field(default_factory=list)
+    evaluation: EvalConfig | None = None  # an eval stage: its parent's final model measured, nothing trained
 
     @property
     def label(self) -> str:
@@ -179,6 +190,15 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                                   "set the pipeline's output_dir instead")
         if "seed" in body and "seeds" in body:
             raise ConfigError(f"{source}: stages.{name}: give seed or seeds, not both")
+        if "eval" in body:
+            extra = set(body) - EVAL_STAGE_KEYS
+            if extra or "after" not in body:
+                raise ConfigError(f"{source}: stages.{name}: an eval stage has `after:` (the stage whose final model it "
+                                  f"measures) and `eval:` only" + (f"; drop {', '.join(sorted(extra))}" if extra else ""))
+    for name, body in stages.items():
+        parent = body.get("after")
+        if parent in stages and "eval" in stages[parent]:
+            raise ConfigError(f"{source}: stages.{name}.after: '{parent}' is an eval stage; it makes no model to start from")
     out_dir = Path(raw.get("output_dir", f"runs/{raw.get('name', 'pipeline')}"))
     variables = raw.get("vars") or {}
     if not isinstance(variables, dict):
@@ -227,6 +247,12 @@ def _count(raw: dict, key: str, default: int, source: str) -> int:
 def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, seed: int | None, out_dir: Path,
               values: dict[str, str], by_stage: dict[str, list[StageRun]], where: str, raw: dict) -> StageRun:
     folder = out_dir / name if seed is None else out_dir / name / f"seed_{seed}"
+    if "eval" in body and parent is not None:  # measures the parent's final model: nothing of its own to train
+        lineage = [parent, *parent.ancestors()]
+        stage_values = {**values, **{f"stages.{r.stage}": str(r.folder) for r in lineage}}
+        evaluation = validate_eval(_substitute(body["eval"], stage_values, f"{where}.eval"), f"{where}.eval")
+        recipe = parent.recipe.model_copy(update={"output_dir": str(folder)})
+        return StageRun(name, seed, recipe, parent, evaluation=evaluation)
     recipe_body = _merge(defaults, {k: v for k, v in body.items() if k not in STAGE_KEYS})
     if parent is not None:
         if "path" in (body.get("model") or {}):
@@ -260,6 +286,8 @@ def _refuse_shared_outputs(runs: list[StageRun], source: str) -> None:
         writers.setdefault(path, (run.label, what))
 
     for run in runs:
+        if run.evaluation is not None:
+            continue
         r = run.recipe
         tokenizer_source = r.tokenizer.path or r.model.path or json.dumps(r.tokenizer.model_dump(), sort_keys=True)
         if r.data.train_files and r.data.prepared_dir:
@@ -296,10 +324,18 @@ def is_built(run: StageRun) -> bool:
     return has_stamp(run.folder / "final")
 
 
+def evaluation_up_to_date(run: StageRun) -> bool:
+    """An eval stage whose eval.json measured its parent's present final model with its present settings."""
+    from lmforge.eval.suite import evaluation_key, read_evaluation
+
+    final = run.parent.folder / "final"
+    return is_built(run.parent) and read_evaluation(run.folder).get("key") == evaluation_key(final, run.evaluation)
+
+
 @dataclass
 class Step:
     run: StageRun
-    action: str  # "skip", "train" or "resume"
+    action: str  # "skip", "train", "resume" or "eval" (an eval stage)
     reason: str
     estimate_s: float | None = None
 
@@ -316,6 +352,14 @@ def plan(pipeline: Pipeline, selected: list[StageRun], resume: bool = False, for
         if parent is not None and id(parent) not in chosen and not is_built(parent):
             raise ConfigError(f"{pipeline.source}: stage {run.label} starts from {parent.label}, which has not run yet; "
                               f"run the pipeline without --only/--from first (or --from {parent.stage})")
+        if run.evaluation is not None:
+            if not force and id(parent) not in changing and evaluation_up_to_date(run):
+                steps.append(Step(run, "skip", "up to date"))
+            else:
+                steps.append(Step(run, "eval", "--force" if force else f"its parent {parent.label} will change"
+                                  if id(parent) in changing else "new" if not (run.folder / "eval.json").is_file()
+                                  else "its model or settings changed"))
+            continue
         checkpoints = bool(list_checkpoints(run.recipe.checkpoint_dir))
         if force:
             action, reason = "train", "--force"
@@ -355,6 +399,13 @@ def check_pipeline(pipeline: Pipeline, selected: list[StageRun], sample_rows: in
         if run.stage in seen:
             continue
         seen.add(run.stage)
+        if run.evaluation is not None:
+            from lmforge.check import CheckReport
+            from lmforge.eval.suite import check_evaluation
+
+            reports.append((run.stage, CheckReport(errors=[
+                f"stages.{run.stage}.eval: {e}" for e in check_evaluation(run.evaluation, [a.folder for a in run.ancestors()])])))
+            continue
         report = check_recipe(checkable(run), sample_rows, measure)
         report.errors = [f"stages.{run.stage}: {e}" for e in report.errors]
         reports.append((run.stage, report))
@@ -400,8 +451,9 @@ def _write_layout(pipeline: Pipeline) -> None:
             raise OutputError(f"{path}: exists and lmforge did not write it; choose another output_dir")
     layout = {"writer": "lmforge", "name": pipeline.name, "source": pipeline.source,
               "stages": [{"label": r.label, "stage": r.stage, "seed": r.seed, "parent": r.parent.label if r.parent else None,
-                          "folder": str(r.folder.relative_to(pipeline.output_dir)), "objective": r.recipe.objective.name,
-                          "method": r.recipe.method.name} for r in pipeline.runs]}
+                          "folder": str(r.folder.relative_to(pipeline.output_dir)),
+                          "kind": "eval" if r.evaluation is not None else "train",
+                          "objective": r.recipe.objective.name, "method": r.recipe.method.name} for r in pipeline.runs]}
     path.write_text(json.dumps(layout, indent=1))
 
 
@@ -415,6 +467,12 @@ def run_pipeline(pipeline: Pipeline, steps: list[Step], force: bool = False, log
     for step in steps:
         run = step.run
         log(f"== stage {run.label}: {step.action} ({step.reason})")
+        if run.evaluation is not None:
+            from lmforge.eval.suite import evaluate_model
+
+            results[run.label] = evaluate_model(run.parent.folder / "final", run.evaluation, run.folder,
+                                                force=step.action != "skip", log=log)
+            continue
         if step.action != "skip":
             summary = run_recipe(run.recipe, resume=step.action == "resume", force=force)
             if summary.get("interrupted"):

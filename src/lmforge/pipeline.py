@@ -33,7 +33,13 @@ from lmforge.data.tokenizer import (
 from lmforge.engine.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from lmforge.engine.distributed import init_strategy, say
 from lmforge.engine.loop import TrainResult, train
-from lmforge.engine.runtime import configure_threads, pick_device, resolve_precision, seed_everything
+from lmforge.engine.runtime import (
+    configure_threads,
+    matmul_peak_gflops,
+    pick_device,
+    resolve_precision,
+    seed_everything,
+)
 from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.methods import apply_method
@@ -43,6 +49,7 @@ from lmforge.models.factory import (
     describe,
     ensure_family_fits,
     ensure_fits_length,
+    flops_per_token,
     init_new_embeddings,
     load_model,
     preset_config,
@@ -407,6 +414,7 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
         return TrainOutcome(result, recipe.checkpoint_dir)
     if not result.is_main:  # under torchrun, rank 0 writes the model
         return TrainOutcome(result, recipe.final_model_dir)
+    result.flops_per_token = flops_per_token(model, recipe.packing.seq_len)
     alongside = getattr(objective, "save_alongside", None)
     save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
                alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
@@ -513,6 +521,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
                             "tokens": outcome.result.tokens, "parameters": outcome.result.parameters,
                             "trainable": outcome.result.trainable,
                             "peak_memory_mb": round(outcome.result.peak_memory_mb), "precision": outcome.result.precision}
+        if outcome.result.flops_per_token and outcome.result.tokens_per_second:  # model FLOPs utilisation
+            peak = matmul_peak_gflops(outcome.result.precision, pick_device().type)
+            summary["train"].update(flops_per_token=outcome.result.flops_per_token, matmul_peak_gflops=round(peak, 1),
+                                    mfu=outcome.result.tokens_per_second * outcome.result.flops_per_token / (peak * 1e9))
         if outcome.result.first_eval:
             summary["eval_before"] = outcome.result.first_eval
     (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -134,11 +134,39 @@ def scan_jsonl_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[in
             yield exc
 
 
+def scan_csv_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[int, dict] | DataError]:
+    """Every CSV record (after the header) as (line number, {column: text}), or as the error that ends the file."""
+    try:
+        with _open_text(path) as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None:  # reads the header: an empty file has no rows
+                return
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                if max_rows is not None and start > max_rows:
+                    return
+                if None in row:  # more fields than the header names
+                    yield DataError(f"{path}:{start}: {len(reader.fieldnames or [])} columns in the header, more in this row")
+                    continue
+                yield start, {k: v or "" for k, v in row.items()}
+    except UnicodeDecodeError as exc:
+        yield DataError(f"{path}: not valid UTF-8 ({exc.reason})")
+    except csv.Error as exc:
+        yield DataError(f"{path}: malformed CSV ({exc})")
+    except OSError as exc:
+        yield DataError(f"{path}: cannot read ({exc})")
+
+
 def parse_rows(files: list[str], parse: Callable[[str, int, dict], T], max_rows: int | None = None) -> Iterator[T | DataError]:
     """`parse(path, line number, row)` of every JSONL row of `files`; a row that cannot be read or that
     `parse` refuses is yielded as its DataError, and the scan goes on (a check lists them all)."""
     for path in expand_inputs(files):
-        for item in scan_jsonl_rows(path, max_rows):
+        rows = scan_csv_rows(path, max_rows) if detect_format(path) == "csv" else scan_jsonl_rows(path, max_rows)
+        for item in rows:
             if isinstance(item, DataError):
                 yield item
                 continue

@@ -109,8 +109,16 @@ def save_portable(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `path`; for an adapter folder saved without one, its base model's."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        adapter = path / "adapter_config.json"
+        if adapter.is_file():
+            import json
+
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+            if base and Path(base).is_dir():
+                return load_tokenizer(base, trust_remote_code)
         raise FileNotFoundError(f"{path}: no tokenizer here (expected tokenizer.json)")
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 

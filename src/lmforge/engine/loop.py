@@ -66,6 +66,7 @@ class TrainResult:
     tokens: int = 0  # trained on
     peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the process
     precision: str = ""
+    flops_per_token: float = 0.0  # training FLOPs (6N + attention), set by the caller that knows the row length
 
 
 def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_batch: int) -> int:

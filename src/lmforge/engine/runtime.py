@@ -47,6 +47,26 @@ def bf16_matmul_speedup(width: int = 512) -> float:
     return min(timings[torch.float32]) / min(timings[torch.bfloat16])
 
 
+@functools.cache
+def matmul_peak_gflops(precision: str, device_type: str = "cpu") -> float:
+    """The best measured GFLOP/s of a square matmul in the run's precision on this device: the MFU
+    denominator (a datasheet peak says nothing of a CPU that emulates bf16, or of a shared machine)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    size = 4096 if device_type == "cuda" else 1024
+    a = torch.randn(size, size, dtype=dtype, device=device_type)
+    b = torch.randn(size, size, dtype=dtype, device=device_type)
+    best = 0.0
+    for _ in range(6):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 # What `auto` resolves to without measuring: a whole process (a test run) can act as the machine of the
 # other kind, where bf16 GEMMs run faster than fp32 and `auto` picks bf16, or the other way round.
 AUTO_PRECISION_ENV = "LMFORGE_AUTO_PRECISION"

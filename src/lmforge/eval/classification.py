@@ -29,7 +29,7 @@ def classification_metrics(model: nn.Module, objective, rows, batch_size: int, d
     classes = list(range(len(names)))
     per_precision, per_recall, _, support = precision_recall_fscore_support(
         actual, predicted, labels=classes, zero_division=0)
-    out = {"loss": loss_sum / max(len(actual), 1), "tokens": len(actual),
+    out = {"loss": loss_sum / max(len(actual), 1), "tokens": len(actual), "examples": len(actual),
            "accuracy": float(accuracy_score(actual, predicted)),
            "macro_f1": float(f1_score(actual, predicted, labels=classes, average="macro", zero_division=0))}
     for name, p, r, n in zip(names, per_precision, per_recall, support, strict=True):

@@ -1,9 +1,15 @@
-"""The baseline a fine-tuned classifier must beat: the untuned model given k labelled examples per class.
+"""The baseline a fine-tuned classifier must beat: the untuned model given k labelled examples.
 
-For an encoder there is no prompt to put examples in, so the k shots become class prototypes: the
-mean of their embeddings (mean-pooled last hidden states of the untuned model), and each held-out
-text takes the label of the nearest prototype (cosine). It is scored on the same held-out split as
-the fine-tuned model, with the same scikit-learn metrics and intervals.
+- A causal LM gets them in its prompt (in-context learning): k shots, balanced over the classes,
+  each "TEXT\\nLabel: NAME\\n\\n", then "TEXT\\nLabel:"; the prediction is the label whose continuation
+  " NAME" has the highest log-likelihood (the sum over its tokens, encoded as lm-eval encodes a
+  context/continuation pair, so the numbers equal lm-eval's `loglikelihood`).
+- An encoder has no prompt to put examples in, so its k shots per class become class prototypes:
+  the mean of their embeddings (mean-pooled last hidden states), and each text takes the label of
+  the nearest prototype (cosine).
+
+Either is scored on the same held-out rows as the fine-tuned model, with the same scikit-learn
+metrics and intervals.
 """
 
 from __future__ import annotations
@@ -15,15 +21,85 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
 from lmforge.config import Recipe
-from lmforge.data.labeled import load_labeled
+from lmforge.data.formats import DataError
+from lmforge.data.labeled import LabeledSet, iter_labeled
+from lmforge.data.prepare import is_validation
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.intervals import classification_intervals
-from lmforge.models.factory import load_model
+from lmforge.models.factory import load_model, saved_head
 from lmforge.objectives.contrastive import pooled_embedding
+
+SHOT_CHARS = 400  # characters of a shot's text in the prompt: k long e-mails would not fit a context
+QUERY_CHARS = 1000
+
+
+def balanced_shots(labels: list[int], k: int, seed: int) -> list[int]:
+    """Indices of k examples drawn round-robin over the classes (in a seeded random order)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    by_class: dict[int, list[int]] = {}
+    for i in order:
+        by_class.setdefault(labels[i], []).append(i)
+    chosen: list[int] = []
+    while len(chosen) < min(k, len(labels)):
+        for c in sorted(by_class):
+            if by_class[c] and len(chosen) < k:
+                chosen.append(by_class[c].pop(0))
+    return chosen
+
+
+def in_context_prompt(shots: list[tuple[str, str]], text: str) -> str:
+    """k labelled examples, then the text to label (the continuation is " LABEL")."""
+    head = "".join(f"{t[:SHOT_CHARS].strip()}\nLabel: {label}\n\n" for t, label in shots)
+    return f"{head}{text[:QUERY_CHARS].strip()}\nLabel:"
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's encoding of a (context, continuation) pair: trailing spaces of the context move to the
+    continuation, the whole is encoded once and the continuation is what follows the context's tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    head = tokenizer(context, add_special_tokens=False).input_ids
+    return head, whole[len(head):]
 
 
 @torch.no_grad()
-def _embed(model: torch.nn.Module, rows, indices: list[int], device: torch.device, batch_size: int = 32) -> torch.Tensor:
+def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], device: torch.device,
+                          max_length: int, batch_size: int = 8) -> list[float]:
+    """The summed log-probability of each continuation given its context (left-truncated to `max_length`)."""
+    model.eval()
+    encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
+    out: list[float] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        seqs = [(head + cont)[-(max_length + 1):][:-1] for head, cont in chunk]  # inputs: all but the last token
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+        for r, (s, (_, cont)) in enumerate(zip(seqs, chunk, strict=True)):
+            n = len(cont)
+            positions = torch.arange(len(s) - n, len(s), device=device)
+            targets = torch.tensor(cont, device=device)
+            out.append(float(logits[r, positions, targets].sum()))
+    return out
+
+
+def in_context_predictions(model: torch.nn.Module, tokenizer, shots: list[tuple[str, str]], texts: list[str],
+                           names: list[str], device: torch.device, max_length: int) -> list[int]:
+    """For each text, the index of the label the model finds most likely after the k shots."""
+    pairs = [(in_context_prompt(shots, t), f" {name}") for t in texts for name in names]
+    scores = torch.tensor(continuation_logprobs(model, tokenizer, pairs, device, max_length)).view(len(texts), len(names))
+    return scores.argmax(-1).tolist()
+
+
+@torch.no_grad()
+def _embed(model: torch.nn.Module, rows: LabeledSet, indices: list[int], device: torch.device, batch_size: int = 32) -> torch.Tensor:
     out = []
     for start in range(0, len(indices), batch_size):
         batch = rows.batch(indices[start:start + batch_size])
@@ -33,25 +109,62 @@ def _embed(model: torch.nn.Module, rows, indices: list[int], device: torch.devic
     return torch.cat(out)
 
 
-def prototype_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots: int = 8) -> dict:
-    """k-shot nearest-prototype accuracy and macro-F1 of the model at `model_dir` on the recipe's held-out split."""
-    cfg = recipe.data
+def prototype_predictions(model: torch.nn.Module, tokenizer, shots: list[tuple[str, int]], texts: list[str],
+                          classes: int, device: torch.device, max_len: int) -> list[int]:
+    """For each text, the class whose mean shot embedding is nearest (cosine)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def rows(items: list[str]) -> LabeledSet:
+        return LabeledSet(tokenizer(items, truncation=True, max_length=max_len).input_ids, [0] * len(items), pad)
+
+    shot_rows = rows([t for t, _ in shots])
+    prototypes = torch.stack([F.normalize(_embed(model, shot_rows, [i for i, (_, c) in enumerate(shots) if c == cls], device)
+                                          .mean(0), dim=-1) for cls in range(classes)])
+    return (_embed(model, rows(texts), list(range(len(texts))), device) @ prototypes.T).argmax(-1).tolist()
+
+
+def few_shot_baseline(model_dir: Path, shots: list[tuple[str, int]], texts: list[str], labels: list[int],
+                      names: list[str], device: torch.device, max_len: int, shots_per_class: int) -> dict:
+    """The untuned model at `model_dir` on (texts, labels): in context if it is a causal LM, else by
+    prototypes; scored with scikit-learn, with intervals. `shots` are (text, class index)."""
+    head = saved_head(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    train, val, names = load_labeled(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
-                                     recipe.packing.seq_len, cfg.val_fraction)
-    if not len(val):
-        return {}
-    generator = torch.Generator().manual_seed(recipe.seed)
-    order = torch.randperm(len(train), generator=generator).tolist()
-    chosen = {c: [i for i in order if train.labels[i] == c][:shots] for c in range(len(names))}
-    if any(not v for v in chosen.values()):
-        return {}
-    model = load_model(model_dir, "encoder").to(device).eval()
-    prototypes = torch.stack([F.normalize(_embed(model, train, chosen[c], device).mean(0), dim=-1)
-                              for c in range(len(names))])
-    predicted = (_embed(model, val, list(range(len(val))), device) @ prototypes.T).argmax(-1).tolist()
+    if not texts or head != "causal_lm" and len({c for _, c in shots}) < len(names):
+        return {}  # nothing to score, or a class without a prototype
+    if head == "causal_lm":
+        model = load_model(model_dir, "causal_lm").to(device).eval()
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+        predicted = in_context_predictions(model, tokenizer, [(t, names[c]) for t, c in shots], texts, names, device, limit)
+        kind = f"in-context: {len(shots)} labelled examples in the prompt, the most likely label, untuned model"
+    else:
+        model = load_model(model_dir, "encoder").to(device).eval()
+        predicted = prototype_predictions(model, tokenizer, shots, texts, len(names), device, max_len)
+        kind = f"nearest prototype of {shots_per_class} shots per class, untuned model"
     classes = list(range(len(names)))
-    return {"kind": "nearest prototype of k shots per class, untuned model", "shots": shots,
-            "accuracy": float(accuracy_score(val.labels, predicted)),
-            "macro_f1": float(f1_score(val.labels, predicted, labels=classes, average="macro", zero_division=0)),
-            **classification_intervals(val.labels, predicted, classes), "examples": len(val)}
+    return {"kind": kind, "shots": len(shots) if head == "causal_lm" else shots_per_class,
+            "accuracy": float(accuracy_score(labels, predicted)),
+            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+            **classification_intervals(labels, predicted, classes), "examples": len(texts),
+            "actual": labels, "predicted": predicted}
+
+
+def recipe_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots: int = 8) -> dict:
+    """The few-shot baseline of the model at `model_dir` on a classification recipe's held-out split,
+    its shots drawn from the training split (k per class for prototypes, k in all in context)."""
+    cfg = recipe.data
+    rows = {"train": ([], []), "val": ([], [])}
+    found: list[str] = []
+    for i, item in enumerate(iter_labeled(cfg.train_files, cfg.column, cfg.label_column, cfg.labels)):
+        if isinstance(item, DataError):
+            raise item
+        split = rows["val" if is_validation(i, cfg.val_fraction) else "train"]
+        split[0].append(item[0])
+        split[1].append(item[1])
+        found.append(item[1])
+    names = list(cfg.labels) if cfg.labels is not None else sorted(set(found))
+    index = {n: i for i, n in enumerate(names)}
+    train_texts, train_labels = rows["train"][0], [index[x] for x in rows["train"][1]]
+    per_class = shots * len(names) if saved_head(model_dir) != "causal_lm" else shots
+    chosen = balanced_shots(train_labels, per_class, recipe.seed)
+    return few_shot_baseline(model_dir, [(train_texts[i], train_labels[i]) for i in chosen], rows["val"][0],
+                             [index[x] for x in rows["val"][1]], names, device, recipe.packing.seq_len, shots)

@@ -8,7 +8,8 @@ Per stage instance, `evaluate_stage` writes STAGE_DIR/eval.json:
   the nearest ancestor's LM head: the question is what fine-tuning did to the body's knowledge.
 - tasks: the stage's own held-out task, and every earlier task of its lineage that its head can still
   answer, before and after (classification: accuracy and macro-F1 with intervals, the examples flipped).
-- baseline: for a classification stage, a k-shot baseline of the untuned starting model.
+- baseline: for a classification stage, a k-shot baseline of the untuned starting model (in context for
+  a causal LM, by prototypes for an encoder: eval/fewshot.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from lmforge.data.prepare import is_validation, load_prepared
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
-from lmforge.eval.fewshot import prototype_baseline
+from lmforge.eval.fewshot import recipe_baseline
 from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
@@ -46,7 +47,7 @@ TASK_DATA = ("labeled", "instructions", "preferences")
 def probes(pipeline: Pipeline) -> list[dict]:
     """The general corpora measured at every stage: `general:` folders, else the first pretraining
     stage's main corpus, with that stage's objective and row length."""
-    first = next((r for r in pipeline.runs if objective_data(r.recipe.objective) == "packed"
+    first = next((r for r in pipeline.runs if r.evaluation is None and objective_data(r.recipe.objective) == "packed"
                   and objective_head(r.recipe.objective) in LM_HEADS), None)
     if first is None:
         return []
@@ -200,7 +201,7 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
                     + (f", 95% CI {change['ci'][0]:+.3f}..{change['ci'][1]:+.3f}" if change.get("ci") else "") + ")")
         out["tasks"][task.stage] = entry
     if objective_data(run.recipe.objective) == "labeled" and run.recipe.model.path:
-        out["baseline"] = prototype_baseline(run.recipe, Path(run.recipe.model.path), device)
+        out["baseline"] = recipe_baseline(run.recipe, Path(run.recipe.model.path), device)
         mine = out["tasks"].get(run.stage, {}).get("after", {})
         if mine and out["baseline"]:
             b = out["baseline"]

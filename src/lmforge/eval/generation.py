@@ -57,17 +57,9 @@ def held_out_conversations(recipe: Recipe, limit: int) -> list[list[dict]]:
 
 
 @torch.no_grad()
-def held_out_answers(recipe: Recipe, model_dir: Path, device: torch.device, limit: int = 48,
-                     max_new_tokens: int = 64) -> dict:
-    """Greedy answers of the model at `model_dir` to held-out prompts, scored; a few kept as samples."""
-    from lmforge.models.factory import load_model
-
-    tokenizer = load_tokenizer(model_dir)
-    ensure_chat_template(tokenizer, recipe.data.chat_template)
-    conversations = held_out_conversations(recipe, limit)
-    if not conversations:
-        return {}
-    model = load_model(model_dir, "causal_lm").to(device).eval()
+def answer_conversations(model: torch.nn.Module, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64) -> dict:
+    """Greedy answers to each conversation's last user turn (chat template), scored against its last
+    assistant turn; a few kept as samples."""
     predictions, references = [], []
     for messages in conversations:
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
@@ -77,3 +69,17 @@ def held_out_answers(recipe: Recipe, model_dir: Path, device: torch.device, limi
     metrics["samples"] = [{"prompt": str(m[-2]["content"])[:200], "reference": r[:200], "answer": p[:200]}
                           for m, p, r in zip(conversations[:4], predictions, references, strict=False)]
     return metrics
+
+
+def held_out_answers(recipe: Recipe, model_dir: Path, device: torch.device, limit: int = 48,
+                     max_new_tokens: int = 64) -> dict:
+    """Greedy answers of the model at `model_dir` to an instruction recipe's held-out prompts, scored."""
+    from lmforge.models.factory import load_model
+
+    tokenizer = load_tokenizer(model_dir)
+    ensure_chat_template(tokenizer, recipe.data.chat_template)
+    conversations = held_out_conversations(recipe, limit)
+    if not conversations:
+        return {}
+    model = load_model(model_dir, "causal_lm").to(device).eval()
+    return answer_conversations(model, tokenizer, conversations, max_new_tokens)

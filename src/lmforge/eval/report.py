@@ -43,6 +43,7 @@ class RunView:
     settings: dict = field(default_factory=dict)
     objective: str = ""
     method: str = ""
+    kind: str = "train"  # or "eval": an eval stage / `lmforge eval -o` folder (eval.json only)
 
 
 def _json(path: Path) -> dict:
@@ -69,14 +70,21 @@ def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
             names.append(layout.get("name", folder.name))
             prefix = f"{layout.get('name', folder.name)}:" if len(folders) > 1 else ""
             for s in layout["stages"]:
-                if (folder / s["folder"] / "summary.json").is_file():
-                    runs.append(_run(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"],
-                                     prefix + s["parent"] if s["parent"] else None))
+                parent = prefix + s["parent"] if s["parent"] else None
+                if s.get("kind") == "eval" and (folder / s["folder"] / "eval.json").is_file():
+                    runs.append(RunView(prefix + s["label"], folder / s["folder"], prefix + s["stage"], s["seed"], parent,
+                                        _json(folder / s["folder"] / "eval.json"), kind="eval"))
+                elif (folder / s["folder"] / "summary.json").is_file():
+                    runs.append(_run(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"], parent))
         elif (folder / "recipe.yaml").is_file() or (folder / "summary.json").is_file():
             names.append(folder.name)
             runs.append(_run(folder, folder.name, folder.name))
+        elif _json(folder / "eval.json").get("writer") == "lmforge":
+            names.append(folder.name)
+            runs.append(RunView(folder.name, folder, folder.name, evaluation=_json(folder / "eval.json"), kind="eval"))
         else:
-            raise ReportError(f"{folder}: neither a pipeline folder (pipeline.json) nor a run folder (recipe.yaml)")
+            raise ReportError(f"{folder}: neither a pipeline folder (pipeline.json), a run folder (recipe.yaml) nor an "
+                              "evaluation (eval.json of `lmforge eval -o`)")
     if not runs:
         raise ReportError(f"{', '.join(map(str, folders))}: no finished run to report on")
     return " vs ".join(names), runs
@@ -196,10 +204,11 @@ def _cards(runs: list[RunView]) -> str:
         shown = ", ".join(f"{k} {_fmt(best[k])}" for k in ("accuracy", "macro_f1", "ppl", "loss") if k in best)
         rows.append([html.escape(r.label), html.escape(r.parent or "–"), html.escape(r.objective), html.escape(r.method),
                      _fmt(params), f"{trainable / params:.1%}" if params and trainable else "–", _fmt(t.get("tokens")),
-                     _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")), _fmt(t.get("peak_memory_mb")),
+                     _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")),
+                     f"{t['mfu']:.1%}" if t.get("mfu") is not None else "–", _fmt(t.get("peak_memory_mb")),
                      html.escape(str(t.get("precision") or "–")), shown])
     return _table(["run", "after", "objective", "method", "parameters", "trainable", "tokens", "wall s", "tokens/s",
-                   "peak MB (process)", "precision", "final held-out"], rows, "cards")
+                   "MFU (vs measured matmul peak)", "peak MB (process)", "precision", "final held-out"], rows, "cards")
 
 
 def _task_table(runs: list[RunView]) -> str:
@@ -316,6 +325,32 @@ def _branches(groups: list[dict]) -> str:
     return table + (f"<ul class=verdicts>{''.join(verdicts)}</ul>" if verdicts else "")
 
 
+def _suites(suites: list[RunView]) -> str:
+    """Eval stages and `lmforge eval` folders: every corpus and task they measured, with intervals."""
+    rows = []
+    for r in suites:
+        e = r.evaluation
+        where = f"{html.escape(r.label)}<br><span class=ci>{html.escape(Path(e.get('model', '')).name)} ({html.escape(e.get('head', ''))})</span>"
+        for name, probe in e.get("probes", {}).items():
+            m = probe["after"]
+            rows.append([where, html.escape(f"{name} perplexity"), html.escape(m["skipped"]) if "skipped" in m
+                         else _fmt(m.get("ppl"), 2) + _ci(m.get("ppl_ci")), "–", _fmt(m.get("tokens")) + " tokens" if "tokens" in m else "–"])
+        for name, entry in e.get("tasks", {}).items():
+            m, b = entry["after"], entry.get("baseline") or {}
+            if "skipped" in m:
+                rows.append([where, html.escape(f"task {name}"), html.escape(m["skipped"]), "–", "–"])
+            elif "accuracy" in m:
+                rows.append([where, html.escape(f"task {name} accuracy / macro-F1"),
+                             _fmt(m["accuracy"]) + _ci(m.get("accuracy_ci")) + " / " + _fmt(m.get("macro_f1")),
+                             (_fmt(b.get("accuracy")) + _ci(b.get("accuracy_ci")) + f" <span class=ci>{html.escape(b.get('kind', ''))}</span>") if b else "–",
+                             _fmt(m.get("examples")) + " examples"])
+            else:
+                rows.append([where, html.escape(f"task {name} ROUGE-L / exact match / chrF"),
+                             f"{_fmt(m.get('rouge_l'))}{_ci(m.get('rouge_l_ci'))} / {_fmt(m.get('exact_match'))} / {_fmt(m.get('chrf'), 1)}",
+                             "–", _fmt(m.get("examples")) + " answers"])
+    return _table(["evaluation (model)", "measured", "result [95% CI]", "baseline", "on"], rows, "suites")
+
+
 def _config_diff(runs: list[RunView]) -> str:
     keys = sorted({k for r in runs for k in r.settings})
     varying = [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True, default=str) for r in runs}) > 1
@@ -357,7 +392,9 @@ window.addEventListener('load', function () {
 def render(folders: list[Path]) -> str:
     from lmforge.engine.runtime import bf16_matmul_speedup
 
-    title, runs = collect(folders)
+    title, everything = collect(folders)
+    runs = [r for r in everything if r.kind == "train"]
+    suites = [r for r in everything if r.kind == "eval"]
     groups = branch_groups(runs)
     plots = [("Training loss", _curves(runs, "train")), ("Validation loss", _curves(runs, "val")),
              ("Task accuracy by stage", _branch_plot(groups))]
@@ -367,12 +404,13 @@ def render(folders: list[Path]) -> str:
     return f"""<!doctype html><html><head><meta charset=utf-8><title>lmforge report: {html.escape(title)}</title>
 <style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>
 <h1>lmforge report: {html.escape(title)}</h1>
-<p class=meta>{len(runs)} run(s); reported on {html.escape(machine)}</p>
+<p class=meta>{len(runs)} run(s), {len(suites)} evaluation(s); reported on {html.escape(machine)}</p>
 <h2>Stages</h2>{_cards(runs)}
 <h2>Branches compared</h2>{_branches(groups)}
 <h2>Held-out task metrics</h2>{_task_table(runs)}
 <h2>Generated answers (greedy, against held-out references)</h2>{_generation_table(runs)}
 <h2>Forgetting</h2>{_forgetting_table(runs)}
+{f"<h2>Evaluations</h2>{_suites(suites)}" if suites else ""}
 <h2>Curves</h2>{figures}
 <h2>Configuration differences</h2>{_config_diff(runs)}
 <h2>Sample generations</h2>{_samples(runs)}

@@ -195,6 +195,32 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
     return model
 
 
+ADAPTER_TASK_HEADS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classifier", "FEATURE_EXTRACTION": "encoder",
+                      "SEQ_2_SEQ_LM": "seq2seq"}
+ARCHITECTURE_HEADS = (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"), ("ForMaskedLM", "masked_lm"),
+                      ("ForPreTraining", "pretraining"), ("ForSequenceClassification", "classifier"),
+                      ("ForConditionalGeneration", "seq2seq"))
+
+
+def saved_head(path: str | Path) -> str:
+    """The head a saved model folder carries: from its config's architecture (an adapter folder: its task
+    type, else its base model's); a bare architecture is an encoder, or a causal LM for a decoder family."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        if adapter.get("task_type") in ADAPTER_TASK_HEADS:
+            return ADAPTER_TASK_HEADS[adapter["task_type"]]
+        return saved_head(adapter.get("base_model_name_or_path") or "")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    architecture = (config.architectures or [""])[0]
+    for suffix, head in ARCHITECTURE_HEADS:
+        if architecture.endswith(suffix):
+            return head
+    return "encoder" if config.model_type in NOT_DECODERS else "causal_lm"
+
+
 def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.dtype | None, **config_overrides: Any) -> PreTrainedModel:
     """A peft adapter folder: its local base model with the adapter merged in (a plain model again);
     prompt learning cannot be merged (its virtual tokens are inputs, not weights): a `PeftModel`."""
