@@ -157,6 +157,17 @@ def test_in_context_scores_equal_lm_eval_and_pick_the_most_likely_label(tmp_path
     theirs = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                                                disable_tqdm=True)]
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-3)
+    # the shots' keys and values were computed once for all pairs (the path above) ...
+    from lmforge.eval.fewshot import _shared_prefix, encode_pair
+
+    encoded = [encode_pair(tok, c, x) for c, x in pairs]
+    assert _shared_prefix([(h + c)[:-1] for h, c in encoded], [len(c) for _, c in encoded]) > 100
+    # ... and prompts cut from the left to a short context, which then start differently, agree too
+    ours = continuation_logprobs(model, tok, pairs, torch.device("cpu"), max_length=96)
+    short = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu", max_length=96)
+    theirs_short = [ll for ll, _ in short.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                                                        disable_tqdm=True)]
+    assert ours == pytest.approx(theirs_short, rel=1e-4, abs=1e-3)
     predicted = in_context_predictions(model, tok, shots, texts, ["fiction", "news"], torch.device("cpu"), 1024)
     assert predicted == np.array(theirs).reshape(len(texts), 2).argmax(-1).tolist()
     # through the CLI: a causal LM on a labelled file is scored in context, its shots not among the scored rows

@@ -25,6 +25,7 @@ from lmforge.data.formats import DataError
 from lmforge.data.labeled import LabeledSet, iter_labeled
 from lmforge.data.prepare import is_validation
 from lmforge.data.tokenizer import load_tokenizer
+from lmforge.engine.runtime import autocast, resolve_precision
 from lmforge.eval.intervals import classification_intervals
 from lmforge.models.factory import load_model, saved_head
 from lmforge.objectives.contrastive import pooled_embedding
@@ -64,28 +65,55 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return head, whole[len(head):]
 
 
+def _shared_prefix(seqs: list[list[int]], needed: list[int]) -> int:
+    """Tokens every input starts with, short of the positions whose logits are read."""
+    length = min(len(s) - n for s, n in zip(seqs, needed, strict=True))
+    first = seqs[0]
+    for s in seqs[1:]:
+        length = min(length, next((i for i, (a, b) in enumerate(zip(first, s, strict=False)) if a != b), min(len(first), len(s))))
+    return max(length, 0)
+
+
 @torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], device: torch.device,
                           max_length: int, batch_size: int = 8) -> list[float]:
-    """The summed log-probability of each continuation given its context (left-truncated to `max_length`)."""
+    """The summed log-probability of each continuation given its context (left-truncated to `max_length`).
+
+    The k shots open every prompt: their keys and values are computed once and reused by every pair
+    (most of each prompt's tokens), unless a left-truncation made the prompts start differently."""
+    import copy
+
     model.eval()
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
+    seqs = [(head + cont)[-(max_length + 1):][:-1] for head, cont in encoded]  # inputs: all but the last token
+    needed = [len(cont) for _, cont in encoded]
+    shared = _shared_prefix(seqs, needed) if not hasattr(model, "peft_config") else 0
+    prefix_cache = None
+    if shared >= 8:
+        prefix_cache = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True).past_key_values
+    else:
+        shared = 0
     out: list[float] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        seqs = [(head + cont)[-(max_length + 1):][:-1] for head, cont in chunk]  # inputs: all but the last token
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
+    for start in range(0, len(seqs), batch_size):
+        chunk = [s[shared:] for s in seqs[start:start + batch_size]]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, s in enumerate(chunk):
             ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-        for r, (s, (_, cont)) in enumerate(zip(seqs, chunk, strict=True)):
-            n = len(cont)
+            mask[r, shared:shared + len(s)] = 1
+        kwargs = {}
+        if prefix_cache is not None:
+            past = copy.deepcopy(prefix_cache)
+            past.batch_repeat_interleave(len(chunk))
+            kwargs = {"past_key_values": past, "use_cache": True}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float().log_softmax(-1)
+        for r, s in enumerate(chunk):
+            n = needed[start + r]
             positions = torch.arange(len(s) - n, len(s), device=device)
-            targets = torch.tensor(cont, device=device)
+            targets = torch.tensor(encoded[start + r][1][-n:], device=device)
             out.append(float(logits[r, positions, targets].sum()))
     return out
 
@@ -105,7 +133,7 @@ def _embed(model: torch.nn.Module, rows: LabeledSet, indices: list[int], device:
         batch = rows.batch(indices[start:start + batch_size])
         mask = batch["attention_mask"].to(device)
         hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        out.append(pooled_embedding(hidden, mask, "mean"))
+        out.append(pooled_embedding(hidden, mask, "mean").float())
     return torch.cat(out)
 
 
@@ -131,6 +159,19 @@ def few_shot_baseline(model_dir: Path, shots: list[tuple[str, int]], texts: list
     tokenizer = load_tokenizer(model_dir)
     if not texts or head != "causal_lm" and len({c for _, c in shots}) < len(names):
         return {}  # nothing to score, or a class without a prototype
+    with autocast(device, resolve_precision("auto", device)):
+        predicted, kind = _baseline_predictions(model_dir, head, tokenizer, shots, texts, names, device, max_len,
+                                                shots_per_class)
+    classes = list(range(len(names)))
+    return {"kind": kind, "shots": len(shots) if head == "causal_lm" else shots_per_class,
+            "accuracy": float(accuracy_score(labels, predicted)),
+            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+            **classification_intervals(labels, predicted, classes), "examples": len(texts),
+            "actual": labels, "predicted": predicted}
+
+
+def _baseline_predictions(model_dir: Path, head: str, tokenizer, shots: list[tuple[str, int]], texts: list[str],
+                          names: list[str], device: torch.device, max_len: int, shots_per_class: int) -> tuple[list[int], str]:
     if head == "causal_lm":
         model = load_model(model_dir, "causal_lm").to(device).eval()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
@@ -140,12 +181,7 @@ def few_shot_baseline(model_dir: Path, shots: list[tuple[str, int]], texts: list
         model = load_model(model_dir, "encoder").to(device).eval()
         predicted = prototype_predictions(model, tokenizer, shots, texts, len(names), device, max_len)
         kind = f"nearest prototype of {shots_per_class} shots per class, untuned model"
-    classes = list(range(len(names)))
-    return {"kind": kind, "shots": len(shots) if head == "causal_lm" else shots_per_class,
-            "accuracy": float(accuracy_score(labels, predicted)),
-            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-            **classification_intervals(labels, predicted, classes), "examples": len(texts),
-            "actual": labels, "predicted": predicted}
+    return predicted, kind
 
 
 def recipe_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots: int = 8) -> dict:
