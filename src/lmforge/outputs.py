@@ -224,7 +224,8 @@ def _dumped_recipe(path: Path) -> bool:
     return isinstance(recipe, dict) and {"output_dir", "trainer", "model"} <= recipe.keys()
 
 
-def _metrics_log(path: Path) -> bool:
+def is_metrics_log(path: Path) -> bool:
+    """A metrics.jsonl lmforge wrote (its records carry a split), or an empty one."""
     try:
         with open(path) as handle:
             first = handle.readline()
@@ -250,7 +251,7 @@ def _prepared_corpus(path: Path) -> bool:
 
 RUN_FILES: dict[str, Callable[[Path], bool]] = {
     "recipe.yaml": _dumped_recipe,
-    "metrics.jsonl": _metrics_log,
+    "metrics.jsonl": is_metrics_log,
     "summary.json": _summary,
     "tensorboard": lambda p: p.is_dir() and all(f.name.startswith("events.out.tfevents") for f in p.iterdir()),
     "final": has_stamp,

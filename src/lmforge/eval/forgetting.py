@@ -32,6 +32,7 @@ from lmforge.eval.fewshot import recipe_baseline
 from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
+from lmforge.eval.suite import log_evaluation
 from lmforge.models.factory import load_model
 from lmforge.objectives import get_objective, objective_data, objective_head
 from lmforge.outputs import content_hash
@@ -223,5 +224,6 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
     summary = run.folder / "summary.json"
     out["summary"] = json.loads(summary.read_text()) if summary.is_file() else {}
     (run.folder / EVAL_FILE).write_text(json.dumps(out, indent=1))
+    log_evaluation(run.folder, out, {"stage": run.label})
     return out
 

@@ -42,7 +42,7 @@ from lmforge.eval.intervals import perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.models.factory import load_model, saved_head
 from lmforge.objectives import get_objective
-from lmforge.outputs import OutputError, content_hash
+from lmforge.outputs import OutputError, content_hash, is_metrics_log
 
 EVAL_FILE = "eval.json"
 LM_OBJECTIVES = {"causal_lm": "clm", "masked_lm": "mlm", "pretraining": "mlm"}
@@ -291,9 +291,23 @@ def evaluate_model(model_dir: Path | str, cfg: EvalConfig, out_dir: Path | str |
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / EVAL_FILE).write_text(json.dumps(result, indent=1))
-        record = {"split": "eval", "model": str(model_dir), **{
-            f"{name}/{k}": v for group in ("probes", "tasks") for name, entry in result[group].items()
-            for k, v in entry["after"].items() if isinstance(v, (int, float))}}
-        with open(out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        log_evaluation(out, result, {"model": str(model_dir)})
     return result
+
+
+def log_evaluation(folder: Path, result: dict, extra: dict) -> None:
+    """One `eval` record in FOLDER/metrics.jsonl: each probe's and task's numbers after (and their
+    changes, where measured before too), flat, for whatever reads the log."""
+    record = {"split": "eval", **extra}
+    for group in ("probes", "tasks"):
+        for name, entry in result.get(group, {}).items():
+            record.update({f"{name}/{k}": v for k, v in entry.get("after", {}).items() if isinstance(v, (int, float))})
+            change = entry.get("change") or (entry.get("flips") or {}).get("accuracy_change") or {}
+            for k in ("relative_change", "change"):
+                if isinstance(change.get(k), (int, float)):
+                    record[f"{name}/{k}"] = change[k]
+    path = folder / "metrics.jsonl"
+    if path.exists() and not is_metrics_log(path):
+        return  # someone else's file: never appended to
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
