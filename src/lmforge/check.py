@@ -167,7 +167,7 @@ def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
         except (OSError, ValueError) as exc:
             report.errors.append(f"tokenizer {source}: cannot load ({exc})")
     if tokenizer is not None and sample:
-        lengths = [len(ids) for ids in tokenizer(sample, add_special_tokens=False).input_ids]
+        lengths = [len(ids) for ids in tokenizer(sample, add_special_tokens=False, verbose=False).input_ids]  # lengths are the point
     else:
         lengths = [len(doc) // 4 for doc in sample]  # rough: ~4 characters per token before a tokenizer exists
         report.length_unit = "tokens, estimated as characters/4 (tokenizer not trained yet)"
@@ -197,7 +197,9 @@ def _check_paths(recipe: Recipe, report: CheckReport) -> None:
             if not parent.is_dir():
                 report.errors.append(f"output_dir: {parent} (a parent of {out}) is a file")
             break
-    if recipe.model.path and not Path(recipe.model.path, "config.json").is_file():
+    if recipe.model.path and not Path(recipe.model.path).exists():
+        report.errors.append(f"model.path: {recipe.model.path}: no such folder")
+    elif recipe.model.path and not Path(recipe.model.path, "config.json").is_file():
         report.errors.append(f"model.path: {recipe.model.path} is not a model directory (no config.json)")
     elif recipe.model.path and not Path(recipe.model.path, "adapter_config.json").is_file():
         from lmforge.models.factory import ModelError, ensure_safe_weights

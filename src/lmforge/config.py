@@ -82,6 +82,13 @@ class DataConfig(Section):
     long_examples: Literal["drop", "truncate", "error"] = "drop"  # examples longer than packing.seq_len
 
     @model_validator(mode="after")
+    def _one_conversation_source(self) -> DataConfig:
+        if {"prompt_template", "messages_column"} <= self.model_fields_set:
+            raise ValueError("give data.messages_column (rows hold a conversation) or data.prompt_template (rows hold "
+                             "columns of a prompt), not both: a row with the conversation column would ignore the template")
+        return self
+
+    @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if self.mixture and self.train_files:
             raise ValueError("give either train_files or mixture, not both")
@@ -438,12 +445,25 @@ def _section_at(loc: tuple, model: type[BaseModel] = Recipe) -> type[BaseModel] 
     return model
 
 
+# Hugging Face TrainingArguments / LLaMA-Factory names users bring, and what lmforge calls them
+HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+            "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "warmup_ratio": "warmup_steps",
+            "lr_scheduler_type": "schedule", "max_grad_norm": "clip_grad", "logging_steps": "log_every",
+            "eval_steps": "eval_every", "save_steps": "save_every", "gradient_checkpointing": "activation_checkpointing",
+            "max_seq_length": "seq_len", "cutoff_len": "seq_len", "model_name_or_path": "path", "lora_rank": "rank",
+            "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
 def _explain(error: dict, source: str, root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
         section = _section_at(loc, root or Recipe)
         valid = list(section.model_fields) if section else []
+        known = HF_NAMES.get(str(loc[-1]))
+        if known and known in valid:  # a Hugging Face TrainingArguments name for one of ours
+            return (f"{source}: unknown key '{key}'; lmforge calls it '{'.'.join([*map(str, loc[:-1]), known])}' "
+                    f"(valid here: {', '.join(valid)})")
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         return f"{source}: unknown key '{key}'{hint} (valid here: {', '.join(valid)})"

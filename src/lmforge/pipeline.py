@@ -426,6 +426,8 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
 # ---------------------------------------------------------------- eval / generate
 def _tokenizer_for(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
     """The tokenizer beside a model, or the one given (training checkpoints hold no tokenizer)."""
+    if not Path(model_dir).exists():
+        raise FileNotFoundError(f"{model_dir}: no such model folder")
     if tokenizer_dir is None and not (Path(model_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no tokenizer here (a training checkpoint?); pass --tokenizer DIR")
     return load_tokenizer(tokenizer_dir or model_dir)

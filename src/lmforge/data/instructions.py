@@ -69,13 +69,36 @@ def _text(where: str, what: str, value) -> str:
     raise DataError(f"{where}: {what} is {type(value).__name__}, not text")
 
 
+# ShareGPT's speakers (`{"from": ..., "value": ...}` turns) as chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                  "observation": "tool", "function_call": "assistant"}
+
+
+def _sharegpt_turns(where: str, turns: list[dict]) -> list[dict]:
+    out = []
+    for i, turn in enumerate(turns):
+        speaker = str(turn["from"]).lower()
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: turn {i} is from the unknown speaker {turn['from']!r} "
+                            f"(known: {', '.join(sorted(SHAREGPT_ROLES))})")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return out
+
+
 def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> list[dict]:
-    """The conversation in one row, or a DataError naming the file, line and what is wrong with it."""
+    """The conversation in one row, or a DataError naming the file, line and what is wrong with it.
+    Turns are `{"role", "content"}` (OpenAI / HF messages) or ShareGPT's `{"from", "value"}`."""
     where = f"{path}:{lineno}"
-    if fmt.messages_column in row:
-        messages = row[fmt.messages_column]
+    column = fmt.messages_column if fmt.messages_column in row else (
+        "conversations" if fmt.messages_column == "messages" and isinstance(row.get("conversations"), list) else None)
+    if column is not None:
+        messages = row[column]
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) and {"from", "value"} <= m.keys() for m in messages):
+            messages = _sharegpt_turns(where, messages)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-            raise DataError(f"{where}: '{fmt.messages_column}' must be a list of {{\"role\", \"content\"}} objects")
+            raise DataError(f"{where}: '{column}' must be a list of {{\"role\", \"content\"}} (or ShareGPT "
+                            f"{{\"from\", \"value\"}}) objects")
         for i, message in enumerate(messages):
             if message["role"] not in CHAT_ROLES:
                 raise DataError(f"{where}: message {i} has the unknown role {message['role']!r} "

@@ -111,6 +111,8 @@ def save_portable(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path`; for an adapter folder saved without one, its base model's."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such folder (a tokenizer or model folder was expected)")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         adapter = path / "adapter_config.json"
         if adapter.is_file():

@@ -169,6 +169,8 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter(path, head, trust_remote_code, dtype, **config_overrides)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
     ensure_safe_weights(path)
