@@ -318,3 +318,28 @@ def test_the_readme_pipeline_runs_verbatim(tmp_path, monkeypatch, tokenizer_dir,
     for label in ("general", "continual", "direct/seed_2", "adapted/seed_0", "measure/seed_1"):
         assert f" {label}" in plan
     assert "eval  measure/seed_0 (after adapted/seed_0)" in plan
+
+
+def test_predict_writes_labels_with_probabilities_and_answers(tmp_path, fp32, tokenizer_dir, base_model, genre_file):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = _classifier(tmp_path / "clf", tokenizer_dir)
+    rows = [json.loads(x) for x in genre_file.read_text().splitlines()][:6]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"], "id": i}) + "\n" for i, r in enumerate(rows)))
+    code, output = _invoke("predict", "-m", model_dir, "-d", data, "-o", tmp_path / "p.csv", "--max-len", 64)
+    assert code == 0 and "6 rows (label with probabilities)" in output, output
+    with open(tmp_path / "p.csv") as handle:
+        got = list(csv.DictReader(handle))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        probs = model(**tok(rows[0]["text"], truncation=True, max_length=64, return_tensors="pt")).logits.softmax(-1)[0]
+    assert float(got[0]["p_news"]) == pytest.approx(float(probs[1]), abs=1e-5)
+    assert got[0]["label"] == ["fiction", "news"][int(probs.argmax())] and got[3]["id"] == "3"
+    code, output = _invoke("predict", "-m", base_model, "-d", data, "-o", tmp_path / "g.jsonl", "--max-new-tokens", 3)
+    assert code == 0, output
+    answers = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert len(answers) == 6 and all("generated" in a and a["lmforge_model"] == str(base_model) for a in answers)
+    code, output = _invoke("predict", "-m", model_dir, "-d", data, "-o", data)  # the input is not ours to replace
+    assert code == 2 and "lmforge did not write it" in output

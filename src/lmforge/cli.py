@@ -249,6 +249,23 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder: a classifier, a reward model, a causal LM (or their adapters).")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="JSONL or CSV file(s) of rows to predict (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions: .jsonl or .csv (the input rows plus the prediction).")],
+    column: Annotated[str, typer.Option(help="The text column (a causal LM also reads a messages column).")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch (classifiers, reward models).")] = 16,
+    max_len: Annotated[int, typer.Option(min=2, help="Tokens of each text kept (classifiers, reward models).")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens of each answer (causal LMs).")] = 64,
+) -> None:
+    """Predictions on your own file: labels with probabilities, reward scores, or greedy answers."""
+    from lmforge.eval.predict import predict as run_predict
+
+    result = _guarded(run_predict, model, data, out, column, batch_size, max_len, max_new_tokens)
+    typer.echo(f"predict: {result['rows']} rows ({result['kind']}) written to {out}")
+
+
+@app.command()
 def generate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
