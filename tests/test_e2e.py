@@ -85,3 +85,13 @@ def test_help_on_every_command():
     for command in ("tokenizer", "prepare", "train", "eval", "generate", "run"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_version_and_env_describe_the_install_and_the_machine():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"lmforge {version('lmforge')}"
+    result = CliRunner().invoke(app, ["env"])
+    assert result.exit_code == 0, result.output
+    assert "torch " in result.output and "precision auto -> " in result.output and "device: " in result.output

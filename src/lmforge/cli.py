@@ -23,6 +23,20 @@ Overrides = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"lmforge {version('lmforge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print lmforge's version and exit.")] = False) -> None:
+    """lmforge: train tokenizers, prepare corpora, pretrain, fine-tune, align and evaluate language models."""
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -352,6 +366,35 @@ def report(
 
     path = _guarded(write_report, folders, out)
     typer.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB, open it in a browser)")
+
+
+@app.command("env")
+def environment() -> None:
+    """What this machine is to lmforge: versions, device, and what `precision: auto` picks here (measured)."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    from lmforge.engine.runtime import (
+        bf16_matmul_speedup,
+        bf16_supported,
+        matmul_peak_gflops,
+        pick_device,
+        resolve_precision,
+    )
+
+    device = pick_device()
+    lines = [f"lmforge {version('lmforge')}, python {platform.python_version()}, torch {torch.__version__}, "
+             f"transformers {version('transformers')}, peft {version('peft')}",
+             f"device: {device.type}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
+                                         f" ({platform.machine()}, {torch.get_num_threads()} threads)")]
+    if device.type == "cpu":
+        lines.append(f"matmul peak (1024^3, measured): fp32 {matmul_peak_gflops('fp32'):,.0f} GFLOP/s"
+                     + (f", bf16 {matmul_peak_gflops('bf16'):,.0f} GFLOP/s (bf16/fp32 {bf16_matmul_speedup():.2f}x)"
+                        if bf16_supported(device) else ", no native bf16"))
+    lines.append(f"precision auto -> {resolve_precision('auto', device)}")
+    typer.echo("\n".join(lines))
 
 
 def _run_pipeline(pipeline, resume: bool, force: bool, only: str | None, start: str | None, dry_run: bool) -> None:
