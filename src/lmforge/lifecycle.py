@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,7 +418,11 @@ def estimate(steps: list[Step], reports: dict[str, object]) -> None:
     for step in steps:
         report = reports.get(step.run.stage)
         seconds = getattr(report, "step_seconds", None)
-        total = step.run.recipe.trainer.max_steps
+        t = step.run.recipe.trainer
+        total = t.max_steps
+        if total is None and t.epochs and getattr(report, "documents", 0):  # rows read by the check, less the held out
+            rows = report.documents * (1 - step.run.recipe.data.val_fraction)
+            total = math.ceil(rows / (t.batch_size * t.grad_accum) * t.epochs)
         if step.action != "skip" and seconds and total:
             step.estimate_s = seconds * total
 

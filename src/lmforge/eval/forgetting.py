@@ -33,7 +33,7 @@ from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.suite import log_evaluation
-from lmforge.models.factory import load_model
+from lmforge.models.factory import load_model, saved_config
 from lmforge.objectives import get_objective, objective_data, objective_head
 from lmforge.outputs import content_hash
 
@@ -118,7 +118,7 @@ def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision
 
     if _head(run) != _head(task) or objective_data(task.recipe.objective) == "preferences" and task is not run:
         return None  # another head; DPO's metric is relative to its own reference model
-    if load_model_config(_final(run)).id2label != load_model_config(_final(task)).id2label:
+    if saved_config(_final(run)).id2label != saved_config(_final(task)).id2label:
         return None  # a classifier of other labels
     model = load_model(_final(run), _head(run))
     tokenizer = load_tokenizer(_final(run))
@@ -129,12 +129,6 @@ def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision
         return None
     detail = objective_data(task.recipe.objective) == "labeled"
     return source["evaluate"](model, precision, detail=True) if detail else source["evaluate"](model, precision)
-
-
-def load_model_config(path: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def _flips(task: StageRun, before: dict, after: dict, limit: int = 5) -> dict:

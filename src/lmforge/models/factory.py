@@ -204,6 +204,16 @@ ARCHITECTURE_HEADS = (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm")
                       ("ForConditionalGeneration", "seq2seq"))
 
 
+def saved_config(path: str | Path) -> PretrainedConfig:
+    """The config of a saved model folder; an adapter folder without one: its base model's."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return saved_config(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
 def saved_head(path: str | Path) -> str:
     """The head a saved model folder carries: from its config's architecture (an adapter folder: its task
     type, else its base model's); a bare architecture is an encoder, or a causal LM for a decoder family."""
@@ -213,9 +223,7 @@ def saved_head(path: str | Path) -> str:
         if adapter.get("task_type") in ADAPTER_TASK_HEADS:
             return ADAPTER_TASK_HEADS[adapter["task_type"]]
         return saved_head(adapter.get("base_model_name_or_path") or "")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: not a model directory (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = saved_config(path)
     architecture = (config.architectures or [""])[0]
     for suffix, head in ARCHITECTURE_HEADS:
         if architecture.endswith(suffix):
