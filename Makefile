@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench bench-learning clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q $(if $(or $(CI),$(SLOW)),,-m "not slow")
+
+# Does training still teach: the learning recipes rerun short on real models, each metric printed.
+bench-learning: $(STAMP)
+	$(BIN)/python bench/learning.py
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

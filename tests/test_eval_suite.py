@@ -220,8 +220,10 @@ def test_eval_stages_measure_their_parent_and_a_decoder_classifier_is_compared_w
     rows = genre_file.read_text().splitlines()
     task = tmp_path / "genres.jsonl"
     task.write_text("\n".join(rows[:50] + rows[-50:]) + "\n")  # both classes, few enough to prompt each quickly
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ["red", "blue", "green"] * 8))
     spec = {
-        "name": "evals", "output_dir": str(tmp_path / "runs"),
+        "name": "evals", "output_dir": str(tmp_path / "runs"), "generation_examples": 2,
         "defaults": {"packing": {"seq_len": 64},
                      "trainer": {"batch_size": 8, "max_steps": 20, "lr": 2e-3, "progress": False, "precision": "fp32"}},
         "stages": {
@@ -233,6 +235,8 @@ def test_eval_stages_measure_their_parent_and_a_decoder_classifier_is_compared_w
                     "data": {"train_files": [str(task)], "label_column": "genre", "val_fraction": 0.3}},
             "clf_suite": {"after": "clf", "eval": {"tasks": {"genres": {"files": str(task), "label_column": "genre",
                                                                         "limit": 20}}}},
+            "chat": {"after": "pretrain", "objective": {"name": "sft"}, "method": {"name": "lora"},  # an adapter folder
+                     "data": {"train_files": [str(qa)], "val_fraction": 0.25}, "trainer": {"max_steps": 3}},
         },
     }
     path = tmp_path / "p.yaml"
@@ -253,10 +257,12 @@ def test_eval_stages_measure_their_parent_and_a_decoder_classifier_is_compared_w
     baseline = json.loads((runs / "clf" / "eval.json").read_text())["baseline"]
     assert baseline["kind"].startswith("in-context") and baseline["shots"] == 8
     assert "shot baseline of the untuned model" in output or "baseline of the untuned model" in output
+    chat = json.loads((runs / "chat" / "eval.json").read_text())["generation"]
+    assert chat["before"]["examples"] == chat["after"]["examples"] == 2
     layout = {s["label"]: s["kind"] for s in json.loads((runs / "pipeline.json").read_text())["stages"]}
-    assert layout == {"pretrain": "train", "lm_suite": "eval", "clf": "train", "clf_suite": "eval"}
+    assert layout == {"pretrain": "train", "lm_suite": "eval", "clf": "train", "clf_suite": "eval", "chat": "train"}
     code, output = _invoke("run", path)
-    assert code == 0 and output.split("plan:")[1].split("==")[0].count("skip ") == 4, output
+    assert code == 0 and output.split("plan:")[1].split("==")[0].count("skip ") == 5, output
     code, output = _invoke("run", path, "--dry-run", "stages.clf_suite.eval.tasks.genres.limit=10")
     assert code == 0 and "eval  clf_suite (after clf): its model or settings changed" in output
     code, output = _invoke("report", runs, "-o", tmp_path / "r.html")
