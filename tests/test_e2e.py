@@ -95,3 +95,17 @@ def test_version_and_env_describe_the_install_and_the_machine():
     result = CliRunner().invoke(app, ["env"])
     assert result.exit_code == 0, result.output
     assert "torch " in result.output and "precision auto -> " in result.output and "device: " in result.output
+
+
+def test_recipes_lists_describes_and_copies_without_overwriting(tmp_path):
+    result = CliRunner().invoke(app, ["recipes"])
+    assert result.exit_code == 0 and "quickstart " in result.output and "smollm2_sft" in result.output
+    result = CliRunner().invoke(app, ["recipes", "quickstart", "--copy", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    copied = tmp_path / "quickstart.yaml"
+    assert "tokenizer" in copied.read_text()
+    copied.write_text("mine")
+    result = CliRunner().invoke(app, ["recipes", "quickstart", "--copy", str(copied)])
+    assert result.exit_code == 2 and "does not overwrite" in result.output and copied.read_text() == "mine"
+    result = CliRunner().invoke(app, ["recipes", "nope"])
+    assert result.exit_code == 2 and "no bundled recipe 'nope'" in result.output

@@ -368,6 +368,57 @@ def report(
     typer.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB, open it in a browser)")
 
 
+def _recipes_dir() -> Path:
+    """The bundled recipes: the repository's recipes/ (an editable install), else the installed package's."""
+    import lmforge
+
+    here = Path(lmforge.__file__).resolve().parent
+    for folder in (here.parents[1] / "recipes", here / "recipes"):
+        if folder.is_dir():
+            return folder
+    _fail("the bundled recipes are not installed with this lmforge (see the repository's recipes/)")
+    raise AssertionError
+
+
+def _first_comment(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text or text.startswith(("lmforge ", "python ")):
+            break
+        lines.append(text)
+    return " ".join(lines)
+
+
+@app.command("recipes")
+def recipes_command(
+    name: Annotated[str | None, typer.Argument(help="A bundled recipe to describe (or copy with --copy).")] = None,
+    copy: Annotated[Path | None, typer.Option("--copy", help="Write the recipe here, as a starting point of your own.")] = None,
+) -> None:
+    """List the bundled recipes, describe one, or copy one to start from."""
+    folder = _recipes_dir()
+    found = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    if name is None:
+        width = max(map(len, found))
+        for stem, path in found.items():
+            text = _first_comment(path)
+            typer.echo(f"{stem:<{width}}  {text[:110] + ('...' if len(text) > 110 else '')}")
+        return
+    key = name.removesuffix(".yaml")
+    if key not in found:
+        _fail(f"no bundled recipe '{name}' (bundled: {', '.join(found)})")
+    if copy is None:
+        typer.echo(found[key].read_text())
+        return
+    target = copy / found[key].name if copy.is_dir() else copy
+    if target.exists():
+        _fail(f"{target}: exists; lmforge does not overwrite it (choose another --copy)")
+    target.write_text(found[key].read_text())
+    typer.echo(f"recipes: {key} copied to {target}; edit its paths and run `lmforge run {target}`")
+
+
 @app.command("env")
 def environment() -> None:
     """What this machine is to lmforge: versions, device, and what `precision: auto` picks here (measured)."""
