@@ -215,6 +215,7 @@ def test_bad_suites_fail_with_the_key_or_file_named(tmp_path, base_model, small_
     assert (tmp_path / "foreign" / "eval.json").read_text() == "{}"
 
 
+@pytest.mark.slow  # five stages, one of them LoRA, and an in-context baseline
 def test_eval_stages_measure_their_parent_and_a_decoder_classifier_is_compared_with_prompting(tmp_path, fp32, small_jsonl,
                                                                                               tokenizer_dir, genre_file):
     rows = genre_file.read_text().splitlines()

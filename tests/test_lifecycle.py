@@ -341,3 +341,12 @@ def test_the_harness_runs_a_local_task_and_agrees_with_the_models_likelihoods(ba
     assert results["lmforge_facts"]["acc"] == pytest.approx(right / len(rows))
     code, output = _invoke("harness", "-m", str(base_model), "--tasks-dir", str(tasks), "-t", "nope")
     assert code == 2 and "nope: not a task lm-eval knows" in output and "lmforge_facts" in output
+
+
+def test_a_stage_length_replaces_the_defaults_length(tmp_path, small_jsonl, tokenizer_dir, genre_file):
+    path = _pipeline(tmp_path, small_jsonl, tokenizer_dir, genre_file,
+                     defaults={"packing": {"seq_len": 64}, "trainer": {"epochs": 2, "batch_size": 8}})
+    pipeline = load_pipeline(path, ["stages.direct.trainer.max_steps=3"])
+    direct = next(r for r in pipeline.runs if r.stage == "direct").recipe.trainer
+    assert direct.max_steps == 3 and direct.epochs is None
+    assert next(r for r in pipeline.runs if r.stage == "adapted").recipe.trainer.epochs == 2

@@ -240,7 +240,7 @@ def _check_model(recipe: Recipe, report: CheckReport, vocab_size: int | None) ->
         report.errors.append(str(exc))
 
 
-def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, float, float]:
+def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = False) -> tuple[float, float, float]:
     """(seconds per step, tokens/s, peak RSS MB) from real forward/backward/optimizer steps."""
     from lmforge.engine.optimizer import build_optimizer
     from lmforge.engine.runtime import autocast, checkpoint_activations, pick_device, resolve_precision
@@ -250,6 +250,8 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
 
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
+    if stand_in and not getattr(model, "name_or_path", ""):  # the parent's final model will be a saved checkpoint
+        model.name_or_path = "(the parent stage's final model)"
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
     t = recipe.trainer
     optimizer = build_optimizer(groups, t.lr, t.betas, t.eps, t.optimizer_impl)
@@ -287,7 +289,10 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3) -> tuple[float, flo
     return step, t.batch_size * t.grad_accum * row / step, peak
 
 
-def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True) -> CheckReport:
+def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True,
+                 stand_in: bool = False) -> CheckReport:
+    """`stand_in`: the model is a pipeline's root architecture standing in for a parent stage's final model
+    (not trained yet), so adapters may be measured on it."""
     report = CheckReport()
     _check_paths(recipe, report)
     sample = _scan_files(recipe, report, sample_rows)
@@ -298,7 +303,7 @@ def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool =
             report.notes.append("time/memory not measured: no tokenizer yet (train it first)")
         else:
             try:
-                report.step_seconds, report.tokens_per_second, report.peak_rss_mb = measure_steps(recipe, tokenizer)
+                report.step_seconds, report.tokens_per_second, report.peak_rss_mb = measure_steps(recipe, tokenizer, stand_in=stand_in)
             except (ValueError, RuntimeError) as exc:
                 report.errors.append(f"model: {exc}")
     return report

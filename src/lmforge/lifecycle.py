@@ -254,6 +254,10 @@ def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, se
         evaluation = validate_eval(_substitute(body["eval"], stage_values, f"{where}.eval"), f"{where}.eval")
         recipe = parent.recipe.model_copy(update={"output_dir": str(folder)})
         return StageRun(name, seed, recipe, parent, evaluation=evaluation)
+    own_length = {"max_steps", "max_tokens", "epochs"} & set(body.get("trainer") or {})
+    if own_length and isinstance(defaults.get("trainer"), dict):  # a stage's own length replaces the defaults' one
+        defaults = {**defaults, "trainer": {k: v for k, v in defaults["trainer"].items()
+                                            if k not in {"max_steps", "max_tokens", "epochs"}}}
     recipe_body = _merge(defaults, {k: v for k, v in body.items() if k not in STAGE_KEYS})
     if parent is not None:
         if "path" in (body.get("model") or {}):
@@ -407,7 +411,8 @@ def check_pipeline(pipeline: Pipeline, selected: list[StageRun], sample_rows: in
             reports.append((run.stage, CheckReport(errors=[
                 f"stages.{run.stage}.eval: {e}" for e in check_evaluation(run.evaluation, [a.folder for a in run.ancestors()])])))
             continue
-        report = check_recipe(checkable(run), sample_rows, measure)
+        recipe = checkable(run)
+        report = check_recipe(recipe, sample_rows, measure, stand_in=recipe is not run.recipe)
         report.errors = [f"stages.{run.stage}: {e}" for e in report.errors]
         reports.append((run.stage, report))
     return reports
