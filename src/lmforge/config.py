@@ -83,7 +83,9 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_conversation_source(self) -> DataConfig:
-        if {"prompt_template", "messages_column"} <= self.model_fields_set:
+        defaults = type(self).model_fields
+        if (self.prompt_template != defaults["prompt_template"].default
+                and self.messages_column != defaults["messages_column"].default):  # both chosen (a dump has defaults)
             raise ValueError("give data.messages_column (rows hold a conversation) or data.prompt_template (rows hold "
                              "columns of a prompt), not both: a row with the conversation column would ignore the template")
         return self
