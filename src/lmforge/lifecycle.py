@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import (
+    TRAINING_LENGTH,
     ConfigError,
     EvalConfig,
     Recipe,
@@ -254,10 +255,10 @@ def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, se
         evaluation = validate_eval(_substitute(body["eval"], stage_values, f"{where}.eval"), f"{where}.eval")
         recipe = parent.recipe.model_copy(update={"output_dir": str(folder)})
         return StageRun(name, seed, recipe, parent, evaluation=evaluation)
-    own_length = {"max_steps", "max_tokens", "epochs"} & set(body.get("trainer") or {})
-    if own_length and isinstance(defaults.get("trainer"), dict):  # a stage's own length replaces the defaults' one
-        defaults = {**defaults, "trainer": {k: v for k, v in defaults["trainer"].items()
-                                            if k not in {"max_steps", "max_tokens", "epochs"}}}
+    lengths = {key.removeprefix("trainer.") for key in TRAINING_LENGTH}
+    if lengths & set(body.get("trainer") or {}) and isinstance(defaults.get("trainer"), dict):
+        # a stage's own training length replaces the defaults' one
+        defaults = {**defaults, "trainer": {k: v for k, v in defaults["trainer"].items() if k not in lengths}}
     recipe_body = _merge(defaults, {k: v for k, v in body.items() if k not in STAGE_KEYS})
     if parent is not None:
         if "path" in (body.get("model") or {}):

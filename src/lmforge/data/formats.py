@@ -13,7 +13,7 @@ import gzip
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -159,6 +159,16 @@ def scan_csv_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[int,
         yield DataError(f"{path}: malformed CSV ({exc})")
     except OSError as exc:
         yield DataError(f"{path}: cannot read ({exc})")
+
+
+def read_all(items: Iterable[T | DataError]) -> list[T]:
+    """Every item of a scan (parse_rows and the readers built on it), raising the first bad row's error."""
+    out: list[T] = []
+    for item in items:
+        if isinstance(item, DataError):
+            raise item
+        out.append(item)
+    return out
 
 
 def parse_rows(files: list[str], parse: Callable[[str, int, dict], T], max_rows: int | None = None) -> Iterator[T | DataError]:

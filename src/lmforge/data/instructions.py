@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.formats import DataError, parse_rows
+from lmforge.data.formats import DataError, parse_rows, read_all
 from lmforge.data.packing import document_positions
 from lmforge.data.prepare import is_validation
 
@@ -243,11 +243,7 @@ class InstructionSets:
 def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_len: int, val_fraction: float,
                       long_examples: str = "drop", group_size: int = 128, max_rows: int | None = None) -> InstructionSets:
     """Read, render, tokenize and label every example (the first `max_rows` of each file); split off the validation rows."""
-    rows = []
-    for item in iter_conversations(files, fmt, max_rows):
-        if isinstance(item, DataError):
-            raise item
-        rows.append(item)
+    rows = read_all(iter_conversations(files, fmt, max_rows))
     if not rows:
         raise DataError(f"{', '.join(files)}: no instruction rows")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.formats import DataError, parse_rows, text_field
+from lmforge.data.formats import DataError, parse_rows, read_all, text_field
 from lmforge.data.prepare import is_validation
 
 
@@ -55,20 +55,22 @@ def iter_labeled(files: list[str], column: str, label_column: str, labels: list[
 
 def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,
                  max_len: int, val_fraction: float) -> tuple[LabeledSet, LabeledSet, list[str]]:
-    rows = []
-    for item in iter_labeled(files, column, label_column, labels):
-        if isinstance(item, DataError):
-            raise item
-        rows.append(item)
+    rows = read_all(iter_labeled(files, column, label_column, labels))
     if not rows:
         raise DataError(f"{', '.join(files)}: no labelled rows")
     names = list(labels) if labels is not None else sorted({label for _, label in rows})
     index = {name: i for i, name in enumerate(names)}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=max_len).input_ids
-    sets = {"train": LabeledSet([], [], pad), "val": LabeledSet([], [], pad)}
-    for i, (ids, (_, label)) in enumerate(zip(encoded, rows, strict=True)):
+    every = encode_texts(tokenizer, [text for text, _ in rows], [index[label] for _, label in rows], max_len)
+    sets = {"train": LabeledSet([], [], every.pad_id), "val": LabeledSet([], [], every.pad_id)}
+    for i, (ids, label) in enumerate(zip(every.ids, every.labels, strict=True)):
         target = sets["val" if is_validation(i, val_fraction) else "train"]
-        target.ids.append(ids or [pad])
-        target.labels.append(index[label])
+        target.ids.append(ids)
+        target.labels.append(label)
     return sets["train"], sets["val"], names
+
+
+def encode_texts(tokenizer, texts: list[str], labels: list[int], max_len: int) -> LabeledSet:
+    """Texts tokenized (cut at `max_len` tokens; an empty one becomes a lone pad) with their class indices."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = tokenizer(texts, truncation=True, max_length=max_len).input_ids
+    return LabeledSet([row or [pad] for row in ids], list(labels), pad)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from lmforge.data.formats import DataError, parse_rows
+from lmforge.data.formats import DataError, parse_rows, read_all
 from lmforge.data.instructions import (
     Examples,
     InstructionFormat,
@@ -83,11 +83,7 @@ def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen
                      max_rows: int | None = None, whole_rows: bool = False) -> PreferenceSets:
     """Read, render, tokenize and label every pair; split off the validation pairs. `whole_rows`:
     batches hold unshifted rows (a reward model scores each row at its last token)."""
-    pairs = []
-    for item in iter_preference_rows(files, fmt, chosen_column, rejected_column, max_rows):
-        if isinstance(item, DataError):
-            raise item
-        pairs.append(item)
+    pairs = read_all(iter_preference_rows(files, fmt, chosen_column, rejected_column, max_rows))
     if not pairs:
         raise DataError(f"{', '.join(files)}: no preference rows")
     encoded = encode_conversations(tokenizer, [(where, m) for where, chosen, rejected in pairs for m in (chosen, rejected)])

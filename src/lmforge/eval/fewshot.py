@@ -14,6 +14,7 @@ metrics and intervals.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
 from lmforge.config import Recipe
-from lmforge.data.formats import DataError
-from lmforge.data.labeled import LabeledSet, iter_labeled
+from lmforge.data.formats import read_all
+from lmforge.data.labeled import LabeledSet, encode_texts, iter_labeled
 from lmforge.data.prepare import is_validation
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.runtime import autocast, resolve_precision
@@ -81,8 +82,6 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
 
     The k shots open every prompt: their keys and values are computed once and reused by every pair
     (most of each prompt's tokens), unless a left-truncation made the prompts start differently."""
-    import copy
-
     model.eval()
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
     seqs = [(head + cont)[-(max_length + 1):][:-1] for head, cont in encoded]  # inputs: all but the last token
@@ -140,10 +139,8 @@ def _embed(model: torch.nn.Module, rows: LabeledSet, indices: list[int], device:
 def prototype_predictions(model: torch.nn.Module, tokenizer, shots: list[tuple[str, int]], texts: list[str],
                           classes: int, device: torch.device, max_len: int) -> list[int]:
     """For each text, the class whose mean shot embedding is nearest (cosine)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     def rows(items: list[str]) -> LabeledSet:
-        return LabeledSet(tokenizer(items, truncation=True, max_length=max_len).input_ids, [0] * len(items), pad)
+        return encode_texts(tokenizer, items, [0] * len(items), max_len)
 
     shot_rows = rows([t for t, _ in shots])
     prototypes = torch.stack([F.normalize(_embed(model, shot_rows, [i for i, (_, c) in enumerate(shots) if c == cls], device)
@@ -152,16 +149,18 @@ def prototype_predictions(model: torch.nn.Module, tokenizer, shots: list[tuple[s
 
 
 def few_shot_baseline(model_dir: Path, shots: list[tuple[str, int]], texts: list[str], labels: list[int],
-                      names: list[str], device: torch.device, max_len: int, shots_per_class: int) -> dict:
+                      names: list[str], device: torch.device, max_len: int, shots_per_class: int,
+                      loaded: torch.nn.Module | None = None) -> dict:
     """The untuned model at `model_dir` on (texts, labels): in context if it is a causal LM, else by
-    prototypes; scored with scikit-learn, with intervals. `shots` are (text, class index)."""
+    prototypes; scored with scikit-learn, with intervals. `shots` are (text, class index). `loaded`: that
+    model already on `device` with the head this scoring uses (causal LM, or the bare encoder)."""
     head = saved_head(model_dir)
     tokenizer = load_tokenizer(model_dir)
     if not texts or head != "causal_lm" and len({c for _, c in shots}) < len(names):
         return {}  # nothing to score, or a class without a prototype
     with autocast(device, resolve_precision("auto", device)):
         predicted, kind = _baseline_predictions(model_dir, head, tokenizer, shots, texts, names, device, max_len,
-                                                shots_per_class)
+                                                shots_per_class, loaded)
     classes = list(range(len(names)))
     return {"kind": kind, "shots": len(shots) if head == "causal_lm" else shots_per_class,
             "accuracy": float(accuracy_score(labels, predicted)),
@@ -171,14 +170,15 @@ def few_shot_baseline(model_dir: Path, shots: list[tuple[str, int]], texts: list
 
 
 def _baseline_predictions(model_dir: Path, head: str, tokenizer, shots: list[tuple[str, int]], texts: list[str],
-                          names: list[str], device: torch.device, max_len: int, shots_per_class: int) -> tuple[list[int], str]:
+                          names: list[str], device: torch.device, max_len: int, shots_per_class: int,
+                          loaded: torch.nn.Module | None) -> tuple[list[int], str]:
     if head == "causal_lm":
-        model = load_model(model_dir, "causal_lm").to(device).eval()
+        model = loaded if loaded is not None else load_model(model_dir, "causal_lm").to(device).eval()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
         predicted = in_context_predictions(model, tokenizer, [(t, names[c]) for t, c in shots], texts, names, device, limit)
         kind = f"in-context: {len(shots)} labelled examples in the prompt, the most likely label, untuned model"
     else:
-        model = load_model(model_dir, "encoder").to(device).eval()
+        model = loaded if loaded is not None else load_model(model_dir, "encoder").to(device).eval()
         predicted = prototype_predictions(model, tokenizer, shots, texts, len(names), device, max_len)
         kind = f"nearest prototype of {shots_per_class} shots per class, untuned model"
     return predicted, kind
@@ -190,9 +190,7 @@ def recipe_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots
     cfg = recipe.data
     rows = {"train": ([], []), "val": ([], [])}
     found: list[str] = []
-    for i, item in enumerate(iter_labeled(cfg.train_files, cfg.column, cfg.label_column, cfg.labels)):
-        if isinstance(item, DataError):
-            raise item
+    for i, item in enumerate(read_all(iter_labeled(cfg.train_files, cfg.column, cfg.label_column, cfg.labels))):
         split = rows["val" if is_validation(i, cfg.val_fraction) else "train"]
         split[0].append(item[0])
         split[1].append(item[1])

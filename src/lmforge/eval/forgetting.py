@@ -32,7 +32,7 @@ from lmforge.eval.fewshot import recipe_baseline
 from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
-from lmforge.eval.suite import log_evaluation
+from lmforge.eval.suite import EVAL_FILE, log_evaluation, read_evaluation
 from lmforge.models.factory import load_model, saved_config
 from lmforge.objectives import get_objective, objective_data, objective_head
 from lmforge.outputs import content_hash
@@ -40,7 +40,6 @@ from lmforge.outputs import content_hash
 if TYPE_CHECKING:
     from lmforge.lifecycle import Pipeline, StageRun
 
-EVAL_FILE = "eval.json"
 LM_HEADS = ("causal_lm", "masked_lm")
 TASK_DATA = ("labeled", "instructions", "preferences")
 
@@ -62,8 +61,7 @@ def probes(pipeline: Pipeline) -> list[dict]:
 
 
 def read_eval(run: StageRun | None) -> dict:
-    path = run.folder / EVAL_FILE if run is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return read_evaluation(run.folder) if run is not None else {}
 
 
 def _final(run: StageRun) -> Path:

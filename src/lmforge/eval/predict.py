@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.formats import DataError, detect_format, parse_rows, text_field
+from lmforge.data.formats import DataError, detect_format, parse_rows, read_all, text_field
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.runtime import autocast, pick_device, resolve_precision
 from lmforge.eval.generate import generate_text
@@ -28,11 +28,7 @@ MARK = "lmforge_model"
 
 
 def _rows(files: list[str]) -> list[dict]:
-    rows = []
-    for item in parse_rows(files, lambda path, lineno, row: row):
-        if isinstance(item, DataError):
-            raise item
-        rows.append(item)
+    rows = read_all(parse_rows(files, lambda path, lineno, row: row))
     if not rows:
         raise DataError(f"{', '.join(files)}: no rows")
     return rows

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from lmforge.config import EvalConfig, EvalTaskConfig
-from lmforge.data.formats import DataError, expand_inputs, file_fingerprints, parse_rows
+from lmforge.data.formats import DataError, expand_inputs, file_fingerprints, parse_rows, read_all
 from lmforge.data.instructions import InstructionFormat, ensure_chat_template, iter_conversations
-from lmforge.data.labeled import LabeledSet, iter_labeled
+from lmforge.data.labeled import encode_texts, iter_labeled
 from lmforge.data.packing import PackedRows
 from lmforge.data.prepare import load_prepared, prepare_corpus
 from lmforge.data.tokenizer import load_tokenizer
@@ -122,12 +122,7 @@ def task_kind(task: EvalTaskConfig, name: str) -> str:
 
 
 def _labeled(files: list[str], task: EvalTaskConfig, labels: list[str] | None) -> list[tuple[str, str]]:
-    rows = []
-    for item in iter_labeled(files, task.column, task.label_column, labels):
-        if isinstance(item, DataError):
-            raise item
-        rows.append(item)
-    return rows
+    return read_all(iter_labeled(files, task.column, task.label_column, labels))
 
 
 def _classification(model, head: str, model_dir: Path, tokenizer, name: str, task: EvalTaskConfig, cfg: EvalConfig,
@@ -152,12 +147,11 @@ def _classification(model, head: str, model_dir: Path, tokenizer, name: str, tas
     rows = rows[:task.limit] if task.limit else rows
     texts, labels = [t for t, _ in rows], [index[x] for _, x in rows]
     if head == "classifier":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        encoded = tokenizer(texts, truncation=True, max_length=cfg.seq_len).input_ids
-        out = classification_metrics(model, get_objective("classify", tokenizer), LabeledSet([e or [pad] for e in encoded], labels, pad),
+        out = classification_metrics(model, get_objective("classify", tokenizer), encode_texts(tokenizer, texts, labels, cfg.seq_len),
                                      cfg.batch_size, device, precision, names, detail=True)
     else:
-        out = few_shot_baseline(model_dir, shots, texts, labels, names, device, cfg.seq_len, per_class)
+        out = few_shot_baseline(model_dir, shots, texts, labels, names, device, cfg.seq_len, per_class,
+                                model if head in ("causal_lm", "encoder") else None)  # the model loaded for the suite
         if not out:
             raise DataError(f"tasks.{name}: every label needs at least one example to score a {head} model by")
     out["labels"] = names
