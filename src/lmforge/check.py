@@ -245,7 +245,7 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
     from lmforge.engine.optimizer import build_optimizer
     from lmforge.engine.runtime import autocast, checkpoint_activations, pick_device, resolve_precision
     from lmforge.methods import apply_method
-    from lmforge.objectives import get_objective
+    from lmforge.objectives import get_objective, objective_data
     from lmforge.pipeline import model_stage
 
     objective = get_objective(recipe.objective, tokenizer)
@@ -262,13 +262,17 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
     vocab = len(tokenizer)
     row = objective.row_length(recipe.packing.seq_len)
     # ordinary ids only: objectives treat special tokens (sentinels, EOS) specially
-    tokens = torch.randint(len(tokenizer.all_special_ids) + 8, vocab, (t.batch_size, row + 1), device=device)
+    # a batch of preference pairs holds both answers of each pair: twice the rows
+    rows = t.batch_size * (2 if objective_data(recipe.objective) == "preferences" else 1)
+    tokens = torch.randint(len(tokenizer.all_special_ids) + 8, vocab, (rows, row + 1), device=device)
     ones = torch.ones_like(tokens[:, :-1])
     # every objective finds its keys: packed rows (input_ids, labels) or pairs (input_ids, _b, masks)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "attention_mask": ones,
              "input_ids_b": tokens[:, 1:], "attention_mask_b": ones}
     if objective.head == "classifier":  # one class per row, not a token per position
-        batch["labels"] = torch.randint(0, model.config.num_labels, (t.batch_size,), device=device)
+        batch["labels"] = torch.randint(0, model.config.num_labels, (rows,), device=device)
+    if getattr(objective, "needs_reference", False):  # DPO: the reference's log-probabilities travel with the batch
+        batch["reference_logps"] = torch.zeros(rows, device=device)
     timings = []
     for _ in range(steps + 1):  # the first step warms up kernels and allocators
         start = time.perf_counter()
@@ -286,7 +290,7 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return step, t.batch_size * t.grad_accum * row / step, peak
+    return step, rows * t.grad_accum * row / step, peak
 
 
 def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True,

@@ -313,17 +313,19 @@ class GenerateConfig(Section):
 
 
 class EvalTaskConfig(Section):
-    """A held-out task file that `lmforge eval` (or an eval stage) scores: labelled rows (classification)
-    or conversations with reference answers (generation)."""
+    """A held-out task file that `lmforge eval` (or an eval stage) scores: labelled rows (classification),
+    conversations with reference answers (generation) or preference pairs (preferences)."""
 
     files: list[str]
-    kind: Literal["auto", "classification", "generation"] = "auto"  # auto: by the first row's columns
+    kind: Literal["auto", "classification", "generation", "preferences"] = "auto"  # auto: by the first row's columns
     column: str = "text"
     label_column: str = "label"
     labels: list[str] | None = None
     messages_column: str = "messages"
     prompt_template: str = "{prompt}"
     response_column: str = "response"
+    chosen_column: str = "chosen"  # preference pairs: the better answer
+    rejected_column: str = "rejected"
     system_prompt: str | None = None
     chat_template: str | None = None
     # where in-context examples come from; unset: the first rows of `files` (then not scored)

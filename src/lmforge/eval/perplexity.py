@@ -48,6 +48,8 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs,
         result["accuracy"] = counts["correct"] / max(total_tokens, 1)
     if "ties" in counts:  # pairs scored equal: neither won (all of them at step 0 of DPO, policy = reference)
         result["ties"] = counts["ties"] / max(total_tokens, 1)
+    if "likely_correct" in counts:  # pairs whose chosen answer the model finds more likely per token (dpo)
+        result["likelihood_accuracy"] = counts["likely_correct"] / max(total_tokens, 1)
     if "sentence_correct" in counts:
         result["sentence_accuracy"] = counts["sentence_correct"] / max(counts["sentences"], 1)
     return result

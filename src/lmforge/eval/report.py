@@ -339,6 +339,10 @@ def _suites(suites: list[RunView]) -> str:
             m, b = entry["after"], entry.get("baseline") or {}
             if "skipped" in m:
                 rows.append([where, html.escape(f"task {name}"), html.escape(m["skipped"]), "–", "–"])
+            elif entry.get("kind") == "preferences":
+                rows.append([where, html.escape(f"task {name} preference accuracy (ties)"),
+                             _fmt(m["accuracy"]) + _ci(m.get("accuracy_ci")) + f" ({_fmt(m.get('ties'))})", "–",
+                             _fmt(m.get("pairs")) + f" pairs, by {html.escape(m.get('scored_by', ''))}"])
             elif "accuracy" in m:
                 rows.append([where, html.escape(f"task {name} accuracy / macro-F1"),
                              _fmt(m["accuracy"]) + _ci(m.get("accuracy_ci")) + " / " + _fmt(m.get("macro_f1")),

@@ -8,7 +8,8 @@ on what the user names, the same way for every kind of model.
   without a classifier head is scored as the few-shot baseline would score it (in context for a causal
   LM, by prototypes for an encoder). scikit-learn's accuracy, macro-F1, per-class precision/recall and
   confusion matrix, with intervals. Conversations with reference answers (generation): greedy answers
-  scored by exact match, ROUGE-L (rouge-score) and chrF (sacrebleu).
+  scored by exact match, ROUGE-L (rouge-score) and chrF (sacrebleu). Preference pairs (prompt, chosen,
+  rejected): how often the model ranks the chosen answer first (eval/preferences.py).
 - baseline: an untuned model folder scored in context (or by prototypes) on the same rows, so the
   report says whether fine-tuning beat prompting.
 - prompts: sample generations.
@@ -30,6 +31,7 @@ from lmforge.data.formats import DataError, expand_inputs, file_fingerprints, pa
 from lmforge.data.instructions import InstructionFormat, ensure_chat_template, iter_conversations
 from lmforge.data.labeled import encode_texts, iter_labeled
 from lmforge.data.packing import PackedRows
+from lmforge.data.preferences import iter_preference_rows
 from lmforge.data.prepare import load_prepared, prepare_corpus
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.distributed import say
@@ -40,6 +42,7 @@ from lmforge.eval.generate import generate_text
 from lmforge.eval.generation import answer_conversations
 from lmforge.eval.intervals import perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
+from lmforge.eval.preferences import preference_accuracy
 from lmforge.models.factory import load_model, saved_head
 from lmforge.objectives import get_objective
 from lmforge.outputs import OutputError, content_hash, is_metrics_log
@@ -104,7 +107,7 @@ def _perplexity(model, head: str, tokenizer, name: str, files: list[str], cfg: E
 
 # ---------------------------------------------------------------- tasks
 def task_kind(task: EvalTaskConfig, name: str) -> str:
-    """classification or generation: as set, else by the first row's columns."""
+    """classification, generation or preferences: as set, else by the first row's columns."""
     if task.kind != "auto":
         return task.kind
     for item in parse_rows(task.files, lambda path, lineno, row: (path, lineno, row), max_rows=None):
@@ -113,10 +116,13 @@ def task_kind(task: EvalTaskConfig, name: str) -> str:
         path, lineno, row = item
         if task.label_column in row:
             return "classification"
+        if task.chosen_column in row and task.rejected_column in row:
+            return "preferences"
         if task.messages_column in row or task.response_column in row:
             return "generation"
-        raise DataError(f"{path}:{lineno}: tasks.{name}: no label column '{task.label_column}' (classification) and no "
-                        f"'{task.messages_column}' or '{task.response_column}' column (generation); columns: "
+        raise DataError(f"{path}:{lineno}: tasks.{name}: no label column '{task.label_column}' (classification), no "
+                        f"'{task.messages_column}' or '{task.response_column}' column (generation) and no "
+                        f"'{task.chosen_column}' + '{task.rejected_column}' columns (preferences); columns: "
                         f"{', '.join(row)} (set tasks.{name}.kind and the column names)")
     raise DataError(f"tasks.{name}: {', '.join(task.files)}: no rows")
 
@@ -179,6 +185,13 @@ def _generation(model, head: str, tokenizer, name: str, task: EvalTaskConfig, cf
     return {"after": answer_conversations(model, tokenizer, conversations, cfg.max_new_tokens)}
 
 
+def _preferences(model, head: str, tokenizer, task: EvalTaskConfig, cfg: EvalConfig, device: torch.device,
+                 precision: str) -> dict:
+    fmt = InstructionFormat(task.prompt_template, task.response_column, task.messages_column, task.system_prompt)
+    return {"after": preference_accuracy(model, head, tokenizer, task.files, fmt, task.chosen_column, task.rejected_column,
+                                         cfg.seq_len, cfg.batch_size, device, precision, task.limit, task.chat_template)}
+
+
 def check_evaluation(cfg: EvalConfig, pending: list[Path] = (), limit: int = 20) -> list[str]:
     """What is wrong with an evaluation's inputs, found before anything runs (each file and line named).
     Paths inside `pending` folders (what earlier stages will write) are not there yet, and pass."""
@@ -207,7 +220,9 @@ def check_evaluation(cfg: EvalConfig, pending: list[Path] = (), limit: int = 20)
             continue
         fmt = InstructionFormat(task.prompt_template, task.response_column, task.messages_column, task.system_prompt)
         rows = (iter_labeled(task.files + task.shots_files, task.column, task.label_column, task.labels)
-                if kind == "classification" else iter_conversations(task.files, fmt))
+                if kind == "classification" else
+                iter_preference_rows(task.files, fmt, task.chosen_column, task.rejected_column) if kind == "preferences"
+                else iter_conversations(task.files, fmt))
         errors += [f"tasks.{name}: {item}" for item in rows if isinstance(item, DataError)][:limit]
     if cfg.baseline is not None and not (Path(cfg.baseline) / "config.json").is_file() \
             and not (Path(cfg.baseline) / "adapter_config.json").is_file():
@@ -230,6 +245,11 @@ def _describe(result: dict) -> list[str]:
         m = entry["after"]
         if "skipped" in m:
             lines.append(f"eval: task {name}: skipped ({m['skipped']})")
+        elif entry.get("kind") == "preferences":
+            ci = m.get("accuracy_ci")
+            lines.append(f"eval: task {name} preference accuracy {m['accuracy']:.3f}"
+                         + (f" (95% CI {ci[0]:.3f}..{ci[1]:.3f})" if ci else "")
+                         + f", ties {m['ties']:.3f}, {m['pairs']} pairs (by {m['scored_by']})")
         elif "accuracy" in m:
             ci = m.get("accuracy_ci")
             line = (f"eval: task {name} accuracy {m['accuracy']:.3f}" + (f" (95% CI {ci[0]:.3f}..{ci[1]:.3f})" if ci else "")
@@ -273,7 +293,9 @@ def evaluate_model(model_dir: Path | str, cfg: EvalConfig, out_dir: Path | str |
     for name, task in cfg.tasks.items():
         kind = task_kind(task, name)
         result["tasks"][name] = (_classification(model, head, model_dir, tokenizer, name, task, cfg, device, precision)
-                                 if kind == "classification" else _generation(model, head, tokenizer, name, task, cfg))
+                                 if kind == "classification" else
+                                 _preferences(model, head, tokenizer, task, cfg, device, precision) if kind == "preferences"
+                                 else _generation(model, head, tokenizer, name, task, cfg))
         result["tasks"][name]["kind"] = kind
     for prompt in cfg.prompts:
         if head != "causal_lm":

@@ -40,12 +40,17 @@ class DirectPreference(ObjectiveBase):
             raise ValueError("dpo: the batch carries no reference log-probabilities (attach_reference computes them)")
         if len(batch["input_ids"]) % 2:
             raise ValueError("trainer.batch_size: each process must get whole (chosen, rejected) pairs")
-        log_ratios = sequence_logprobs(model, batch) - batch["reference_logps"]
+        logps = sequence_logprobs(model, batch)
+        log_ratios = logps - batch["reference_logps"]
         margins = self.beta * (log_ratios[0::2] - log_ratios[1::2])
         # per pair: "tokens" weighs evaluation means by pairs; "correct" = chosen rewarded above rejected,
-        # "ties" = neither above the other (reported apart from the pairs lost)
+        # "ties" = neither above the other (reported apart from the pairs lost; every pair at step 0,
+        # where policy = reference); "likely_correct" = the policy itself finds the chosen answer more
+        # likely per token than the rejected one: what the model would pick, measurable at step 0 too.
+        per_token = logps.detach() / (batch["labels"] != -100).sum(-1).clamp(min=1)
         return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum(),
-                                            "ties": (margins == 0).sum()}
+                                            "ties": (margins == 0).sum(),
+                                            "likely_correct": (per_token[0::2] > per_token[1::2]).sum()}
 
 
 @torch.no_grad()
