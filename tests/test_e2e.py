@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.engine.metrics import read_metrics
+
+from .conftest import REPO
 
 runner = CliRunner()
 PRECISION = "trainer.precision=fp32"
@@ -109,3 +112,16 @@ def test_recipes_lists_describes_and_copies_without_overwriting(tmp_path):
     assert result.exit_code == 2 and "does not overwrite" in result.output and copied.read_text() == "mine"
     result = CliRunner().invoke(app, ["recipes", "nope"])
     assert result.exit_code == 2 and "no bundled recipe 'nope'" in result.output
+
+
+def test_make_quickstart_passes_its_args_to_the_recipe():
+    """`make quickstart ARGS="trainer.max_steps=100"`: the overrides reach `lmforge run` (make -n prints the
+    command without running it; -o keeps the install step out)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "quickstart", "ARGS=trainer.max_steps=100 data.max_docs=20"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "lmforge run recipes/quickstart.yaml trainer.max_steps=100 data.max_docs=20" in out

@@ -3,6 +3,7 @@ answer-only output layer, and end-to-end runs that lower the held-out answer los
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,35 @@ def test_sharegpt_conversations_map_their_speakers_to_chat_roles(tmp_path):
     assert [m["role"] for m in only[1]][-1] == "assistant"
     with pytest.raises(ConfigError, match="give data.messages_column .* or data.prompt_template"):
         validate_recipe({"data": {"messages_column": "chat", "prompt_template": "{q}"}}, "r.yaml")
+
+
+def test_chat_keeps_the_conversation_streams_replies_and_resets(tmp_path, base_model, monkeypatch):
+    """`lmforge chat`: each turn is rendered with the whole conversation so far (system prompt first), the
+    reply streams through the CLI, /reset forgets, end of input leaves with exit code 0."""
+    import lmforge.chat as chat_module
+    from lmforge.data.instructions import ensure_chat_template
+
+    model = tmp_path / "chat_model"
+    shutil.copytree(base_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    ensure_chat_template(tok, None)
+    tok.save_pretrained(model)
+    prompts = []
+    real = chat_module.generate_text
+
+    def spy(m, t, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        return real(m, t, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(chat_module, "generate_text", spy)
+    result = CliRunner().invoke(app, ["chat", str(model), "--system", "Be brief.", "--max-new-tokens", "3"],
+                                input="first question\nsecond question\n/reset\nthird question\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("model> ") == 3 and "(conversation forgotten)" in result.output
+    assert "Be brief." in prompts[0] and "first question" in prompts[0]
+    assert "first question" in prompts[1] and "second question" in prompts[1]  # multi-turn
+    assert "first question" not in prompts[2] and "Be brief." in prompts[2]  # /reset keeps the system prompt
+    no_template = tmp_path / "plain"
+    shutil.copytree(base_model, no_template)
+    result = CliRunner().invoke(app, ["chat", str(no_template)], input="hi\n")
+    assert result.exit_code != 0 and "no chat template" in result.output and "Traceback" not in result.output

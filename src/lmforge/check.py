@@ -79,7 +79,7 @@ def _histogram(lengths: list[int]) -> dict[str, int]:
 def _sources(recipe: Recipe) -> list[tuple[str, str, bool]]:
     """(file or glob, text column, is it the run's main data) for every input the recipe reads."""
     cfg = recipe.data
-    out = [(f, cfg.column, True) for f in cfg.train_files]
+    out = [(f, cfg.column, True) for f in [*cfg.train_files, *cfg.val_files]]  # val_files: the same columns
     out += [(f, m.column, False) for m in cfg.mixture for f in m.train_files]
     out += [(f, recipe.tokenizer.column, False) for f in [*recipe.tokenizer.train_files, *recipe.tokenizer.extend_files]]
     return list(dict.fromkeys(out))

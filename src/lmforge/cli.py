@@ -86,6 +86,13 @@ def _crash(exc: BaseException) -> None:
     raise typer.Exit(code=3)
 
 
+def _model(spec: Path | str) -> Path:
+    """A model folder from what the user named: a folder, a .gguf (imported once), a hub id (models/locate.py)."""
+    from lmforge.models.locate import locate_model
+
+    return _guarded(locate_model, str(spec))
+
+
 def _recipe(path: Path | None, overrides: list[str] | None):
     from lmforge.config import load_recipe
 
@@ -200,7 +207,7 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder: a full model, an adapter, a checkpoint.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model: a folder (full model, adapter, checkpoint), a .gguf, or a hub id org/name.")],
     data: Annotated[Path | None, typer.Option("--data", "-d", help="A prepared corpus: loss and perplexity of its validation split.")] = None,
     corpus: Annotated[list[str] | None, typer.Option("--corpus", "-c", help="NAME=PATH: perplexity on a prepared folder or text/JSONL/CSV files (repeatable).")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="[NAME=]FILE: a held-out labelled (classification) or conversation (generation) file (repeatable).")] = None,
@@ -219,6 +226,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model folder: perplexity on named corpora, held-out task files (classification with
     scikit-learn metrics, generation with exact match / ROUGE-L / chrF), a few-shot baseline, samples."""
+    model = _model(model)
+    baseline = _model(baseline) if baseline is not None else None
     if data is not None and not (corpus or task or config or prompt):
         from lmforge.data.prepare import load_prepared
         from lmforge.pipeline import eval_stage
@@ -264,7 +273,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder: a classifier, a reward model, a causal LM (or their adapters).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model: a classifier, a reward model, a causal LM (or their adapters), a .gguf, a hub id.")],
     data: Annotated[list[str], typer.Option("--data", "-d", help="JSONL or CSV file(s) of rows to predict (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions: .jsonl or .csv (the input rows plus the prediction).")],
     column: Annotated[str, typer.Option(help="The text column (a causal LM also reads a messages column).")] = "text",
@@ -275,13 +284,14 @@ def predict(
     """Predictions on your own file: labels with probabilities, reward scores, or greedy answers."""
     from lmforge.eval.predict import predict as run_predict
 
+    model = _model(model)
     result = _guarded(run_predict, model, data, out, column, batch_size, max_len, max_new_tokens)
     typer.echo(f"predict: {result['rows']} rows ({result['kind']}) written to {out}")
 
 
 @app.command()
 def generate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (with its tokenizer).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model: a folder (with its tokenizer), a .gguf, or a hub id org/name.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 40,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.8,
@@ -296,9 +306,38 @@ def generate(
 
     if top_p is not None and top_p <= 0:
         _fail("--top-p: must be above 0 (0 would keep no token); 1 keeps them all")
+    model = _model(model)
     texts = _guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, chat))
     for p, text in zip(prompt, texts, strict=True):
         typer.echo(f"{p}\n-> {text}" if chat else p + text)
+
+
+@app.command()
+def chat(
+    model: Annotated[Path, typer.Argument(help="An instruction-tuned model: a folder, a .gguf, or a hub id org/name.")],
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system prompt for the whole conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens of each reply, at most.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Talk to a model: multi-turn, with its chat template, replies streamed (/reset, /exit)."""
+    from lmforge.chat import chat_loop
+
+    def ask(prompt: str) -> str | None:
+        try:
+            return input(prompt)
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave quietly
+            return None
+
+    def write(text: str) -> None:
+        typer.echo(text, nl=False)
+
+    folder = _model(model)
+    try:
+        _guarded(chat_loop, folder, ask, write, system, max_new_tokens, temperature, top_p, seed)
+    except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop, no traceback
+        typer.echo("")
 
 
 @app.command()

@@ -56,6 +56,9 @@ class DataConfig(Section):
     """Corpus preparation: raw files in, memory-mapped token shards out."""
 
     train_files: list[str] = Field(default_factory=list)
+    # the user's own held-out set (same format and columns): every train_files row trains, these are
+    # what every held-out metric reads; unset = a hashed val_fraction of train_files is held out
+    val_files: list[str] = Field(default_factory=list)
     column: str = "text"
     # paired data (contrastive): the positive's column; unset = each text is its own positive (SimCSE)
     pair_column: str | None = None
@@ -94,6 +97,12 @@ class DataConfig(Section):
     def _one_source(self) -> DataConfig:
         if self.mixture and self.train_files:
             raise ValueError("give either train_files or mixture, not both")
+        if self.val_files and self.mixture:
+            raise ValueError("data.val_files: each mixture source holds out its own val_fraction; "
+                             "val_files is for train_files")
+        if self.val_files and self.val_fraction != type(self).model_fields["val_fraction"].default:
+            raise ValueError("give data.val_files (your own held-out rows) or data.val_fraction (a share of "
+                             "train_files held out), not both")
         names = [m.name for m in self.mixture]
         if len(set(names)) != len(names):
             raise ValueError(f"mixture source names must be unique (got {names})")
@@ -486,26 +495,30 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     return _with_imported_models(recipe, source)
 
 
-def _names_gguf(path: str | None) -> bool:
+def _needs_locating(path: str | None) -> bool:
+    """A model.path / tokenizer.path that is no plain folder: a GGUF (or a folder holding one), or a hub id."""
     if not path:
         return False
+    from lmforge.models.locate import hub_id
+
     p = Path(path)
-    return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").is_file()
-                                   and not (p / "adapter_config.json").is_file() and any(p.glob("*.gguf")))
+    return hub_id(path) is not None or p.suffix == ".gguf" or (
+        p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file()
+        and any(p.glob("*.gguf")))
 
 
 def _with_imported_models(recipe: Recipe, source: str) -> Recipe:
     """A GGUF named by model.path or tokenizer.path is imported once as a plain model folder (models/gguf.py),
-    and the recipe uses that folder."""
-    if not (_names_gguf(recipe.model.path) or _names_gguf(recipe.tokenizer.path)):
+    a hub id is fetched into huggingface_hub's cache (models/locate.py), and the recipe uses that folder."""
+    if not (_needs_locating(recipe.model.path) or _needs_locating(recipe.tokenizer.path)):
         return recipe
-    from lmforge.models.gguf import import_gguf
+    from lmforge.models.locate import locate_model
 
     paths = {}
     for key, value in (("model.path", recipe.model.path), ("tokenizer.path", recipe.tokenizer.path)):
-        if _names_gguf(value):
+        if _needs_locating(value):
             try:
-                paths[key] = str(import_gguf(value))
+                paths[key] = str(locate_model(value))
             except ValueError as exc:
                 raise ConfigError(f"{source}: {key}: {exc}") from None
     return recipe.model_copy(update={

@@ -427,7 +427,8 @@ def estimate(steps: list[Step], reports: dict[str, object]) -> None:
         t = step.run.recipe.trainer
         total = t.max_steps
         if total is None and t.epochs and getattr(report, "documents", 0):  # rows read by the check, less the held out
-            rows = report.documents * (1 - step.run.recipe.data.val_fraction)
+            data = step.run.recipe.data
+            rows = report.documents * (1 - (0.0 if data.val_files else data.val_fraction))
             total = math.ceil(rows / (t.batch_size * t.grad_accum) * t.epochs)
         if step.action != "skip" and seconds and total:
             step.estimate_s = seconds * total

@@ -172,12 +172,14 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 
 # ---------------------------------------------------------------- prepare
-def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: Path, label: str) -> PreparedCorpus:
+def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: Path, label: str,
+                 val_files: list[str] | None = None) -> PreparedCorpus:
     cfg = recipe.data
     if not files:
         return load_prepared(out, tokenizer)
     corpus = prepare_corpus(files, tokenizer, out, column, cfg.format, cfg.val_fraction, cfg.max_docs,
-                            cfg.shard_tokens, progress=recipe.trainer.progress)
+                            cfg.shard_tokens, progress=recipe.trainer.progress,
+                            val_files=val_files)
     splits = corpus.manifest["splits"]
     say(f"data{label}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
           f"({splits['train']['docs']:,} / {splits['val']['docs']:,} docs) in {corpus.directory}")
@@ -190,7 +192,7 @@ def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[st
     if objective_data(recipe.objective) in ("pairs", "labeled", "instructions", "preferences"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
-        return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "")}
+        return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "", cfg.val_files)}
     return {
         m.name: _prepare_one(recipe, tokenizer, m.train_files, m.column,
                              Path(m.prepared_dir or Path(recipe.output_dir) / f"data_{m.name}"), f" [{m.name}]")
@@ -424,7 +426,7 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
 
 
 # ---------------------------------------------------------------- eval / generate
-def _tokenizer_for(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
+def model_tokenizer(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
     """The tokenizer beside a model, or the one given (training checkpoints hold no tokenizer)."""
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"{model_dir}: no such model folder")
@@ -435,7 +437,7 @@ def _tokenizer_for(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTok
 
 def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: ObjectiveConfig | str, seq_len: int, batch_size: int,
                max_batches: int | None = None, document_mask: bool = False, tokenizer_dir: Path | None = None) -> dict:
-    tokenizer = _tokenizer_for(model_dir, tokenizer_dir)
+    tokenizer = model_tokenizer(model_dir, tokenizer_dir)
     objective = get_objective(objective_cfg, tokenizer)
     load_prepared(corpus.directory, tokenizer)  # refuse a corpus of another tokenizer
     model = load_model(model_dir, objective.head)
@@ -454,7 +456,7 @@ def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, tem
                    top_k: int | None, top_p: float | None, seed: int = 0, tokenizer_dir: Path | None = None,
                    chat: bool = False) -> list[str]:
     """Continuations of each prompt; with `chat`, the reply to each prompt as a user turn."""
-    tokenizer = _tokenizer_for(model_dir, tokenizer_dir)
+    tokenizer = model_tokenizer(model_dir, tokenizer_dir)
     model = load_model(model_dir, "causal_lm")
     if chat:
         if not tokenizer.chat_template:

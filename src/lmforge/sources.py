@@ -75,7 +75,7 @@ def _pair_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.de
     """Batches of (query, positive) pairs, and retrieval recall on the held-out pairs."""
     cfg, tcfg = recipe.data, recipe.trainer
     train_pairs, val_pairs = load_pairs(cfg.train_files, tokenizer, cfg.column, cfg.pair_column,
-                                        recipe.packing.seq_len, cfg.val_fraction)
+                                        recipe.packing.seq_len, cfg.val_fraction, cfg.val_files)
     say(f"data: {len(train_pairs)} training pairs, {len(val_pairs)} held out")
 
     def evaluate(m: torch.nn.Module, precision: str) -> dict:
@@ -106,7 +106,7 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
     if not cfg.label_column:
         raise ValueError("data.label_column: the classify objective needs the column that holds each row's label")
     train_set, val_set, names = load_labeled(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
-                                             recipe.packing.seq_len, cfg.val_fraction)
+                                             recipe.packing.seq_len, cfg.val_fraction, cfg.val_files)
     say(f"data: {len(train_set)} training rows, {len(val_set)} held out, {len(names)} labels")
 
     def evaluate(m: torch.nn.Module, precision: str, detail: bool = False) -> dict:  # every held-out row
@@ -120,7 +120,7 @@ def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: t
     cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
     ensure_chat_template(tokenizer, cfg.chat_template)  # saved with the model: inference renders the same way
     sets = load_instructions(cfg.train_files, tokenizer, InstructionFormat.of(cfg), pcfg.seq_len, cfg.val_fraction,
-                             cfg.long_examples, pcfg.group_size, cfg.max_docs)
+                             cfg.long_examples, pcfg.group_size, cfg.max_docs, cfg.val_files)
     train_set = sets.train
     skipped = f"; {sets.dropped} longer than seq_len {pcfg.seq_len} dropped" if sets.dropped else ""
     skipped += f"; {sets.truncated} truncated" if sets.truncated else ""
@@ -146,7 +146,7 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
     ensure_chat_template(tokenizer, cfg.chat_template)
     sets = load_preferences(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column,
                             pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs,
-                            whole_rows=getattr(objective, "scores_whole_rows", False))
+                            whole_rows=getattr(objective, "scores_whole_rows", False), val_files=cfg.val_files)
     skipped = f"; {sets.dropped} dropped (longer than seq_len {pcfg.seq_len}, or nothing to learn)" if sets.dropped else ""
     reference = getattr(objective, "needs_reference", False)
     say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}"

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.data.formats import DataError, parse_rows, read_all
+from lmforge.data.formats import DataError, parse_rows
 from lmforge.data.packing import document_positions
-from lmforge.data.prepare import is_validation
+from lmforge.data.prepare import read_split
 
 IGNORE = -100
 
@@ -241,9 +241,11 @@ class InstructionSets:
 
 
 def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_len: int, val_fraction: float,
-                      long_examples: str = "drop", group_size: int = 128, max_rows: int | None = None) -> InstructionSets:
-    """Read, render, tokenize and label every example (the first `max_rows` of each file); split off the validation rows."""
-    rows = read_all(iter_conversations(files, fmt, max_rows))
+                      long_examples: str = "drop", group_size: int = 128, max_rows: int | None = None,
+                      val_files: list[str] | None = None) -> InstructionSets:
+    """Read, render, tokenize and label every example (the first `max_rows` of each file); split off the
+    validation rows (those of `val_files` when given)."""
+    rows, held_out = read_split(lambda group: iter_conversations(group, fmt, max_rows), files, val_files, val_fraction)
     if not rows:
         raise DataError(f"{', '.join(files)}: no instruction rows")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -255,7 +257,7 @@ def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_l
             dropped += 1
             continue
         truncated += len(fitted[0]) < len(ids)
-        split = sets["val" if is_validation(i, val_fraction) else "train"]
+        split = sets["val" if held_out[i] else "train"]
         split[0].append(fitted[0])
         split[1].append(fitted[1])
     if not sets["train"][0]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.formats import DataError, parse_rows, read_all, text_field
-from lmforge.data.prepare import is_validation
+from lmforge.data.formats import DataError, parse_rows, text_field
+from lmforge.data.prepare import read_split
 
 
 @dataclass
@@ -54,8 +54,10 @@ def iter_labeled(files: list[str], column: str, label_column: str, labels: list[
 
 
 def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,
-                 max_len: int, val_fraction: float) -> tuple[LabeledSet, LabeledSet, list[str]]:
-    rows = read_all(iter_labeled(files, column, label_column, labels))
+                 max_len: int, val_fraction: float,
+                 val_files: list[str] | None = None) -> tuple[LabeledSet, LabeledSet, list[str]]:
+    rows, held_out = read_split(lambda group: iter_labeled(group, column, label_column, labels), files, val_files,
+                                val_fraction)
     if not rows:
         raise DataError(f"{', '.join(files)}: no labelled rows")
     names = list(labels) if labels is not None else sorted({label for _, label in rows})
@@ -63,7 +65,7 @@ def load_labeled(files: list[str], tokenizer, column: str, label_column: str, la
     every = encode_texts(tokenizer, [text for text, _ in rows], [index[label] for _, label in rows], max_len)
     sets = {"train": LabeledSet([], [], every.pad_id), "val": LabeledSet([], [], every.pad_id)}
     for i, (ids, label) in enumerate(zip(every.ids, every.labels, strict=True)):
-        target = sets["val" if is_validation(i, val_fraction) else "train"]
+        target = sets["val" if held_out[i] else "train"]
         target.ids.append(ids)
         target.labels.append(label)
     return sets["train"], sets["val"], names

@@ -7,13 +7,13 @@ deterministic document hash as corpus preparation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lmforge.data.formats import DataError, expand_inputs, read_jsonl
-from lmforge.data.prepare import is_validation
+from lmforge.data.prepare import split_items
 
 
 @dataclass
@@ -40,17 +40,24 @@ class PairSet:
 
 
 def load_pairs(files: list[str], tokenizer, column: str, pair_column: str | None, max_len: int,
-               val_fraction: float) -> tuple[PairSet, PairSet]:
-    """(train, validation) pair sets; without `pair_column` each text is its own positive (SimCSE)."""
-    first, second = [], []
-    for path in expand_inputs(files):
-        if not path.endswith((".jsonl", ".jsonl.gz", ".json")):
-            raise DataError(f"{path}: paired data must be JSONL with columns '{column}' and '{pair_column}'")
-        first += list(read_jsonl(path, column))
-        second += list(read_jsonl(path, pair_column)) if pair_column else []
+               val_fraction: float, val_files: list[str] | None = None) -> tuple[PairSet, PairSet]:
+    """(train, validation) pair sets (validation: the pairs of `val_files` when given); without
+    `pair_column` each text is its own positive (SimCSE)."""
+
+    def read(group: list[str]) -> Iterator[tuple[str, str]]:
+        for path in expand_inputs(group):
+            if not path.endswith((".jsonl", ".jsonl.gz", ".json")):
+                raise DataError(f"{path}: paired data must be JSONL with columns '{column}' and '{pair_column}'")
+            texts = list(read_jsonl(path, column))
+            yield from zip(texts, list(read_jsonl(path, pair_column)) if pair_column else texts, strict=True)
+
+    held_out, first, second = [], [], []
+    for is_val, (text, positive) in split_items(read, files, val_files, val_fraction):
+        held_out.append(is_val)
+        first.append(text)
+        second.append(positive)
     if not first:
         raise DataError(f"{', '.join(files)}: no pairs")
-    second = second or first
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -58,7 +65,6 @@ def load_pairs(files: list[str], tokenizer, column: str, pair_column: str | None
         return [row or [pad] for row in ids]
 
     a, b = encode(first), encode(second)
-    val = np.array([is_validation(i, val_fraction) for i in range(len(a))])
-    split = {name: [i for i in range(len(a)) if val[i] == (name == "val")] for name in ("train", "val")}
+    split = {name: [i for i in range(len(a)) if held_out[i] == (name == "val")] for name in ("train", "val")}
     sets = tuple(PairSet([a[i] for i in split[s]], [b[i] for i in split[s]], pad) for s in ("train", "val"))
     return sets

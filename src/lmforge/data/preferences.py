@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from lmforge.data.formats import DataError, parse_rows, read_all
+from lmforge.data.formats import DataError, parse_rows
 from lmforge.data.instructions import (
     Examples,
     InstructionFormat,
@@ -25,7 +25,7 @@ from lmforge.data.instructions import (
     grouped_batches,
     row_messages,
 )
-from lmforge.data.prepare import is_validation
+from lmforge.data.prepare import read_split
 
 
 def iter_preference_rows(files: list[str], fmt: InstructionFormat, chosen_column: str, rejected_column: str,
@@ -80,10 +80,12 @@ class PreferenceSets:
 
 def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen_column: str, rejected_column: str,
                      seq_len: int, val_fraction: float, long_examples: str = "drop", group_size: int = 128,
-                     max_rows: int | None = None, whole_rows: bool = False) -> PreferenceSets:
-    """Read, render, tokenize and label every pair; split off the validation pairs. `whole_rows`:
-    batches hold unshifted rows (a reward model scores each row at its last token)."""
-    pairs = read_all(iter_preference_rows(files, fmt, chosen_column, rejected_column, max_rows))
+                     max_rows: int | None = None, whole_rows: bool = False,
+                     val_files: list[str] | None = None) -> PreferenceSets:
+    """Read, render, tokenize and label every pair; split off the validation pairs (those of `val_files`
+    when given). `whole_rows`: batches hold unshifted rows (a reward model scores each row at its last token)."""
+    pairs, held_out = read_split(lambda group: iter_preference_rows(group, fmt, chosen_column, rejected_column, max_rows),
+                                 files, val_files, val_fraction)
     if not pairs:
         raise DataError(f"{', '.join(files)}: no preference rows")
     encoded = encode_conversations(tokenizer, [(where, m) for where, chosen, rejected in pairs for m in (chosen, rejected)])
@@ -95,7 +97,7 @@ def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen
         if fitted[0] is None or fitted[1] is None:
             dropped += 1
             continue
-        ids, labels = sets["val" if is_validation(i, val_fraction) else "train"]
+        ids, labels = sets["val" if held_out[i] else "train"]
         for row_ids, row_labels in fitted:
             ids.append(row_ids)
             labels.append(row_labels)

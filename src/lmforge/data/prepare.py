@@ -12,10 +12,11 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -110,6 +111,33 @@ def is_validation(doc_index: int, val_fraction: float) -> bool:
     return doc_index == 0 or ((doc_index * 2654435761) % 2**32) / 2**32 < val_fraction
 
 
+T = TypeVar("T")
+
+
+def split_items(read: Callable[[list[str]], Iterable[T]], files: list[str], val_files: list[str] | None,
+                val_fraction: float) -> Iterator[tuple[bool, T]]:
+    """(held out?, item) of every item `read` yields from the training files, then from `val_files`.
+    With val_files (the user's own held-out set) those rows are the held-out split and every training
+    row trains; without, a hashed `val_fraction` of the training rows is held out (is_validation)."""
+    for i, item in enumerate(read(files)):
+        yield (not val_files and is_validation(i, val_fraction)), item
+    for item in read(val_files) if val_files else ():
+        yield True, item
+
+
+def read_split(read: Callable[[list[str]], Iterable[T | DataError]], files: list[str], val_files: list[str] | None,
+               val_fraction: float) -> tuple[list[T], list[bool]]:
+    """Every item of split_items and whether it is held out; the first bad row raises its DataError."""
+    rows: list[T] = []
+    held_out: list[bool] = []
+    for is_val, item in split_items(read, files, val_files, val_fraction):
+        if isinstance(item, DataError):
+            raise item
+        rows.append(item)
+        held_out.append(is_val)
+    return rows, held_out
+
+
 def _batches(files: list[str], column: str, fmt: str, max_docs: int | None) -> Iterator[list[str]]:
     """Documents in batches of BATCH_DOCS or BATCH_CHARS, whichever comes first: small enough that
     reading and writing overlap the encoding of the next batch, big enough to keep all cores busy."""
@@ -183,13 +211,18 @@ def prepare_corpus(
     max_docs: int | None = None,
     shard_tokens: int = 100_000_000,
     progress: bool = True,
+    val_files: list[str] | None = None,
 ) -> PreparedCorpus:
-    """Tokenize `files` into `out_dir`; a no-op when inputs, tokenizer and settings are unchanged."""
+    """Tokenize `files` into `out_dir`; a no-op when inputs, tokenizer and settings are unchanged.
+    `val_files`: the validation split's own documents (then no training document is held out)."""
     out_dir = Path(out_dir).absolute()  # `-o .` has a parent to write beside
     files = expand_inputs(files)
+    val_files = expand_inputs(val_files) if val_files else []
     tok_hash = tokenizer_fingerprint(tokenizer)
-    inputs = file_fingerprints(files)
+    inputs = file_fingerprints(files + val_files)
     settings = {"column": column, "format": fmt, "val_fraction": val_fraction, "max_docs": max_docs}
+    if val_files:  # only then: corpora prepared before val_files existed keep their fingerprint
+        settings["val_files"] = val_files
     fingerprint = _settings_hash(inputs, tok_hash, settings)
 
     existing = read_manifest(out_dir)
@@ -210,7 +243,8 @@ def prepare_corpus(
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        manifest = _write_shards(files, tokenizer, tmp_dir, column, fmt, val_fraction, max_docs, shard_tokens, dtype, eos_id, progress)
+        manifest = _write_shards(files, val_files, tokenizer, tmp_dir, column, fmt, val_fraction, max_docs, shard_tokens,
+                                  dtype, eos_id, progress)
         manifest.update(
             writer="lmforge",
             version=FORMAT_VERSION,
@@ -232,20 +266,26 @@ def prepare_corpus(
     return PreparedCorpus(out_dir, manifest)
 
 
-def _write_shards(files, tokenizer, directory, column, fmt, val_fraction, max_docs, shard_tokens, dtype, eos_id, progress) -> dict:
+def _write_shards(files, val_files, tokenizer, directory, column, fmt, val_fraction, max_docs, shard_tokens, dtype, eos_id,
+                  progress) -> dict:
     encode = _encoder(tokenizer)
     writers = {s: ShardWriter(directory, s, dtype, shard_tokens) for s in ("train", "val")}
     counts = np.zeros(len(tokenizer), dtype=np.int64)
-    doc_index = 0
     start = time.perf_counter()
     bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
+
+    def batches(group: list[str]) -> Iterator:  # batches of documents, each batch one item of split_items
+        return _encoded(_batches(group, column, fmt, max_docs), encode)
+
+    doc_index = 0
     try:
-        for encodings in _encoded(_batches(files, column, fmt, max_docs), encode):
+        for from_val_files, encodings in split_items(batches, files, val_files, 0.0):
             by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for enc in encodings:
                 ids = enc.ids
                 ids.append(eos_id)
-                by_split["val" if is_validation(doc_index, val_fraction) else "train"].append(np.array(ids, dtype=dtype))
+                held_out = from_val_files or (not val_files and is_validation(doc_index, val_fraction))
+                by_split["val" if held_out else "train"].append(np.array(ids, dtype=dtype))
                 doc_index += 1
             for split, docs in by_split.items():
                 writers[split].add(docs)

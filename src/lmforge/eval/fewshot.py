@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
 from lmforge.config import Recipe
-from lmforge.data.formats import read_all
 from lmforge.data.labeled import LabeledSet, encode_texts, iter_labeled
-from lmforge.data.prepare import is_validation
+from lmforge.data.prepare import read_split
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.runtime import autocast, resolve_precision
 from lmforge.eval.intervals import classification_intervals
@@ -190,8 +189,10 @@ def recipe_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots
     cfg = recipe.data
     rows = {"train": ([], []), "val": ([], [])}
     found: list[str] = []
-    for i, item in enumerate(read_all(iter_labeled(cfg.train_files, cfg.column, cfg.label_column, cfg.labels))):
-        split = rows["val" if is_validation(i, cfg.val_fraction) else "train"]
+    items, held_out = read_split(lambda group: iter_labeled(group, cfg.column, cfg.label_column, cfg.labels),
+                                 cfg.train_files, cfg.val_files, cfg.val_fraction)
+    for item, is_val in zip(items, held_out, strict=True):
+        split = rows["val" if is_val else "train"]
         split[0].append(item[0])
         split[1].append(item[1])
         found.append(item[1])

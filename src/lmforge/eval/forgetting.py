@@ -24,7 +24,7 @@ from lmforge.config import ObjectiveConfig
 from lmforge.data.formats import DataError
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows
-from lmforge.data.prepare import is_validation, load_prepared
+from lmforge.data.prepare import load_prepared, split_items
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
@@ -140,8 +140,9 @@ def _flips(task: StageRun, before: dict, after: dict, limit: int = 5) -> dict:
     cfg = task.recipe.data
     texts, index = {}, 0
     wanted = set(lost[:limit])
-    for i, row in enumerate(iter_labeled(cfg.train_files, cfg.column, cfg.label_column, cfg.labels)):
-        if isinstance(row, DataError) or not is_validation(i, cfg.val_fraction):
+    for held_out, row in split_items(lambda group: iter_labeled(group, cfg.column, cfg.label_column, cfg.labels),
+                                     cfg.train_files, cfg.val_files, cfg.val_fraction):
+        if isinstance(row, DataError) or not held_out:
             continue
         if index in wanted:
             texts[index] = row[0][:300]

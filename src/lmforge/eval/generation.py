@@ -19,7 +19,7 @@ from rouge_score import rouge_scorer
 from lmforge.config import Recipe
 from lmforge.data.formats import DataError
 from lmforge.data.instructions import InstructionFormat, ensure_chat_template, iter_conversations
-from lmforge.data.prepare import is_validation
+from lmforge.data.prepare import split_items
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.generate import generate_text
 from lmforge.eval.intervals import bootstrap_interval
@@ -45,8 +45,10 @@ def held_out_conversations(recipe: Recipe, limit: int) -> list[list[dict]]:
     """The first `limit` held-out conversations of an instruction recipe (the split training used)."""
     cfg = recipe.data
     out = []
-    for i, item in enumerate(iter_conversations(cfg.train_files, InstructionFormat.of(cfg))):
-        if isinstance(item, DataError) or not is_validation(i, cfg.val_fraction):
+    fmt = InstructionFormat.of(cfg)
+    for held_out, item in split_items(lambda group: iter_conversations(group, fmt), cfg.train_files, cfg.val_files,
+                                      cfg.val_fraction):
+        if isinstance(item, DataError) or not held_out:
             continue
         messages = item[1]
         if messages and messages[-1]["role"] == "assistant":

@@ -1,0 +1,59 @@
+"""Models named by hub id (`org/name`, `hf:org/name`) through huggingface_hub's cache, tested offline
+with a pre-filled cache folder and HF_HUB_OFFLINE=1 (no network is touched)."""
+
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.config import ConfigError, load_recipe
+from lmforge.models.locate import hub_id
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, base_model, monkeypatch):
+    """huggingface_hub's cache layout (models--org--name/snapshots/<commit>, refs/main) holding the tiny model."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--lmforge-test--tiny-llama"
+    shutil.copytree(base_model, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # bare `org/name` is a hub id only where no local path answers to it
+    return repo / "snapshots" / COMMIT
+
+
+def test_a_recipe_and_the_cli_load_a_hub_id_from_the_cache(tmp_path, hub_cache):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "lmforge-test/tiny-llama"}, "tokenizer": {"path": "hf:lmforge-test/tiny-llama"}}))
+    recipe = load_recipe(path)
+    assert recipe.model.path == recipe.tokenizer.path == str(hub_cache)
+    result = CliRunner().invoke(app, ["generate", "-m", "lmforge-test/tiny-llama", "-p", "Hello", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Hello")
+
+
+def test_a_hub_id_missing_from_the_cache_offline_is_a_clear_error(tmp_path, hub_cache):
+    result = CliRunner().invoke(app, ["generate", "-m", "lmforge-test/absent", "-p", "Hello"])
+    assert result.exit_code != 0 and "lmforge-test/absent: not in the Hugging Face cache and offline" in result.output
+    assert "Traceback" not in result.output
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "lmforge-test/absent"}}))
+    with pytest.raises(ConfigError, match=r"r.yaml: model.path: lmforge-test/absent: not in the Hugging Face cache"):
+        load_recipe(path)
+
+
+def test_local_paths_are_never_taken_for_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert hub_id("runs/base") is None  # a stage's output not trained yet: a local path
+    assert hub_id("./x/y") is None and hub_id("/abs/path") is None and hub_id("a/b/c") is None
+    assert hub_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert hub_id("hf:runs/base") == "runs/base"  # said explicitly
