@@ -7,6 +7,8 @@ its steps cut (or as shipped with --full) and prints what the recipe is for:
 - case:         recipes/case_domain_adaptation.yaml (MiniLM): accuracy of each branch, the baseline, forgetting
 - lora_vs_full: recipes/lora_vs_full.yaml (MiniLM, Brown genre groups): full vs LoRA accuracy, trainable share
 - sft:          recipes/smollm2_sft.yaml (SmolLM2-135M-Instruct): held-out ROUGE-L / exact match before -> after
+- preferences:  recipes/smollm2_dpo.yaml (SmolLM2-135M-Instruct, MC-TACO pairs): DPO's held-out likelihood
+                accuracy and implicit-reward accuracy, the reward model's held-out accuracy, start -> end
 
 Results go to bench/results/learning-latest.json with the machine's matmul speeds. Nothing asserts:
 read the numbers (the README's tables hold the full-length ones).
@@ -34,8 +36,8 @@ SHORT = {
              "stages.direct.trainer.epochs=1", "stages.adapted.trainer.epochs=1", "eval_batches=10"],
     "lora_vs_full": ["stages.full.trainer.epochs=1", "stages.lora.trainer.epochs=1"],
     "sft": ["stages.sft.trainer.max_steps=40", "generation_examples=16"],
+    "preferences": ["stages.dpo.trainer.max_steps=40", "stages.reward.trainer.max_steps=40"],
 }
-RECIPES = {"case": "case_domain_adaptation.yaml", "lora_vs_full": "lora_vs_full.yaml", "sft": "smollm2_sft.yaml"}
 
 
 def _lmforge(*args: str) -> None:
@@ -83,7 +85,20 @@ def sft(out: Path, full: bool) -> dict:
                        f"{g['before']['exact_match']:.3f} -> {g['after']['exact_match']:.3f}"}}
 
 
-CASES = {"case": case, "lora_vs_full": lora_vs_full, "sft": sft}
+def preferences(out: Path, full: bool) -> dict:
+    from lmforge.engine.metrics import read_metrics
+
+    _lmforge("run", "recipes/smollm2_dpo.yaml", f"output_dir={out}", *([] if full else SHORT["preferences"]))
+    result = {}
+    for stage, keys in (("dpo", ("likelihood_accuracy", "accuracy")), ("reward", ("accuracy",))):
+        evals = read_metrics(out / stage / "metrics.jsonl", "val")
+        first, last = evals[0], evals[-1]
+        result[stage] = {k: {"before": first[k], "after": last[k]} for k in keys}
+        result[stage]["text"] = ", ".join(f"held-out {k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys)
+    return result
+
+
+CASES = {"case": case, "lora_vs_full": lora_vs_full, "sft": sft, "preferences": preferences}
 
 
 def main() -> None:

@@ -55,6 +55,11 @@ class MixtureSource(Section):
 class DataConfig(Section):
     """Corpus preparation: raw files in, memory-mapped token shards out."""
 
+    # a named data set of the registry (data/presets.py): its files and column keys, under the recipe's own
+    dataset: str | None = None
+    registry: str | None = None  # the registry file; else $LMFORGE_DATASETS, else ./datasets.yaml
+    # a common layout's column names: alpaca | sharegpt | messages | text | labelled | pairs | preferences
+    preset: Literal["alpaca", "sharegpt", "messages", "text", "labelled", "pairs", "preferences"] | None = None
     train_files: list[str] = Field(default_factory=list)
     # the user's own held-out set (same format and columns): every train_files row trains, these are
     # what every held-out metric reads; unset = a hashed val_fraction of train_files is held out
@@ -488,10 +493,23 @@ def _explain(error: dict, source: str, root: type[BaseModel] | None = None) -> s
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the recipe must be a mapping of sections, got {type(raw).__name__}")
+    from lmforge.data.presets import RegistryError, check_preset_fits, resolve_data_section
+
+    try:
+        if isinstance(raw.get("data"), dict):
+            raw = {**raw, "data": resolve_data_section(raw["data"], source)}
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
+    from lmforge.objectives import objective_data
+
+    try:
+        check_preset_fits(recipe.data.preset, objective_data(recipe.objective), recipe.objective.name, source)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
     return _with_imported_models(recipe, source)
 
 

@@ -97,6 +97,12 @@ def text_field(path: str, lineno: int, row: dict, column: str) -> str:
     if column not in row:
         raise DataError(f"{path}:{lineno}: no column '{column}' (columns: {', '.join(row)})")
     value = row[column]
+    if isinstance(value, list) and value and all(isinstance(t, dict) for t in value):
+        # a conversation (role/content or ShareGPT from/value turns) as text: its turns, a line each, so a
+        # tokenizer or a corpus can be made from chat data as it is
+        turns = [t.get("content", t.get("value")) for t in value]
+        if all(isinstance(t, str) for t in turns):
+            return "\n".join(turns)
     if not isinstance(value, str):
         raise DataError(f"{path}:{lineno}: column '{column}' is {type(value).__name__}, not text")
     return value

@@ -115,7 +115,8 @@ def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> l
                         f"data.response_column, and no '{fmt.messages_column}' conversation (columns: {', '.join(row)})")
     fields = {k: _text(where, f"column '{k}'", row[k]) for k in fmt.fields()}
     messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
-    messages.append({"role": "user", "content": fmt.prompt_template.format_map(fields)})
+    # rstrip: a template's optional last field left empty (alpaca's "{instruction}\n\n{input}") adds no blank tail
+    messages.append({"role": "user", "content": fmt.prompt_template.format_map(fields).rstrip()})
     messages.append({"role": "assistant", "content": _text(where, f"column '{fmt.response_column}'", row[fmt.response_column])})
     return messages
 

@@ -118,7 +118,8 @@ def task_kind(task: EvalTaskConfig, name: str) -> str:
             return "classification"
         if task.chosen_column in row and task.rejected_column in row:
             return "preferences"
-        if task.messages_column in row or task.response_column in row:
+        sharegpt = task.messages_column == "messages" and "conversations" in row  # found as sft finds it
+        if task.messages_column in row or task.response_column in row or sharegpt:
             return "generation"
         raise DataError(f"{path}:{lineno}: tasks.{name}: no label column '{task.label_column}' (classification), no "
                         f"'{task.messages_column}' or '{task.response_column}' column (generation) and no "
