@@ -272,10 +272,12 @@ def test_eval_scores_preference_pairs_by_likelihood_or_reward(tmp_path, base_mod
     for model_dir, loader, reward in [(base_model, AutoModelForCausalLM, False),
                                       (reward_dir / "final", AutoModelForSequenceClassification, True)]:
         out = tmp_path / ("eval_reward" if reward else "eval_lm")
-        result = CliRunner().invoke(app, ["eval", "-m", str(model_dir), "--task", f"prefs={task}", "-o", str(out)])
+        # a named task, or the user's file as --data: the metric follows from its columns either way
+        args, name = (["--task", f"prefs={task}"], "prefs") if reward else (["--data", str(task)], "held_out")
+        result = CliRunner().invoke(app, ["eval", "-m", str(model_dir), *args, "-o", str(out)])
         assert result.exit_code == 0, result.output
         assert "preference accuracy" in result.output
-        entry = json.loads((out / "eval.json").read_text())["tasks"]["prefs"]
+        entry = json.loads((out / "eval.json").read_text())["tasks"][name]
         assert entry["kind"] == "preferences" and entry["after"]["pairs"] == len(rows) and entry["after"]["dropped"] == 0
         model = loader.from_pretrained(model_dir).eval()
         margins = [_own_margin(model, tok, r, reward) for r in rows]
@@ -290,3 +292,25 @@ def test_check_measures_preference_steps(tmp_path, base_model, pairs_file, objec
     result = CliRunner().invoke(app, ["check", _recipe(tmp_path, base_model, pairs_file, objective={"name": objective})])
     assert result.exit_code == 0, result.output
     assert re.search(r"measured: [\d.]+ s/step, [\d,]+ tokens/s", result.output), result.output
+
+
+def test_a_dpo_stage_is_scored_after_training_against_its_start_model(tmp_path, base_model, pairs_file):
+    """eval.json's DPO entry: the final (merged) model against the stage's start, as in training. It once took
+    the final model as its own reference (every pair a tie) after recomputing it on every training pair."""
+    import yaml
+
+    pipeline = {"name": "prefs", "output_dir": str(tmp_path / "pipe"),
+                "defaults": {"tokenizer": {"path": str(base_model)}, "model": {"path": str(base_model)},
+                             "data": {"train_files": [str(pairs_file)], "val_fraction": 0.1}, "packing": {"seq_len": 256},
+                             "method": {"name": "lora", "lora": {"rank": 8}},
+                             "trainer": {"max_steps": 20, "batch_size": 4, "lr": 5e-3, "eval_every": 20, "progress": False}},
+                "stages": {"dpo": {"objective": {"name": "dpo", "beta": 0.1}}}}
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    trained = read_metrics(tmp_path / "pipe" / "dpo" / "metrics.jsonl", "val")[-1]
+    after = json.loads((tmp_path / "pipe" / "dpo" / "eval.json").read_text())["tasks"]["dpo"]["after"]
+    assert after["ties"] < 0.2 and after["accuracy"] > 0.5
+    assert after["accuracy"] == pytest.approx(trained["accuracy"], abs=1 / 33 + 1e-9)  # one pair may flip in merging
+    assert after["loss"] == pytest.approx(trained["loss"], abs=0.02)

@@ -181,8 +181,8 @@ def test_every_setting_that_can_change_the_weights_is_in_the_train_key(tmp_path,
             wrong.append(key)
     assert not wrong, f"train key wrong for: {wrong}"
     # each of these is valid only with another key changed with it (mixture without train_files, ewc with
-    # fisher_data); every other key was changed alone
-    assert set(untested) <= {"data.mixture", "regularize.ewc"}, untested
+    # fisher_data, dataset with a registry file); every other key was changed alone
+    assert set(untested) <= {"data.mixture", "regularize.ewc", "data.dataset"}, untested
     assert len(flat_settings(base)) > 90
 
 
@@ -352,3 +352,18 @@ def test_auto_precision_can_be_forced_for_a_whole_run(monkeypatch):
     monkeypatch.setenv("LMFORGE_AUTO_PRECISION", "fp16")
     with pytest.raises(ValueError, match="LMFORGE_AUTO_PRECISION"):
         resolve_precision("auto", cpu)
+
+
+def test_a_key_added_unset_leaves_earlier_train_keys_alone(tmp_path, tokenizer):
+    """Outputs trained before lmforge grew a key (unset by default) stay up to date: unset values are
+    left out of the train key, while setting the key changes it."""
+    base_raw = {"output_dir": str(tmp_path / "out"), "objective": {"name": "sft"},
+                "data": {"train_files": [str(INSTRUCTIONS)]}, "model": {"path": str(tmp_path)}}
+    key = train_key(run_identity(validate_recipe(base_raw), tokenizer, {}))
+    identity = run_identity(validate_recipe(base_raw), tokenizer, {})
+    assert "data.val_files" not in identity["settings"] and "data.preset" not in identity["settings"]
+    assert all(v is not None and v != [] for v in identity["settings"].values())
+    explicit = {**base_raw, "data": {**base_raw["data"], "val_files": [], "preset": None}}
+    assert train_key(run_identity(validate_recipe(explicit), tokenizer, {})) == key
+    own = {**base_raw, "data": {**base_raw["data"], "val_files": [str(INSTRUCTIONS)]}}
+    assert train_key(run_identity(validate_recipe(own), tokenizer, {})) != key

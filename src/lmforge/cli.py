@@ -208,7 +208,7 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model: a folder (full model, adapter, checkpoint), a .gguf, or a hub id org/name.")],
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="A prepared corpus: loss and perplexity of its validation split.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="A prepared corpus (loss and perplexity of its validation split), or a data file scored as --task.")] = None,
     corpus: Annotated[list[str] | None, typer.Option("--corpus", "-c", help="NAME=PATH: perplexity on a prepared folder or text/JSONL/CSV files (repeatable).")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="[NAME=]FILE: a held-out labelled (classification) or conversation (generation) file (repeatable).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A YAML of the suite (corpora, tasks, prompts, ...), as an eval stage's eval: section.")] = None,
@@ -228,6 +228,9 @@ def evaluate(
     scikit-learn metrics, generation with exact match / ROUGE-L / chrF), a few-shot baseline, samples."""
     model = _model(model)
     baseline = _model(baseline) if baseline is not None else None
+    if data is not None and data.is_file():  # your own file: the metric follows from its columns and the model
+        task = [*(task or []), str(data)]
+        data = None
     if data is not None and not (corpus or task or config or prompt):
         from lmforge.data.prepare import load_prepared
         from lmforge.pipeline import eval_stage

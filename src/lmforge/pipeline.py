@@ -94,8 +94,12 @@ def flat_settings(recipe: Recipe) -> dict:
 
 
 def train_settings(recipe: Recipe) -> dict:
-    """The settings that decide the trained weights: all but NOT_IN_TRAIN_KEY."""
-    return {k: v for k, v in flat_settings(recipe).items() if not _excluded(k, NOT_IN_TRAIN_KEY)}
+    """The settings that decide the trained weights: all but NOT_IN_TRAIN_KEY. Unset ones (None, empty)
+    are left out: a key that lmforge adds later, unset by default, then leaves every earlier output's
+    train key as it was (an unset key and an absent one train the same weights), while any value set
+    still changes it."""
+    return {k: v for k, v in flat_settings(recipe).items()
+            if not _excluded(k, NOT_IN_TRAIN_KEY) and v is not None and v != [] and v != {}}
 
 
 def _excluded(key: str, excluded: frozenset[str]) -> bool:

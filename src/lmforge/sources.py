@@ -139,22 +139,25 @@ def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: t
     return _in_memory_source(recipe, rows, evaluate if len(sets.val) else None, per_row)
 
 
-def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module, device: torch.device) -> dict:
+def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module, device: torch.device,
+                       reference: torch.nn.Module | None = None, held_out_only: bool = False) -> dict:
     """(chosen, rejected) pairs (for DPO with the reference model's log-probabilities); the loss and
-    the accuracy (held-out pairs whose chosen answer is rewarded above the rejected one)."""
+    the accuracy (held-out pairs whose chosen answer is rewarded above the rejected one). The reference
+    is `model` as training starts (adapters off), or `reference` (the stage's start model, when a final
+    model is evaluated after training); `held_out_only`: only the held-out pairs get its log-probabilities."""
     cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
     ensure_chat_template(tokenizer, cfg.chat_template)
     sets = load_preferences(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column,
                             pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs,
                             whole_rows=getattr(objective, "scores_whole_rows", False), val_files=cfg.val_files)
     skipped = f"; {sets.dropped} dropped (longer than seq_len {pcfg.seq_len}, or nothing to learn)" if sets.dropped else ""
-    reference = getattr(objective, "needs_reference", False)
+    needs_reference = getattr(objective, "needs_reference", False)
     say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}"
-        + ("; computing the reference model's log-probabilities" if reference else ""))
-    if reference:  # in the run's precision (auto resolves as in the loop): reference and policy agree at step 0
+        + ("; computing the reference model's log-probabilities" if needs_reference else ""))
+    if needs_reference:  # in the run's precision (auto resolves as in the loop): reference and policy agree at step 0
         precision = resolve_precision(tcfg.precision, device)
-        for pairs in (sets.train, sets.val):
-            attach_reference(model, pairs, tcfg.batch_size, device, precision)
+        for pairs in (sets.val,) if held_out_only else (sets.train, sets.val):
+            attach_reference(reference if reference is not None else model, pairs, tcfg.batch_size, device, precision)
 
     def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out pair
         return evaluate_loss(m, objective, sets.val, tcfg.batch_size, None, device, precision)
@@ -164,12 +167,13 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
 
 
 def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus], device: torch.device,
-                    model: torch.nn.Module | None = None) -> dict:
+                    model: torch.nn.Module | None = None, reference: torch.nn.Module | None = None,
+                    held_out_only: bool = False) -> dict:
     """The keyword arguments `engine.loop.train` takes about data, for this recipe's objective (DPO
-    also needs the model: its starting point is the reference)."""
+    also needs the model: its starting point is the reference; see _preference_source)."""
     kind = objective_data(recipe.objective)
     if kind == "preferences":
-        return _preference_source(recipe, objective, tokenizer, model, device)
+        return _preference_source(recipe, objective, tokenizer, model, device, reference, held_out_only)
     builders = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
                 "labeled": _labeled_source, "instructions": _instruction_source}
     return builders[kind](recipe, objective, tokenizer, corpora, device)

@@ -122,7 +122,14 @@ def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision
     tokenizer = load_tokenizer(_final(run))
     objective = get_objective(task.recipe.objective, tokenizer)
     model.to(device)
-    source = training_source(task.recipe, objective, tokenizer, {}, device, model)
+    reference = None
+    if getattr(objective, "needs_reference", False):
+        if not task.recipe.model.path:
+            return None  # no start model to compare against
+        # DPO after training: the final model (adapters merged) against the stage's start, as in training;
+        # taking the final model as its own reference would make every pair a tie
+        reference = load_model(Path(task.recipe.model.path), "causal_lm").to(device)
+    source = training_source(task.recipe, objective, tokenizer, {}, device, model, reference, held_out_only=True)
     if source["evaluate"] is None:
         return None
     detail = objective_data(task.recipe.objective) == "labeled"
