@@ -84,3 +84,31 @@ def test_a_classifier_trains_from_a_registered_dataset(tmp_path, genre_file, tok
     result = CliRunner().invoke(app, ["run", "r.yaml"])
     assert result.exit_code == 0, result.output
     assert "2 labels" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_every_row_reader_takes_jsonl_csv_and_parquet(tmp_path, tokenizer, fmt):
+    """Labelled rows, text pairs, conversations and preference pairs from each file format: the same rows."""
+    import pandas as pd
+
+    from lmforge.data.instructions import ensure_chat_template, load_instructions
+    from lmforge.data.labeled import load_labeled
+    from lmforge.data.pairs import load_pairs
+    from lmforge.data.preferences import load_preferences
+
+    rows = [{"text": f"text {i}", "label": "ab"[i % 2], "positive": f"pos {i}", "prompt": f"q {i}",
+             "response": f"answer {i}", "chosen": "good", "rejected": "bad"} for i in range(10)]
+    path = tmp_path / f"rows.{fmt}"
+    frame = pd.DataFrame(rows)
+    {"jsonl": lambda: _jsonl(path, rows), "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[fmt]()
+    files = [str(path)]
+    train, val, names = load_labeled(files, tokenizer, "text", "label", None, 32, 0.2)
+    assert len(train) + len(val) == 10 and names == ["a", "b"]
+    train, val = load_pairs(files, tokenizer, "text", "positive", 32, 0.2)
+    assert len(train) + len(val) == 10
+    ensure_chat_template(tokenizer, None)
+    sets = load_instructions(files, tokenizer, InstructionFormat(), 64, 0.2)
+    assert len(sets.train) + len(sets.val) == 10
+    sets = load_preferences(files, tokenizer, InstructionFormat(), "chosen", "rejected", 64, 0.2)
+    assert len(sets.train) + len(sets.val) == 10

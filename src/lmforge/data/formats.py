@@ -178,10 +178,10 @@ def read_all(items: Iterable[T | DataError]) -> list[T]:
 
 
 def parse_rows(files: list[str], parse: Callable[[str, int, dict], T], max_rows: int | None = None) -> Iterator[T | DataError]:
-    """`parse(path, line number, row)` of every JSONL row of `files`; a row that cannot be read or that
-    `parse` refuses is yielded as its DataError, and the scan goes on (a check lists them all)."""
+    """`parse(path, line number, row)` of every row of `files` (JSONL, CSV or Parquet); a row that cannot be
+    read or that `parse` refuses is yielded as its DataError, and the scan goes on (a check lists them all)."""
     for path in expand_inputs(files):
-        rows = scan_csv_rows(path, max_rows) if detect_format(path) == "csv" else scan_jsonl_rows(path, max_rows)
+        rows = _ROW_SCANNERS.get(detect_format(path), scan_jsonl_rows)(path, max_rows)
         for item in rows:
             if isinstance(item, DataError):
                 yield item
@@ -231,6 +231,28 @@ def read_csv(path: str, column: str) -> Iterator[str]:
             raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+
+
+def scan_parquet_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[int, dict] | DataError]:
+    """Every Parquet row as (row number from 1, {column: value}): the rows that JSONL and CSV give, so
+    every row reader (labelled, instructions, preferences, pairs) takes Parquet too."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a broken file
+        yield DataError(f"{path}: not a readable Parquet file ({exc})")
+        return
+    number = 0
+    for batch in table.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            if max_rows is not None and number > max_rows:
+                return
+            yield number, row
+
+
+_ROW_SCANNERS = {"csv": scan_csv_rows, "parquet": scan_parquet_rows}
 
 
 def read_parquet(path: str, column: str) -> Iterator[str]:

@@ -7,12 +7,11 @@ deterministic document hash as corpus preparation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.formats import DataError, expand_inputs, read_jsonl
+from lmforge.data.formats import DataError, parse_rows, read_all, text_field
 from lmforge.data.prepare import split_items
 
 
@@ -44,12 +43,12 @@ def load_pairs(files: list[str], tokenizer, column: str, pair_column: str | None
     """(train, validation) pair sets (validation: the pairs of `val_files` when given); without
     `pair_column` each text is its own positive (SimCSE)."""
 
-    def read(group: list[str]) -> Iterator[tuple[str, str]]:
-        for path in expand_inputs(group):
-            if not path.endswith((".jsonl", ".jsonl.gz", ".json")):
-                raise DataError(f"{path}: paired data must be JSONL with columns '{column}' and '{pair_column}'")
-            texts = list(read_jsonl(path, column))
-            yield from zip(texts, list(read_jsonl(path, pair_column)) if pair_column else texts, strict=True)
+    def parse(path: str, lineno: int, row: dict) -> tuple[str, str]:
+        text = text_field(path, lineno, row, column)
+        return text, text_field(path, lineno, row, pair_column) if pair_column else text
+
+    def read(group: list[str]) -> list[tuple[str, str]]:  # JSONL, CSV or Parquet rows; the first bad one raises
+        return read_all(parse_rows(group, parse))
 
     held_out, first, second = [], [], []
     for is_val, (text, positive) in split_items(read, files, val_files, val_fraction):
