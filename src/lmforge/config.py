@@ -513,32 +513,23 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     return _with_imported_models(recipe, source)
 
 
-def _needs_locating(path: str | None) -> bool:
-    """A model.path / tokenizer.path that is no plain folder: a GGUF (or a folder holding one), or a hub id."""
-    if not path:
-        return False
-    from lmforge.models.locate import hub_id
-
-    p = Path(path)
-    return hub_id(path) is not None or p.suffix == ".gguf" or (
-        p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file()
-        and any(p.glob("*.gguf")))
-
-
 def _with_imported_models(recipe: Recipe, source: str) -> Recipe:
     """A GGUF named by model.path or tokenizer.path is imported once as a plain model folder (models/gguf.py),
     a hub id is fetched into huggingface_hub's cache (models/locate.py), and the recipe uses that folder."""
-    if not (_needs_locating(recipe.model.path) or _needs_locating(recipe.tokenizer.path)):
-        return recipe
     from lmforge.models.locate import locate_model
 
     paths = {}
     for key, value in (("model.path", recipe.model.path), ("tokenizer.path", recipe.tokenizer.path)):
-        if _needs_locating(value):
-            try:
-                paths[key] = str(locate_model(value))
-            except ValueError as exc:
-                raise ConfigError(f"{source}: {key}: {exc}") from None
+        if not value:
+            continue
+        try:
+            located = locate_model(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+        if located != Path(value):  # a plain folder keeps the recipe's own spelling
+            paths[key] = str(located)
+    if not paths:
+        return recipe
     return recipe.model_copy(update={
         "model": recipe.model.model_copy(update={"path": paths.get("model.path", recipe.model.path)}),
         "tokenizer": recipe.tokenizer.model_copy(update={"path": paths.get("tokenizer.path", recipe.tokenizer.path)})})

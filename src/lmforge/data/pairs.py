@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.formats import DataError, parse_rows, read_all, text_field
-from lmforge.data.prepare import split_items
+from lmforge.data.formats import DataError, parse_rows, text_field
+from lmforge.data.prepare import read_split
 
 
 @dataclass
@@ -47,14 +47,8 @@ def load_pairs(files: list[str], tokenizer, column: str, pair_column: str | None
         text = text_field(path, lineno, row, column)
         return text, text_field(path, lineno, row, pair_column) if pair_column else text
 
-    def read(group: list[str]) -> list[tuple[str, str]]:  # JSONL, CSV or Parquet rows; the first bad one raises
-        return read_all(parse_rows(group, parse))
-
-    held_out, first, second = [], [], []
-    for is_val, (text, positive) in split_items(read, files, val_files, val_fraction):
-        held_out.append(is_val)
-        first.append(text)
-        second.append(positive)
+    rows, held_out = read_split(lambda group: parse_rows(group, parse), files, val_files, val_fraction)  # JSONL, CSV, Parquet
+    first, second = [text for text, _ in rows], [positive for _, positive in rows]
     if not first:
         raise DataError(f"{', '.join(files)}: no pairs")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

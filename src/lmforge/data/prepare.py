@@ -273,19 +273,24 @@ def _write_shards(files, val_files, tokenizer, directory, column, fmt, val_fract
     counts = np.zeros(len(tokenizer), dtype=np.int64)
     start = time.perf_counter()
     bar = tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress)
+    # with val_files, the training files' documents all train and the validation files' are all held out;
+    # without, a hashed val_fraction of the documents is (None: by the hash)
+    groups = [(files, False), (val_files, True)] if val_files else [(files, None)]
 
-    def batches(group: list[str]) -> Iterator:  # batches of documents, each batch one item of split_items
-        return _encoded(_batches(group, column, fmt, max_docs), encode)
+    def encoded_batches() -> Iterator[tuple[list, bool | None]]:
+        for group, held_out in groups:
+            for encodings in _encoded(_batches(group, column, fmt, max_docs), encode):
+                yield encodings, held_out
 
     doc_index = 0
     try:
-        for from_val_files, encodings in split_items(batches, files, val_files, 0.0):
+        for encodings, held_out in encoded_batches():
             by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for enc in encodings:
                 ids = enc.ids
                 ids.append(eos_id)
-                held_out = from_val_files or (not val_files and is_validation(doc_index, val_fraction))
-                by_split["val" if held_out else "train"].append(np.array(ids, dtype=dtype))
+                val = held_out if held_out is not None else is_validation(doc_index, val_fraction)
+                by_split["val" if val else "train"].append(np.array(ids, dtype=dtype))
                 doc_index += 1
             for split, docs in by_split.items():
                 writers[split].add(docs)

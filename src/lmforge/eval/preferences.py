@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.data.instructions import InstructionFormat, ensure_chat_template
+from lmforge.data.instructions import IGNORE, InstructionFormat, ensure_chat_template
 from lmforge.data.preferences import load_preferences
 from lmforge.engine.runtime import autocast
 from lmforge.eval.intervals import bootstrap_interval
@@ -51,7 +51,7 @@ def preference_accuracy(model: nn.Module, head: str, tokenizer, files: list[str]
             if reward:  # right padding: the head reads each row's last real token
                 row = model(input_ids=batch["input_ids"], use_cache=False).logits.squeeze(-1).float()
             else:
-                row = sequence_logprobs(model, batch) / (batch["labels"] != -100).sum(-1).clamp(min=1)
+                row = sequence_logprobs(model, batch) / (batch["labels"] != IGNORE).sum(-1).clamp(min=1)
         scores[2 * indices[0]: 2 * indices[-1] + 2] = row.float().cpu().numpy()
     margins = scores[0::2] - scores[1::2]
     won = (margins > 0).astype(float)

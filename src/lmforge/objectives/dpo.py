@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.instructions import IGNORE
 from lmforge.data.preferences import PreferencePairs
 from lmforge.engine.runtime import autocast
 from lmforge.objectives.base import ObjectiveBase, sequence_logprobs
@@ -47,7 +48,7 @@ class DirectPreference(ObjectiveBase):
         # "ties" = neither above the other (reported apart from the pairs lost; every pair at step 0,
         # where policy = reference); "likely_correct" = the policy itself finds the chosen answer more
         # likely per token than the rejected one: what the model would pick, measurable at step 0 too.
-        per_token = logps.detach() / (batch["labels"] != -100).sum(-1).clamp(min=1)
+        per_token = logps.detach() / (batch["labels"] != IGNORE).sum(-1).clamp(min=1)
         return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum(),
                                             "ties": (margins == 0).sum(),
                                             "likely_correct": (per_token[0::2] > per_token[1::2]).sum()}
