@@ -398,6 +398,25 @@ def import_gguf_command(
     typer.echo(f"import-gguf: {folder} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="A trained model folder (full, or an adapter: merged), a .gguf, or a hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (replaced only if an earlier export wrote it).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (a merged transformers folder) or gguf (llama.cpp / Ollama).")] = "hf",
+    dtype: Annotated[str | None, typer.Option(help="Stored numbers: f32, f16, bf16, or q8_0 (gguf only); "
+                                                   "default f32 for hf, f16 for gguf.")] = None,
+) -> None:
+    """Export a model (adapters merged in), loaded back and checked against the source before it is kept."""
+    from lmforge.export import export_model
+
+    folder = _model(model)
+    _guarded(export_model, folder, out, fmt, dtype, typer.echo)
+    if fmt == "gguf":
+        typer.echo(f"export: {out} (llama.cpp: llama-cli -m {out}/*.gguf -cnv; Ollama: cd {out} && ollama create NAME -f Modelfile)")
+    else:
+        typer.echo(f"export: {out} (loads with plain transformers: AutoModelFor...from_pretrained('{out}'))")
+
+
 @app.command()
 def report(
     folders: Annotated[list[Path], typer.Argument(help="Pipeline or run folders to report on (and compare).")],

@@ -163,12 +163,14 @@ def ensure_safe_weights(path: Path) -> None:
 
 
 def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
-               **config_overrides: Any) -> PreTrainedModel:
+               merge_adapter: bool = True, **config_overrides: Any) -> PreTrainedModel:
     """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use.
-    The path stays as given (relative where it was): an adapter trained on the model records it so."""
+    The path stays as given (relative where it was): an adapter trained on the model records it so.
+    An adapter folder comes merged into its base unless `merge_adapter` is False (export compares the
+    merged model with the unmerged one)."""
     path = Path(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return _load_adapter(path, head, trust_remote_code, dtype, **config_overrides)
+        return _load_adapter(path, head, trust_remote_code, dtype, merge_adapter, **config_overrides)
     if not path.exists():
         raise ModelError(f"{path}: no such model folder")
     if not (path / "config.json").is_file():
@@ -231,7 +233,8 @@ def saved_head(path: str | Path) -> str:
     return "encoder" if config.model_type in NOT_DECODERS else "causal_lm"
 
 
-def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.dtype | None, **config_overrides: Any) -> PreTrainedModel:
+def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.dtype | None, merge: bool,
+                  **config_overrides: Any) -> PreTrainedModel:
     """A peft adapter folder: its local base model with the adapter merged in (a plain model again);
     prompt learning cannot be merged (its virtual tokens are inputs, not weights): a `PeftModel`."""
     from peft import PeftModel
@@ -242,7 +245,9 @@ def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.d
         raise ModelError(f"{path}: adapter's base model '{base_path}' is not a local directory")
     base = load_model(base_path, head, trust_remote_code, dtype, **config_overrides)
     adapted = PeftModel.from_pretrained(base, str(path))
-    return adapted if adapted.active_peft_config.is_prompt_learning else adapted.merge_and_unload()
+    if not merge or adapted.active_peft_config.is_prompt_learning:
+        return adapted
+    return adapted.merge_and_unload()
 
 
 @torch.no_grad()
