@@ -418,6 +418,21 @@ def export_command(
 
 
 @app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="A causal LM: a folder (full or adapter), a .gguf, or a hub id org/name.")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="The address to listen on; 0.0.0.0 opens it to other machines.")] = "127.0.0.1",
+    name: Annotated[str | None, typer.Option(help="The model's id in the API (default: the folder's name).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of a reply when a request gives no max_tokens.")] = 256,
+) -> None:
+    """An OpenAI-compatible API over a model: /v1/chat/completions (streaming too), /v1/completions, /v1/models."""
+    from lmforge.serve import serve as run_server
+
+    folder = _model(model)
+    _guarded(run_server, folder, host, port, name, max_tokens, typer.echo)
+
+
+@app.command()
 def report(
     folders: Annotated[list[Path], typer.Argument(help="Pipeline or run folders to report on (and compare).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),

@@ -1,4 +1,5 @@
-"""Sampling from a causal LM: temperature, top-k, top-p, via `transformers`' `generate`."""
+"""Sampling from a causal LM: temperature, top-k, top-p, stop strings, via `transformers`' `generate`.
+The one sampler of lmforge: `generate`, `chat`, the eval suite's samples, `predict` and `serve` use it."""
 
 from __future__ import annotations
 
@@ -6,26 +7,43 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The prompt's ids as generation sees them (no special tokens added: a chat template writes its own);
+    an empty prompt starts from BOS (or EOS)."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+
+
 @torch.no_grad()
-def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 40,
-                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-                  streamer=None) -> str:
-    """The prompt's continuation; temperature 0 means greedy decoding. `streamer`: a transformers
-    streamer that receives the text as it is generated (lmforge chat)."""
+def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int = 40,
+                 temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
+                 streamer=None, stop_strings: list[str] | None = None) -> list[int]:
+    """The new token ids after `ids`; temperature 0 means greedy decoding. Generation ends at EOS, after
+    `max_new_tokens`, or once the text holds one of `stop_strings`. `streamer`: a transformers streamer
+    that receives the text as it is generated (lmforge chat, serve)."""
     model.eval()
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]], device=device)
+    prompt = torch.tensor([ids], device=device)
     torch.manual_seed(seed)
     sampling = temperature > 0
     kwargs = {"do_sample": sampling, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id}
     if sampling:
         kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     if getattr(getattr(model, "active_peft_config", None), "peft_type", None) == "PREFIX_TUNING":
         # transformers 5.x's generate hands the model a cache of its own, and the one peft builds
         # for the prefix is then dropped: without a cache every step runs peft's own forward
         kwargs["use_cache"] = False
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), streamer=streamer, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 40,
+                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
+                  streamer=None) -> str:
+    """The prompt's continuation as text (special tokens left out)."""
+    new = generate_ids(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, top_p,
+                       seed, streamer)
+    return tokenizer.decode(new, skip_special_tokens=True)
