@@ -283,6 +283,12 @@ class TrainerConfig(Section):
     num_threads: int | None = Field(None, gt=0)
     deterministic: bool = False
     progress: bool = True
+    # Besides metrics.jsonl and TensorBoard: `mlflow` logs the recipe's settings, every metric and the
+    # final model folder to an MLflow tracking store; tracking_uri default: a SQLite file in the output
+    # folder (mlflow.db, artifacts in mlartifacts/), no server needed; or a server's http(s):// URI.
+    tracking: Literal["mlflow"] | None = None
+    tracking_uri: str | None = None
+    tracking_experiment: str | None = None  # default: the recipe's name
 
     @field_validator("compile", mode="before")
     @classmethod

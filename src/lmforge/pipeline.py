@@ -81,6 +81,7 @@ from lmforge.sources import training_source
 NOT_IN_TRAIN_KEY = frozenset({
     "name", "output_dir", "generate", "trainer.progress", "trainer.log_every", "trainer.save_every",
     "trainer.keep_last", "trainer.eval_every", "trainer.eval_batches", "trainer.eval_at_start",
+    "trainer.tracking", "trainer.tracking_uri", "trainer.tracking_experiment",
 })
 # What `--resume` accepts as changed: the above, a new training length (the schedule is then stretched
 # or shortened from the checkpoint on), and the strategy (checkpoints are keyed by parameter name and
@@ -413,20 +414,44 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
             lock.keep = True  # the folder is this run's now: the lock file stays as its mark
         dump_recipe(recipe, out_dir / "recipe.yaml")
 
-    result = train(model, objective, groups, cfg=recipe.trainer, out_dir=out_dir, resume=resume,
-                   run_info={"run_key": key, "run": identity}, accept_checkpoint=checkpoint_acceptor(identity),
-                   on_start=started, **source)
-    if result.interrupted:
-        return TrainOutcome(result, recipe.checkpoint_dir)
-    if not result.is_main:  # under torchrun, rank 0 writes the model
-        return TrainOutcome(result, recipe.final_model_dir)
-    result.flops_per_token = flops_per_token(model, recipe.packing.seq_len)
-    alongside = getattr(objective, "save_alongside", None)
-    save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
-               alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
+    tracker = _tracker(recipe, resume) if init_strategy().is_main else None
+    try:
+        result = train(model, objective, groups, cfg=recipe.trainer, out_dir=out_dir, resume=resume,
+                       run_info={"run_key": key, "run": identity}, accept_checkpoint=checkpoint_acceptor(identity),
+                       on_start=started, tracker=tracker, **source)
+        if result.interrupted:
+            if tracker is not None:
+                tracker.finish("KILLED")
+            return TrainOutcome(result, recipe.checkpoint_dir)
+        if not result.is_main:  # under torchrun, rank 0 writes the model
+            return TrainOutcome(result, recipe.final_model_dir)
+        result.flops_per_token = flops_per_token(model, recipe.packing.seq_len)
+        alongside = getattr(objective, "save_alongside", None)
+        save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
+                   alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
     say(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
           f"model saved to {recipe.final_model_dir}")
+    if tracker is not None:
+        tracker.log(result.state.step, {"train_loss": result.train_loss, "tokens_per_second": result.tokens_per_second,
+                                        "seconds": result.seconds}, prefix="summary")
+        tracker.log_model(recipe.final_model_dir)
+        tracker.finish()
+        say(f"train: tracked in MLflow at {tracker.uri} (run {tracker.run_id})")
     return TrainOutcome(result, recipe.final_model_dir)
+
+
+def _tracker(recipe: Recipe, resume: bool):
+    """The recipe's experiment tracker (trainer.tracking), or None."""
+    if recipe.trainer.tracking != "mlflow":
+        return None
+    from lmforge.engine.tracking import MlflowTracker
+
+    return MlflowTracker(Path(recipe.output_dir), recipe.trainer.tracking_uri, recipe.trainer.tracking_experiment or recipe.name,
+                         Path(recipe.output_dir).name, flat_settings(recipe), resume)
 
 
 # ---------------------------------------------------------------- eval / generate

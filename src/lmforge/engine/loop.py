@@ -240,9 +240,11 @@ def train(
     run_info: dict | None = None,
     accept_checkpoint: Callable[[Path, dict | None], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    tracker=None,
 ) -> TrainResult:
     """`run_info` goes into every checkpoint; `accept_checkpoint(path, its run_info)` may refuse one on
-    resume; `on_start()` runs once, when the run writes its first metrics record (it has started)."""
+    resume; `on_start()` runs once, when the run writes its first metrics record (it has started);
+    `tracker` (engine/tracking.py) receives every metrics record too."""
     strategy = init_strategy(cfg.strategy)
     device = strategy.device
     precision = strategy.same_on_all(resolve_precision(cfg.precision, device))
@@ -265,7 +267,7 @@ def train(
     step_model = strategy.wrap(model)
     compiled = compile_for_training(step_model, cfg.compile)
     step_model = compiled.module
-    metrics = (MetricsLogger(out_dir, resume_step=state.step if resume else None, on_first_write=on_start)
+    metrics = (MetricsLogger(out_dir, resume_step=state.step if resume else None, on_first_write=on_start, also=tracker)
                if strategy.is_main else NullMetrics())
     if cfg.warmup_steps >= total_steps:
         log(f"warning: trainer.warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "

@@ -1,4 +1,4 @@
-"""Metrics to a JSONL file (one record per line) and to TensorBoard."""
+"""Metrics to a JSONL file (one record per line), to TensorBoard, and to a tracker (MLflow) if one is set."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ class MetricsLogger:
     the previous run's metrics.jsonl as it was. `on_first_write()` runs just before that first record."""
 
     def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
-                 on_first_write: Callable[[], None] | None = None):
+                 on_first_write: Callable[[], None] | None = None, also=None):
+        """`also`: a tracker (engine/tracking.py) that receives every record too."""
+        self.also = also
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
         self.resume_step = resume_step
@@ -48,6 +50,8 @@ class MetricsLogger:
         record = {"step": step, "split": prefix, **values}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.also is not None:
+            self.also.log(step, values, prefix)
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
