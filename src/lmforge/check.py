@@ -27,6 +27,10 @@ from lmforge.data.preferences import iter_preference_rows
 from lmforge.data.prepare import read_manifest
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+# The rendered pre-launch report of each recipe checked in this process, by its output folder: a run
+# that starts writes it beside its recipe (check.txt), where the board shows it.
+PRELAUNCH_REPORTS: dict[str, str] = {}
+
 
 @dataclass
 class CheckReport:

@@ -111,9 +111,10 @@ def _pipeline_or_none(path: Path, overrides: list[str] | None):
 
 def _precheck(cfg) -> None:
     """The pre-launch check on a sample of each data file; a run never starts on known-bad input."""
-    from lmforge.check import check_recipe
+    from lmforge.check import PRELAUNCH_REPORTS, check_recipe
 
     report = _guarded(check_recipe, cfg, sample_rows=1000, measure=False)
+    PRELAUNCH_REPORTS[str(Path(cfg.output_dir).absolute())] = report.render()
     if not report.ok:
         typer.echo(report.render(), err=True)
         _fail("pre-launch check failed; nothing was written (details above; `lmforge check` scans every row)")
@@ -430,6 +431,19 @@ def serve(
 
     folder = _model(model)
     _guarded(run_server, folder, host, port, name, max_tokens, typer.echo)
+
+
+@app.command("board")
+def board_command(
+    runs: Annotated[Path, typer.Argument(help="The folder of runs to show (searched a few levels deep).")] = Path("runs"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port to listen on.")] = 8765,
+    host: Annotated[str, typer.Option(help="The address to listen on; 0.0.0.0 opens it to other machines.")] = "127.0.0.1",
+    allow_launch: Annotated[bool, typer.Option(help="Let the launch page start recipes (lmforge run) in RUNS.")] = False,
+) -> None:
+    """A local web dashboard: runs live (status, progress, ETA), curves, logs, compare, chat, launch."""
+    from lmforge.board import board
+
+    _guarded(board, runs, host, port, allow_launch, _recipes_dir(), typer.echo)
 
 
 @app.command()

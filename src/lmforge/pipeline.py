@@ -40,6 +40,7 @@ from lmforge.engine.runtime import (
     resolve_precision,
     seed_everything,
 )
+from lmforge.engine.status import STATUS, write_status
 from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.methods import apply_method
@@ -413,6 +414,11 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
         if lock is not None:
             lock.keep = True  # the folder is this run's now: the lock file stays as its mark
         dump_recipe(recipe, out_dir / "recipe.yaml")
+        from lmforge.check import PRELAUNCH_REPORTS
+
+        report = PRELAUNCH_REPORTS.get(str(out_dir.absolute()))
+        if report is not None:  # what the pre-launch check said, for the board's run page
+            (out_dir / "check.txt").write_text(report)
 
     tracker = _tracker(recipe, resume) if init_strategy().is_main else None
     try:
@@ -420,6 +426,7 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
                        run_info={"run_key": key, "run": identity}, accept_checkpoint=checkpoint_acceptor(identity),
                        on_start=started, tracker=tracker, **source)
         if result.interrupted:
+            write_status(out_dir, status="interrupted", message=f"stopped at step {result.state.step}; --resume continues")
             if tracker is not None:
                 tracker.finish("KILLED")
             return TrainOutcome(result, recipe.checkpoint_dir)
@@ -429,10 +436,14 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
         alongside = getattr(objective, "save_alongside", None)
         save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
                    alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
-    except BaseException:
+    except BaseException as exc:
+        if (out_dir / STATUS).is_file():  # the run had started: the board shows why it ended
+            write_status(out_dir, status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                         message=f"{type(exc).__name__}: {exc}")
         if tracker is not None:
             tracker.finish("FAILED")
         raise
+    write_status(out_dir, status="finished", step=result.state.step, eta_seconds=0, message=None)
     say(f"train: {result.state.step} steps in {result.seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s; "
           f"model saved to {recipe.final_model_dir}")
     if tracker is not None:

@@ -267,7 +267,8 @@ def train(
     step_model = strategy.wrap(model)
     compiled = compile_for_training(step_model, cfg.compile)
     step_model = compiled.module
-    metrics = (MetricsLogger(out_dir, resume_step=state.step if resume else None, on_first_write=on_start, also=tracker)
+    metrics = (MetricsLogger(out_dir, resume_step=state.step if resume else None, on_first_write=on_start, also=tracker,
+                             total_steps=total_steps, start_step=state.step)
                if strategy.is_main else NullMetrics())
     if cfg.warmup_steps >= total_steps:
         log(f"warning: trainer.warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "

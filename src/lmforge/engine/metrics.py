@@ -12,9 +12,13 @@ class MetricsLogger:
     the previous run's metrics.jsonl as it was. `on_first_write()` runs just before that first record."""
 
     def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
-                 on_first_write: Callable[[], None] | None = None, also=None):
-        """`also`: a tracker (engine/tracking.py) that receives every record too."""
+                 on_first_write: Callable[[], None] | None = None, also=None, total_steps: int | None = None,
+                 start_step: int = 0):
+        """`also`: a tracker (engine/tracking.py) that receives every record too; with `total_steps`,
+        status.json and train.log follow the run (engine/status.py)."""
         self.also = also
+        self.total_steps, self.start_step = total_steps, start_step
+        self._progress = None
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
         self.resume_step = resume_step
@@ -32,6 +36,10 @@ class MetricsLogger:
             self._truncate_after(self.resume_step)
         else:
             self.path.write_text("")
+        if self.total_steps is not None:
+            from lmforge.engine.status import Progress
+
+            self._progress = Progress(self.out_dir, self.total_steps, self.start_step, self.resume_step is not None)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -52,6 +60,8 @@ class MetricsLogger:
             handle.write(json.dumps(record) + "\n")
         if self.also is not None:
             self.also.log(step, values, prefix)
+        if self._progress is not None:
+            self._progress.record(step, prefix, values)
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

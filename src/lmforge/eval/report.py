@@ -50,7 +50,7 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _run(folder: Path, label: str, stage: str, seed: int | None = None, parent: str | None = None) -> RunView:
+def run_view(folder: Path, label: str, stage: str, seed: int | None = None, parent: str | None = None) -> RunView:
     recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
     metrics = folder / "metrics.jsonl"
     records = read_metrics(metrics) if metrics.is_file() else []
@@ -75,10 +75,10 @@ def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
                     runs.append(RunView(prefix + s["label"], folder / s["folder"], prefix + s["stage"], s["seed"], parent,
                                         _json(folder / s["folder"] / "eval.json"), kind="eval"))
                 elif (folder / s["folder"] / "summary.json").is_file():
-                    runs.append(_run(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"], parent))
+                    runs.append(run_view(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"], parent))
         elif (folder / "recipe.yaml").is_file() or (folder / "summary.json").is_file():
             names.append(folder.name)
-            runs.append(_run(folder, folder.name, folder.name))
+            runs.append(run_view(folder, folder.name, folder.name))
         elif _json(folder / "eval.json").get("writer") == "lmforge":
             names.append(folder.name)
             runs.append(RunView(folder.name, folder, folder.name, evaluation=_json(folder / "eval.json"), kind="eval"))

@@ -1,0 +1,169 @@
+"""The board's HTTP routes (FastAPI): pages (board/pages.py) and the JSON they poll (board/runs.py).
+
+- `/`: the runs under the root, live (status, progress, ETA, best metrics); tick runs to compare.
+- `/run/ID`: a run's curves (loss, validation, lr, grad norm, tokens/s), log tail, samples, check, recipe.
+- `/compare?run=A&run=B`: `lmforge report`'s page for those runs (eval/report.py: one code path).
+- `/chat`: talk to a finished run's model, through `lmforge serve`'s engine (serve/app.py).
+- `/launch`: a recipe and overrides, the command previewed; run only with `--allow-launch`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
+
+from lmforge.board import pages
+from lmforge.board.runs import BoardError, find_runs, resolve, run_detail, run_id, run_row
+
+
+class ChatTurns(BaseModel):
+    run: str
+    messages: list[dict]
+    max_tokens: int = 64
+    temperature: float = 0.0
+
+
+class Launch(BaseModel):
+    recipe: str
+    overrides: str = ""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None = None) -> FastAPI:
+    root = Path(root).absolute()
+    app = FastAPI(title="lmforge board", docs_url=None, redoc_url=None)
+    engines: dict[str, object] = {}
+    engines_lock = threading.Lock()
+
+    @app.exception_handler(BoardError)
+    async def _missing(_: Request, exc: BoardError) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return pages.RUNS
+
+    @app.get("/api/runs")
+    def runs() -> dict:
+        return {"root": str(root), "runs": [run_row(root, f) for f in find_runs(root)]}
+
+    @app.get("/api/runs/{ident:path}")
+    def run(ident: str) -> dict:
+        return run_detail(root, resolve(root, ident))
+
+    @app.get("/run/{ident:path}", response_class=HTMLResponse)
+    def run_html(ident: str) -> str:
+        resolve(root, ident)
+        return pages.run_page(ident)
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(run: list[str] = Query(default=[])) -> HTMLResponse:
+        from lmforge.eval.report import ReportError, render
+
+        if not run:
+            return HTMLResponse(pages.page("compare", "<p>Tick two or more runs on the <a href='/'>runs page</a>.</p>"))
+        try:
+            report = render([resolve(root, ident) for ident in run])
+        except ReportError as exc:
+            return HTMLResponse(pages.page("compare", f"<p>{exc}</p>"), status_code=400)
+        return HTMLResponse(report.replace("<body>", "<body><p><a href='/'>&larr; runs</a></p>", 1))
+
+    def models() -> list[dict]:
+        from lmforge.models.factory import ModelError, saved_head
+
+        found = []
+        for folder in find_runs(root):
+            final = folder / "final"
+            if not ((final / "config.json").is_file() or (final / "adapter_config.json").is_file()):
+                continue
+            try:
+                if saved_head(final) == "causal_lm" and (final / "tokenizer.json").is_file():
+                    found.append({"id": run_id(root, folder), "path": str(final)})
+            except (ModelError, OSError, ValueError):
+                continue
+        return found
+
+    @app.get("/api/models")
+    def model_list() -> dict:
+        return {"models": models()}
+
+    @app.get("/chat", response_class=HTMLResponse)
+    def chat_html() -> str:
+        return pages.CHAT
+
+    @app.post("/api/chat")
+    def chat(turns: ChatTurns):
+        from lmforge.serve.app import APIError, ChatRequest, Engine
+
+        final = resolve(root, turns.run) / "final"
+        with engines_lock:
+            if turns.run not in engines:
+                engines[turns.run] = Engine(final, name=turns.run)
+            engine = engines[turns.run]
+        request = ChatRequest(model=turns.run, messages=turns.messages, max_tokens=turns.max_tokens,
+                              temperature=turns.temperature)
+        try:
+            ids, budget = engine.plan(request)
+        except APIError as exc:
+            return _error(exc.status, exc.message)
+        with engine.lock:
+            text, reason, used = engine.generate(request, ids, budget)
+        return {"reply": text, "finish_reason": reason, "completion_tokens": used}
+
+    def recipe_choices() -> list[str]:
+        found = sorted(str(p.relative_to(root)) for p in root.glob("*.yaml"))
+        if recipes_dir is not None and recipes_dir.is_dir():
+            found += sorted(str(p) for p in recipes_dir.glob("*.yaml"))
+        return found
+
+    def command(launch: Launch) -> list[str]:
+        if launch.recipe not in recipe_choices():
+            raise ValueError(f"recipe {launch.recipe!r}: not one of the board's recipes")
+        try:
+            overrides = shlex.split(launch.overrides)
+        except ValueError as exc:
+            raise ValueError(f"overrides: {exc}") from None
+        bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+        if bad:
+            raise ValueError(f"overrides: {', '.join(bad)} is not KEY=VALUE")
+        return ["lmforge", "run", launch.recipe, *overrides]
+
+    @app.get("/launch", response_class=HTMLResponse)
+    def launch_html() -> str:
+        return pages.launch_page(recipe_choices(), allow_launch)
+
+    @app.post("/api/launch/preview")
+    def preview(launch: Launch):
+        try:
+            return {"command": shlex.join(command(launch)), "cwd": str(root)}
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+    @app.post("/api/launch")
+    def start(launch: Launch):
+        if not allow_launch:
+            return _error(403, "launching is off: start the board with --allow-launch")
+        try:
+            argv = command(launch)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        logs = root / "board-launches"
+        logs.mkdir(exist_ok=True)
+        log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(launch.recipe).stem}.log"
+        with open(log, "w") as handle:
+            process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *argv[1:]], cwd=root, stdout=handle,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        return {"pid": process.pid, "log": str(log), "command": shlex.join(argv)}
+
+    return app

@@ -1,0 +1,160 @@
+"""What the board shows, read from the output folders as they are (nothing is cached: a page reflects
+the files at the moment it is asked, so runs appear and move while they train).
+
+A run folder is one lmforge wrote: `recipe.yaml` with `metrics.jsonl`, `status.json` or
+`summary.json` beside it (a pipeline's stages are run folders too). Its id on the board is its path
+below the board's root.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from lmforge.engine.metrics import read_metrics
+from lmforge.engine.status import LOG, read_status, run_state
+
+SKIP = {"checkpoints", "final", "tensorboard", "mlartifacts", "base"}
+MAX_DEPTH = 5
+
+
+class BoardError(ValueError):
+    """A run id that names no run under the board's root."""
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "recipe.yaml").is_file() and any((folder / n).is_file() for n in ("metrics.jsonl", "status.json", "summary.json"))
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder under `root` (itself included), newest activity first."""
+    root = Path(root)
+    found, frontier = [], [(root, 0)]
+    while frontier:
+        folder, depth = frontier.pop()
+        if _is_run(folder):
+            found.append(folder)
+        if depth >= MAX_DEPTH:
+            continue
+        try:
+            children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".") and c.name not in SKIP
+                        and ".replaced-" not in c.name]
+        except OSError:
+            continue
+        frontier += [(c, depth + 1) for c in children]
+    return sorted(found, key=_last_activity, reverse=True)
+
+
+def _last_activity(folder: Path) -> float:
+    times = [(folder / n).stat().st_mtime for n in ("status.json", "metrics.jsonl", "summary.json") if (folder / n).is_file()]
+    return max(times, default=0.0)
+
+
+def run_id(root: Path, folder: Path) -> str:
+    relative = folder.relative_to(root).as_posix()
+    return relative if relative != "." else folder.name
+
+
+def resolve(root: Path, ident: str) -> Path:
+    """The run folder of `ident`, refusing anything outside the root (`..`, absolute paths)."""
+    root = Path(root).absolute()
+    candidate = root if ident == root.name and _is_run(root) else (root / ident).absolute()
+    if not candidate.is_relative_to(root) or ".." in Path(ident).parts or not _is_run(candidate):
+        raise BoardError(f"no run '{ident}' under {root}")
+    return candidate
+
+
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _recipe(folder: Path) -> dict:
+    try:
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _records(folder: Path) -> list[dict]:
+    try:
+        return read_metrics(folder / "metrics.jsonl")
+    except (OSError, ValueError):  # being written this instant: the next poll reads it whole
+        return []
+
+
+def _pipeline_stage(root: Path, folder: Path) -> str | None:
+    for parent in [folder.parent, *folder.parents][:3]:
+        layout = _json(parent / "pipeline.json")
+        if layout.get("writer") == "lmforge":
+            for stage in layout.get("stages", []):
+                if (parent / stage["folder"]).absolute() == folder.absolute():
+                    return f"{layout.get('name', parent.name)}: {stage['label']}"
+    return None
+
+
+def best_metrics(folder: Path, records: list[dict] | None = None) -> dict:
+    """The lowest validation loss and its step, and the final held-out task metrics of eval.json."""
+    records = _records(folder) if records is None else records
+    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and _finite(r.get("loss")) is not None]
+    best = {}
+    if val:
+        step, loss = min(val, key=lambda p: p[1])
+        best.update(best_val_loss=loss, best_step=step)
+    for task in (_json(folder / "eval.json").get("tasks") or {}).values():
+        after = task.get("after") if isinstance(task, dict) else None
+        for key in ("accuracy", "macro_f1", "exact_match"):
+            if isinstance(after, dict) and _finite(after.get(key)) is not None:
+                best[key] = after[key]
+        break
+    return best
+
+
+def run_row(root: Path, folder: Path) -> dict:
+    records = _records(folder)
+    status = read_status(folder)
+    recipe = _recipe(folder)
+    train = [r for r in records if r.get("split") == "train"]
+    summary = _json(folder / "summary.json")
+    step = status.get("step") or (train[-1]["step"] if train else 0)
+    total = status.get("total_steps") or (summary.get("train") or {}).get("steps")
+    state = run_state(folder)
+    return {
+        "id": run_id(root, folder), "status": state, "recipe": recipe.get("name", ""),
+        "objective": (recipe.get("objective") or {}).get("name", ""), "method": (recipe.get("method") or {}).get("name", ""),
+        "stage": _pipeline_stage(root, folder), "step": step, "total_steps": total,
+        "progress": (step / total) if total else None,
+        "eta_seconds": status.get("eta_seconds") if state == "running" else None,
+        "last_loss": _finite(train[-1].get("loss")) if train else None, "message": status.get("message"),
+        "updated": _last_activity(folder), **best_metrics(folder, records),
+    }
+
+
+def run_detail(root: Path, folder: Path, log_lines: int = 40) -> dict:
+    """The run's row, its curves (every numeric metric by split), log tail, recipe, check report, samples."""
+    records = _records(folder)
+    series: dict[str, dict[str, list]] = {}
+    for record in records:
+        split = record.get("split", "train")
+        for key, value in record.items():
+            if key in ("step", "split") or _finite(value) is None:
+                continue
+            series.setdefault(split, {}).setdefault(key, []).append([record["step"], value])
+    log = folder / LOG
+    tail = log.read_text().splitlines()[-log_lines:] if log.is_file() else []
+    summary = _json(folder / "summary.json")
+    return {**run_row(root, folder), "series": series, "log": tail,
+            "recipe_text": (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else "",
+            "check": (folder / "check.txt").read_text() if (folder / "check.txt").is_file() else None,
+            "samples": summary.get("samples") or {}, "model": str(folder / "final") if (folder / "final" / "config.json").is_file()
+            or (folder / "final" / "adapter_config.json").is_file() else None}

@@ -1,0 +1,83 @@
+"""A run's live state for the board (`lmforge board`) and for anyone watching a folder: `status.json`
+(running / finished / failed / interrupted, step of total, ETA, the process) and `train.log` (one line
+per metrics record). The metrics logger keeps both current while the loop runs; the pipeline writes
+how the run ended. Both are written only once the run has started (its first metrics record)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+STATUS = "status.json"
+LOG = "train.log"
+
+
+def read_status(folder: Path) -> dict:
+    try:
+        status = json.loads((Path(folder) / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def write_status(folder: Path, **fields) -> None:
+    """Merge `fields` into status.json (written whole through a rename: a reader never sees half of it)."""
+    path = Path(folder) / STATUS
+    if not path.parent.is_dir():
+        return
+    status = {**read_status(folder), **fields, "updated": time.time()}
+    tmp = path.with_name(f".{STATUS}.{os.getpid()}")
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, path)
+
+
+def append_log(folder: Path, line: str) -> None:
+    with open(Path(folder) / LOG, "a") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+
+
+class Progress:
+    """status.json's running record: the step reached, the total, and the ETA from the pace so far."""
+
+    def __init__(self, folder: Path, total_steps: int, start_step: int, resumed: bool):
+        self.folder, self.total, self.start_step = Path(folder), total_steps, start_step
+        self.started = time.time()
+        if not resumed:
+            (self.folder / LOG).write_text("")
+        write_status(self.folder, status="running", pid=os.getpid(), host=socket.gethostname(), step=start_step,
+                     total_steps=total_steps, started=self.started, eta_seconds=None, message=None)
+
+    def record(self, step: int, prefix: str, values: dict) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool))
+        append_log(self.folder, f"{time.strftime('%H:%M:%S')} step {step} {prefix}: {shown}")
+        done = step - self.start_step
+        eta = (time.time() - self.started) / done * (self.total - step) if done > 0 else None
+        write_status(self.folder, step=step, eta_seconds=eta)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_state(folder: Path) -> str:
+    """running / finished / failed / interrupted; a 'running' run whose process is gone (killed hard,
+    the machine restarted) reads as interrupted: its last checkpoint resumes it."""
+    status = read_status(folder)
+    state = status.get("status")
+    if state == "running":
+        same_host = status.get("host") == socket.gethostname()
+        if same_host and not pid_alive(int(status.get("pid", -1))):
+            return "interrupted"
+    if state is None:
+        return "finished" if (Path(folder) / "summary.json").is_file() else "unknown"
+    return state

@@ -1,0 +1,252 @@
+"""`lmforge board`: the dashboard over real run folders, its JSON, and what a user sees in a real
+browser (Debian's chromium driven headless by selenium; skipped with a reason where either is absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.engine.metrics import read_metrics
+
+from .conftest import REPO, write_recipe
+
+INSTRUCTIONS = REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"
+
+
+def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, base_model, small_jsonl) -> Path:
+    """Two finished runs (pretraining at two learning rates, one tracked) and an SFT run (a chat model),
+    plus a run whose process died and one that failed: what a runs folder holds after a day's work."""
+    root = tmp_path_factory.mktemp("runs")
+    common = {"trainer": {"max_steps": 8, "batch_size": 2, "log_every": 2, "eval_every": 4}, "packing": {"seq_len": 64}}
+    for name, lr in (("clm_a", 1e-3), ("clm_b", 3e-3)):
+        folder = root / name
+        folder.mkdir()
+        recipe = write_recipe(folder, base_model, {**common, "data": {"train_files": [str(small_jsonl)], "val_fraction": 0.1},
+                                                   "name": name}, {"trainer": {"lr": lr}})
+        result = CliRunner().invoke(app, ["run", recipe, f"output_dir={root / name / 'run'}"])
+        assert result.exit_code == 0, result.output
+    sft = root / "sft"
+    sft.mkdir()
+    recipe = write_recipe(sft, base_model, {**common, "data": {"train_files": [str(INSTRUCTIONS)], "val_fraction": 0.05},
+                                            "objective": {"name": "sft"}, "name": "chat"},
+                          {"packing": {"seq_len": 256}})
+    result = CliRunner().invoke(app, ["run", recipe, f"output_dir={sft / 'run'}"])
+    assert result.exit_code == 0, result.output
+    for name, status in (("killed", {"status": "running", "pid": _dead_pid(), "host": socket.gethostname(), "step": 3,
+                                     "total_steps": 10}),
+                         ("broken", {"status": "failed", "message": "TrainingDiverged: loss is NaN", "step": 2})):
+        folder = root / name
+        folder.mkdir()
+        shutil.copy(root / "clm_a" / "run" / "recipe.yaml", folder / "recipe.yaml")
+        (folder / "status.json").write_text(json.dumps(status))
+    return root
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture(scope="module")
+def board(runs):
+    import uvicorn
+
+    from lmforge.board.app import build_board
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_board(runs, allow_launch=True), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_run_list_reads_status_progress_and_best_metrics(board, runs):
+    status, data = _call(board + "/api/runs")
+    rows = {r["id"]: r for r in data["runs"]}
+    assert status == 200 and set(rows) == {"clm_a/run", "clm_b/run", "sft/run", "killed", "broken"}
+    val = read_metrics(runs / "clm_a" / "run" / "metrics.jsonl", "val")
+    best = min(val, key=lambda r: r["loss"])
+    a = rows["clm_a/run"]
+    assert a["status"] == "finished" and a["step"] == a["total_steps"] == 8 and a["progress"] == 1.0
+    assert a["best_val_loss"] == best["loss"] and a["best_step"] == best["step"] and a["recipe"] == "clm_a"
+    assert rows["killed"]["status"] == "interrupted"  # "running", but its process is gone
+    assert rows["broken"]["status"] == "failed" and "NaN" in rows["broken"]["message"]
+
+
+def test_a_run_page_has_its_curves_log_recipe_check_and_samples(board, runs):
+    status, run = _call(board + "/api/runs/clm_b/run")
+    assert status == 200
+    train = read_metrics(runs / "clm_b" / "run" / "metrics.jsonl", "train")
+    assert run["series"]["train"]["loss"] == [[r["step"], r["loss"]] for r in train]
+    assert {"lr", "grad_norm", "tokens_per_s"} <= set(run["series"]["train"])
+    assert run["log"][-1].split(" ", 1)[1].startswith("step 8 ") and len(run["log"]) == len(read_metrics(runs / "clm_b" / "run" / "metrics.jsonl"))
+    assert yaml.safe_load(run["recipe_text"])["trainer"]["lr"] == 3e-3
+    assert "pre-launch check" in run["check"].lower() or "check" in run["check"].lower()
+    assert run["samples"] and run["model"].endswith("final")
+    assert _call(board + "/api/runs/../../etc")[0] == 404 and _call(board + "/api/runs/nothing")[0] == 404
+
+
+def test_compare_is_the_report_of_the_runs(board, runs):
+    from lmforge.eval.report import render
+
+    page = _text(board + "/compare?run=clm_a/run&run=clm_b/run")
+    report = render([runs / "clm_a" / "run", runs / "clm_b" / "run"])
+    assert "lmforge report" in page and "Configuration differences" in page
+    assert page.replace("<body><p><a href='/'>&larr; runs</a></p>", "<body>") .count("<tr>") == report.count("<tr>")
+
+
+def test_chat_goes_through_the_servers_engine(board, runs):
+    from lmforge.eval.generate import generate_text
+    from lmforge.models.factory import load_model
+    from lmforge.pipeline import model_tokenizer
+
+    status, models = _call(board + "/api/models")
+    assert {m["id"] for m in models["models"]} == {"clm_a/run", "clm_b/run", "sft/run"}
+    messages = [{"role": "user", "content": "Name a colour."}]
+    status, reply = _call(board + "/api/chat", {"run": "sft/run", "messages": messages, "max_tokens": 8})
+    final = runs / "sft" / "run" / "final"
+    tokenizer = model_tokenizer(final, None)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = generate_text(load_model(final, "causal_lm"), tokenizer, prompt, 8, temperature=0.0, top_k=None, top_p=None)
+    assert status == 200 and reply["reply"] == expected
+    status, refused = _call(board + "/api/chat", {"run": "clm_a/run", "messages": messages})
+    assert status == 400 and "no chat template" in refused["error"]["message"]
+
+
+def test_launch_previews_the_command_and_starts_a_run(board, runs, base_model, small_jsonl):
+    recipe = runs / "launched.yaml"
+    recipe.write_text(Path(write_recipe(runs / "clm_a", base_model, {
+        "data": {"train_files": [str(small_jsonl)], "val_fraction": 0.1}, "trainer": {"max_steps": 2, "batch_size": 2},
+        "packing": {"seq_len": 64}, "output_dir": str(runs / "launched_run")}, {})).read_text())
+    status, preview = _call(board + "/api/launch/preview", {"recipe": "launched.yaml", "overrides": "trainer.lr=0.002"})
+    assert status == 200 and preview["command"] == "lmforge run launched.yaml trainer.lr=0.002"
+    assert _call(board + "/api/launch/preview", {"recipe": "launched.yaml", "overrides": "lr"})[0] == 400
+    assert _call(board + "/api/launch/preview", {"recipe": "/etc/passwd", "overrides": ""})[0] == 400
+    status, started = _call(board + "/api/launch", {"recipe": "launched.yaml", "overrides": "trainer.lr=0.002"})
+    assert status == 200
+    deadline = time.time() + 240
+    while time.time() < deadline and not (runs / "launched_run" / "summary.json").is_file():
+        time.sleep(1)
+    assert (runs / "launched_run" / "summary.json").is_file(), Path(started["log"]).read_text()
+    rows = {r["id"]: r for r in _call(board + "/api/runs")[1]["runs"]}
+    assert rows["launched_run"]["status"] == "finished"
+    assert yaml.safe_load((runs / "launched_run" / "recipe.yaml").read_text())["trainer"]["lr"] == 0.002
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1600"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _wait(browser, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(condition)
+
+
+def _not_blank(path: Path) -> float:
+    from PIL import Image
+
+    return float(np.asarray(Image.open(path).convert("L"), dtype=float).std())
+
+
+def test_what_a_user_sees_in_a_browser(board, runs, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser = _browser()
+    try:
+        browser.get(board + "/")
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") not in (None, "0"))
+        rows = {r.get_attribute("data-run"): r for r in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")}
+        assert {"clm_a/run", "clm_b/run", "sft/run", "killed", "broken"} <= set(rows)  # (and the launched run)
+        best = min(read_metrics(runs / "clm_a" / "run" / "metrics.jsonl", "val"), key=lambda r: r["loss"])
+        assert rows["clm_a/run"].find_element(By.CLASS_NAME, "best").text == f"{best['loss']:.4g} ({best['step']})"
+        assert "interrupted" in rows["killed"].text and "failed" in rows["broken"].text
+        browser.save_screenshot(str(tmp_path / "runs.png"))
+
+        # a run's page: the loss curve is drawn (pixels on the canvas that are not background)
+        rows["clm_b/run"].find_element(By.LINK_TEXT, "clm_b/run").click()
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "1")
+        drawn = browser.execute_script("""
+            var c = document.getElementById('loss'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, n = 0;
+            for (var i = 0; i < d.length; i += 4) { if (d[i] < 120 && d[i + 2] > 150) n++; }  // the blue of the curve
+            return [n, c.getAttribute('data-points')];""")
+        assert drawn[0] > 100 and int(drawn[1]) == len(read_metrics(runs / "clm_b" / "run" / "metrics.jsonl", "train"))
+        assert "step 8" in browser.find_element(By.ID, "log").text
+        browser.save_screenshot(str(tmp_path / "run.png"))
+
+        # compare two runs: the report's tables, with the runs' numbers
+        browser.get(board + "/")
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") not in (None, "0"))
+        for ident in ("clm_a/run", "clm_b/run"):
+            browser.find_element(By.CSS_SELECTOR, f"input[value='{ident}']").click()
+        browser.find_element(By.CSS_SELECTOR, "#compare button").click()
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-plots-rendered") not in (None, "0"))
+        diff = browser.find_element(By.TAG_NAME, "body").text
+        assert "trainer.lr" in diff and "0.001" in diff and "0.003" in diff
+        browser.save_screenshot(str(tmp_path / "compare.png"))
+
+        # chat with the SFT run's model
+        browser.get(board + "/chat?run=sft/run")
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-models") not in (None, "0"))
+        browser.find_element(By.ID, "text").send_keys("Name a colour.")
+        browser.find_element(By.CSS_SELECTOR, "#ask button").click()
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-replies") == "1")
+        turns = browser.find_elements(By.CSS_SELECTOR, "#conversation .msg")
+        assert turns[0].text == "you: Name a colour." and turns[1].text.startswith("model:")
+        browser.save_screenshot(str(tmp_path / "chat.png"))
+    finally:
+        browser.quit()
+    for shot in ("runs", "run", "compare", "chat"):
+        assert _not_blank(tmp_path / f"{shot}.png") > 10, shot
+    if os.environ.get("LMFORGE_BOARD_SCREENSHOT"):  # docs/board.png is refreshed from here
+        shutil.copy(tmp_path / "run.png", os.environ["LMFORGE_BOARD_SCREENSHOT"])
