@@ -250,3 +250,16 @@ def test_what_a_user_sees_in_a_browser(board, runs, tmp_path):
         assert _not_blank(tmp_path / f"{shot}.png") > 10, shot
     if os.environ.get("LMFORGE_BOARD_SCREENSHOT"):  # docs/board.png is refreshed from here
         shutil.copy(tmp_path / "run.png", os.environ["LMFORGE_BOARD_SCREENSHOT"])
+
+
+def test_progress_writes_running_status_with_an_eta_and_a_log_line(tmp_path):
+    from lmforge.engine.status import Progress, read_status, run_state
+
+    (tmp_path / "recipe.yaml").write_text("name: live\n")
+    progress = Progress(tmp_path, total_steps=100, start_step=0, resumed=False)
+    progress.started -= 10  # ten seconds in
+    progress.record(20, "train", {"loss": 3.25, "lr": 0.001})
+    status = read_status(tmp_path)
+    assert run_state(tmp_path) == "running" and status["pid"] == os.getpid() and status["step"] == 20
+    assert status["eta_seconds"] == pytest.approx(40, rel=0.05)  # 80 steps left at 2 steps/s
+    assert (tmp_path / "train.log").read_text().strip().endswith("step 20 train: loss 3.25, lr 0.001")

@@ -1,8 +1,14 @@
 """The docs' examples run as written: each fenced block titled with a path (```yaml datasets.yaml) is
 written into an empty folder, then each line of the page's ```bash blocks runs there."""
 
+import contextlib
 import re
 import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -30,15 +36,45 @@ def run_page(page, folder, monkeypatch) -> list[str]:
     assert commands, f"docs/{page}: no commands to run"
     monkeypatch.chdir(folder)
     outputs = []
-    for command in commands:
-        argv = shlex.split(command)
-        assert argv[0] == "lmforge", command
-        if argv[1] == "chat":
-            continue  # interactive: tests/test_sft.py drives it
-        result = CliRunner().invoke(app, argv[1:])
-        assert result.exit_code == 0, f"docs/{page}: `{command}` failed:\n{result.output}"
-        outputs.append(result.output)
+    with contextlib.ExitStack() as servers:
+        for command in commands:
+            argv = shlex.split(command)
+            if argv[0] == "python":  # a client the page shows, run as the reader would
+                done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300)
+                assert done.returncode == 0, f"docs/{page}: `{command}` failed:\n{done.stdout}{done.stderr}"
+                outputs.append(done.stdout)
+                continue
+            assert argv[0] == "lmforge", command
+            if argv[1] == "chat":
+                continue  # interactive: tests/test_sft.py drives it
+            if argv[1] == "serve":  # runs until stopped: served from a thread until the page's commands are done
+                servers.enter_context(_serving(argv))
+                continue
+            result = CliRunner().invoke(app, argv[1:])
+            assert result.exit_code == 0, f"docs/{page}: `{command}` failed:\n{result.output}"
+            outputs.append(result.output)
     return outputs
+
+
+@contextlib.contextmanager
+def _serving(argv: list[str]):
+    """`lmforge serve MODEL --port N` as the CLI builds it (tests/test_serve.py runs the CLI itself)."""
+    import uvicorn
+
+    from lmforge.serve.app import Engine, build_app
+
+    port = int(argv[argv.index("--port") + 1])
+    server = uvicorn.Server(uvicorn.Config(build_app(Engine(Path(argv[2]))), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_your_data_page_runs(tmp_path, monkeypatch):
@@ -49,6 +85,14 @@ def test_your_data_page_runs(tmp_path, monkeypatch):
     before, after = read_metrics(tmp_path / "runs" / "support" / "metrics.jsonl", "val")
     assert after["loss"] < before["loss"]
     assert "rouge" in evaluate.lower()
+
+
+def test_ship_page_runs(tmp_path, monkeypatch):
+    run, export_hf, export_gguf, client = run_page("ship.md", tmp_path, monkeypatch)
+    assert "tracked in MLflow" in run and (tmp_path / "runs" / "ship" / "mlflow.db").is_file()
+    assert "round trip:" in export_hf and "greedy text identical" in export_hf
+    assert (tmp_path / "exports" / "gguf" / "final.q8_0.gguf").is_file() and (tmp_path / "exports" / "gguf" / "Modelfile").is_file()
+    assert client.startswith("reply:") and len(client.splitlines()) == 2
 
 
 @pytest.mark.parametrize("page", sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name not in REFERENCE_PAGES))

@@ -202,3 +202,53 @@ def test_smollm2_exports_to_the_layout_of_its_original_gguf(tmp_path):
                 "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key
     assert {(t.name, tuple(t.shape)) for t in ours.tensors} == {(t.name, tuple(t.shape)) for t in theirs.tensors}
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_hf_export_folds_dora_and_ia3_in(tmp_path, base_model, kind):
+    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(2)
+    config = (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False,
+                         task_type="CAUSAL_LM") if kind == "dora" else
+              IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), config)
+    if kind == "ia3":  # peft starts (IA)^3 at ones, the identity: give it something to fold in
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "ia3_l" in name:
+                    param.uniform_(0.5, 1.5)
+    adapter = tmp_path / kind
+    model.save_pretrained(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer.save_pretrained(adapter)
+    assert export_model(adapter, tmp_path / "out", "hf", say=lambda _: None).ok
+    expected = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), adapter), tokenizer)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), tokenizer)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert (got - _logits(AutoModelForCausalLM.from_pretrained(base_model), tokenizer)).abs().max() > 1e-2
+
+
+def test_a_lora_trained_on_an_int8_base_merges_into_the_float_weights(tmp_path, base_model, small_jsonl):
+    """The merged weight is the float base's plus the adapter's B @ A * alpha / r, exactly: the int8
+    copy the adapter trained against never reaches the export."""
+    from safetensors.torch import load_file
+
+    from .conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, base_model, {
+        "data": {"train_files": [str(small_jsonl)], "val_fraction": 0.1}, "packing": {"seq_len": 64},
+        "trainer": {"max_steps": 3, "batch_size": 2, "lr": 1e-2},
+        "method": {"name": "lora", "lora": {"rank": 4, "alpha": 8, "base_dtype": "int8", "target_modules": ["q_proj"]}},
+    }, {})
+    assert CliRunner().invoke(app, ["run", recipe]).exit_code == 0
+    final = tmp_path / "run" / "final"
+    assert export_model(final, tmp_path / "merged", "hf", "f32", say=lambda _: None).ok
+    merged, base = load_file(tmp_path / "merged" / "model.safetensors"), load_file(base_model / "model.safetensors")
+    adapter = load_file(final / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert b.abs().max() > 0  # trained
+    torch.testing.assert_close(merged[name], base[name] + b @ a * 2.0, atol=1e-6, rtol=1e-5)
