@@ -22,8 +22,11 @@ REFERENCE_PAGES = ("performance.md", "recipe-keys.md", "architecture.md", "train
 FENCE = re.compile(r"^```(\w+)(?: (\S+))?\n(.*?)^```", re.S | re.M)
 
 
-def run_page(page, folder, monkeypatch) -> list[str]:
-    """Every command's output, in order; a failing command fails the test with its output."""
+def run_page(page, folder, monkeypatch, shorten: tuple[str, ...] = ()) -> list[str]:
+    """Every command's output, in order; a failing command fails the test with its output. The
+    repository's assets/ is linked into the folder (pages run from a clone's root use its corpora);
+    `shorten`: overrides added to each `lmforge run` (a shorter run of the same recipe)."""
+    (folder / "assets").symlink_to(REPO / "assets")
     text = (REPO / "docs" / page).read_text()
     commands = []
     for lang, path, body in FENCE.findall(text):
@@ -39,8 +42,9 @@ def run_page(page, folder, monkeypatch) -> list[str]:
     with contextlib.ExitStack() as servers:
         for command in commands:
             argv = shlex.split(command)
-            if argv[0] == "python":  # a client the page shows, run as the reader would
-                done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300)
+            if argv[0] in ("python", "torchrun"):  # run as the reader would, with this environment's Python
+                launcher = [sys.executable] if argv[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
+                done = subprocess.run([*launcher, *argv[1:]], capture_output=True, text=True, timeout=600)
                 assert done.returncode == 0, f"docs/{page}: `{command}` failed:\n{done.stdout}{done.stderr}"
                 outputs.append(done.stdout)
                 continue
@@ -50,6 +54,8 @@ def run_page(page, folder, monkeypatch) -> list[str]:
             if argv[1] == "serve":  # runs until stopped: served from a thread until the page's commands are done
                 servers.enter_context(_serving(argv))
                 continue
+            if argv[1] == "run":
+                argv += list(shorten)
             result = CliRunner().invoke(app, argv[1:])
             assert result.exit_code == 0, f"docs/{page}: `{command}` failed:\n{result.output}"
             outputs.append(result.output)
