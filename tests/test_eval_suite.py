@@ -333,7 +333,7 @@ def test_predict_writes_labels_with_probabilities_and_answers(tmp_path, fp32, to
     model_dir = _classifier(tmp_path / "clf", tokenizer_dir)
     rows = [json.loads(x) for x in genre_file.read_text().splitlines()][:6]
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"text": r["text"], "id": i}) + "\n" for i, r in enumerate(rows)))
+    data.write_text("".join(json.dumps({"text": r["text"], "id": i, "label": r["genre"]}) + "\n" for i, r in enumerate(rows)))
     code, output = _invoke("predict", "-m", model_dir, "-d", data, "-o", tmp_path / "p.csv", "--max-len", 64)
     assert code == 0 and "6 rows (label with probabilities)" in output, output
     with open(tmp_path / "p.csv") as handle:
@@ -343,7 +343,8 @@ def test_predict_writes_labels_with_probabilities_and_answers(tmp_path, fp32, to
     with torch.no_grad():
         probs = model(**tok(rows[0]["text"], truncation=True, max_length=64, return_tensors="pt")).logits.softmax(-1)[0]
     assert float(got[0]["p_news"]) == pytest.approx(float(probs[1]), abs=1e-5)
-    assert got[0]["label"] == ["fiction", "news"][int(probs.argmax())] and got[3]["id"] == "3"
+    assert got[0]["predicted_label"] == ["fiction", "news"][int(probs.argmax())] and got[3]["id"] == "3"
+    assert [g["label"] for g in got] == [r["genre"] for r in rows]  # the file's own labels are kept
     code, output = _invoke("predict", "-m", base_model, "-d", data, "-o", tmp_path / "g.jsonl", "--max-new-tokens", 3)
     assert code == 0, output
     answers = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]

