@@ -2,6 +2,7 @@
 written into an empty folder, then each line of the page's ```bash blocks runs there."""
 
 import contextlib
+import json
 import re
 import shlex
 import subprocess
@@ -158,6 +159,40 @@ def test_dpo_page_runs(tmp_path, monkeypatch):
     assert before["step"] == 0 and "likelihood_accuracy" in before and after["step"] == 4
     assert "accuracy" in read_metrics(tmp_path / "runs" / "time_sense_reward" / "metrics.jsonl", "val")[-1]
     assert "accuracy" in evaluate
+
+
+def test_lifecycle_page_runs(tmp_path, monkeypatch):
+    plan, run, again, report = run_page("lifecycle.md", tmp_path, monkeypatch,
+                                        ("defaults.trainer.max_steps=12", "defaults.trainer.eval_every=12",
+                                         "defaults.trainer.eval_batches=2"))
+    assert all(stage in plan for stage in ("pretrain", "continual", "direct", "adapted"))
+    assert "forgetting [continual]" in run
+    assert "up to date" in again and "will run" not in again.lower()
+    runs = tmp_path / "runs" / "lifecycle"
+    evaluation = json.loads((runs / "adapted" / "eval.json").read_text())
+    assert "accuracy" in json.dumps(evaluation) and (tmp_path / "lifecycle.html").is_file()
+
+
+def test_evaluate_page_runs(tmp_path, monkeypatch):
+    first, second, eval_a, eval_b, report = run_page("evaluate.md", tmp_path, monkeypatch,
+                                                     ("trainer.max_steps=20", "trainer.eval_every=20", "trainer.eval_batches=2"))
+    results = [json.loads((tmp_path / "evals" / name / "eval.json").read_text()) for name in ("lr_3e-3", "lr_1e-3")]
+    assert all({"brown", "python"} <= set(r["probes"]) for r in results)
+    assert all(r["probes"]["python"]["after"]["ppl"] > r["probes"]["brown"]["after"]["ppl"] for r in results)  # unseen domain
+    page = (tmp_path / "compare.html").read_text()
+    assert "trainer.lr" in page and "python" in eval_a
+
+
+@pytest.mark.slow
+def test_distributed_page_runs(tmp_path, monkeypatch):
+    from lmforge.engine.metrics import read_metrics
+
+    ddp, fsdp = run_page("distributed.md", tmp_path, monkeypatch)
+    for name, output in (("ddp", ddp), ("fsdp", fsdp)):
+        assert output.count("train: 100 steps, 1024 tokens/step") == 1, output  # rank 0 alone speaks
+        assert output.count("model saved to") == 1
+        val = read_metrics(tmp_path / "runs" / name / "metrics.jsonl", "val")
+        assert val[-1]["loss"] < 7.0 and (tmp_path / "runs" / name / "final" / "model.safetensors").is_file()
 
 
 def test_ship_page_runs(tmp_path, monkeypatch):
