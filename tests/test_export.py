@@ -19,7 +19,8 @@ PROMPT = "The history of the city begins in 1850, when"
 
 @pytest.fixture(scope="module")
 def gqa_llama(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny Llama with grouped-query attention (4 query heads, 2 key/value heads) and a chat template."""
+    """A tiny Llama with grouped-query attention (4 query heads, 2 key/value heads) and a chat template,
+    trained 20 steps on Brown text."""
     from lmforge.data.instructions import ensure_chat_template
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.factory import build_model, preset_config
@@ -29,6 +30,15 @@ def gqa_llama(tmp_path_factory, tokenizer_dir) -> Path:
     torch.manual_seed(0)
     config = preset_config("llama", "tiny", (len(tok) + 63) // 64 * 64, 512, num_key_value_heads=2)
     model = build_model(config, "causal_lm", tok)
+    # trained a little on real text, so its outputs are a model's and not noise around zero
+    from .conftest import excerpt_docs
+
+    ids = torch.tensor([tok(" ".join(excerpt_docs(4)), add_special_tokens=False).input_ids[: 8 * 64]]).view(8, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     out = tmp_path_factory.mktemp("gqa")
     model.save_pretrained(out)
     tok.save_pretrained(out)
