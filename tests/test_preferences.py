@@ -314,3 +314,124 @@ def test_a_dpo_stage_is_scored_after_training_against_its_start_model(tmp_path, 
     assert after["ties"] < 0.2 and after["accuracy"] > 0.5
     assert after["accuracy"] == pytest.approx(trained["accuracy"], abs=1 / 33 + 1e-9)  # one pair may flip in merging
     assert after["loss"] == pytest.approx(trained["loss"], abs=0.02)
+
+
+def _pairs_batch(chat_tokenizer, pairs_file, rows: int = 4):
+    pairs = load_preferences([str(pairs_file)], chat_tokenizer, InstructionFormat(), "chosen", "rejected", 256, 0.0,
+                             max_rows=6).train
+    return pairs, pairs.batch(list(range(rows)))
+
+
+def _trl_logps(model, batch, average: bool):
+    """TRL's own log-probabilities (CPOTrainer.get_batch_logps: it shifts labels itself) of the same rows,
+    chosen rows first, then rejected, as TRL concatenates them; and the logits it used."""
+    from trl.experimental.cpo import CPOTrainer
+
+    # one more position at the end (a causal model's earlier logits do not see it), so TRL's shift
+    # (logits[:, :-1] against labels[:, 1:]) scores exactly lmforge's pre-shifted labels
+    ids = torch.cat([batch["input_ids"], batch["input_ids"][:, -1:]], dim=1)
+    logits = model(input_ids=ids).logits
+    unshifted = torch.cat([torch.full_like(batch["labels"][:, :1], IGNORE), batch["labels"]], dim=1)
+    logps = CPOTrainer.get_batch_logps(logits, unshifted, average_log_prob=average)
+    return logps[0::2], logps[1::2], logits, unshifted
+
+
+def _same_gradients(ours_model, theirs_model):
+    theirs = {n: p.grad for n, p in theirs_model.named_parameters() if p.grad is not None}
+    ours = {n: p.grad for n, p in ours_model.named_parameters() if p.grad is not None}
+    assert ours.keys() == theirs.keys() and ours
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_simpo_loss_and_gradients_match_trl_cpo_simpo(chat_tokenizer, pairs_file):
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+
+    from lmforge.config import ObjectiveConfig
+    from lmforge.objectives.simpo import SimplePreference
+
+    _, batch = _pairs_batch(chat_tokenizer, pairs_file)
+    vocab = (len(chat_tokenizer) + 63) // 64 * 64
+    ours_model, theirs_model = _tiny_llama(vocab, 0), _tiny_llama(vocab, 0)
+    cfg = ObjectiveConfig(name="simpo", beta=2.0, simpo_gamma=0.5)
+    mine, metrics = SimplePreference(cfg).loss(ours_model, batch)
+    mine.backward()
+    chosen, rejected, _, _ = _trl_logps(theirs_model, batch, average=True)
+    trainer = SimpleNamespace(alpha=0.0, beta=2.0, simpo_gamma=0.5, loss_type="simpo", label_smoothing=0.0,
+                              accelerator=SimpleNamespace(device="cpu"))
+    losses, _, _ = CPOTrainer.cpo_loss(trainer, chosen, rejected)
+    losses.mean().backward()
+    torch.testing.assert_close(mine, losses.mean().detach(), atol=1e-5, rtol=1e-5)
+    _same_gradients(ours_model, theirs_model)
+    assert int(metrics["tokens"]) == 4  # pairs
+
+
+def test_orpo_loss_and_gradients_match_trl(chat_tokenizer, pairs_file):
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from trl.experimental.orpo import ORPOTrainer
+
+    from lmforge.config import ObjectiveConfig
+    from lmforge.objectives.orpo import OddsRatioPreference
+
+    _, batch = _pairs_batch(chat_tokenizer, pairs_file)
+    vocab = (len(chat_tokenizer) + 63) // 64 * 64
+    ours_model, theirs_model = _tiny_llama(vocab, 0), _tiny_llama(vocab, 0)
+    mine, _ = OddsRatioPreference(ObjectiveConfig(name="orpo", beta=0.25)).loss(ours_model, batch)
+    mine.backward()
+    chosen, rejected, logits, unshifted = _trl_logps(theirs_model, batch, average=True)
+    trainer = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
+    losses = ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected)[0]
+    # ORPOTrainer's NLL: cross-entropy over the chosen rows' answer tokens (concatenated_forward)
+    nll = F.cross_entropy(logits[0::2, :-1].flatten(0, 1), unshifted[0::2, 1:].flatten(), ignore_index=IGNORE)
+    theirs = nll - losses.mean()
+    theirs.backward()
+    torch.testing.assert_close(mine, theirs.detach(), atol=1e-5, rtol=1e-5)
+    _same_gradients(ours_model, theirs_model)
+
+
+def test_ipo_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
+    """IPO through TRL's DPOTrainer with loss_type="ipo" (per-token log-ratios), as the DPO test does."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from lmforge.config import ObjectiveConfig
+    from lmforge.objectives.dpo import DirectPreference, attach_reference
+
+    pairs, _ = _pairs_batch(chat_tokenizer, pairs_file)
+    vocab = (len(chat_tokenizer) + 63) // 64 * 64
+    policy, reference = _tiny_llama(vocab, 0), _tiny_llama(vocab, 1)
+    attach_reference(reference, pairs, 3, torch.device("cpu"), "fp32")
+    indices = [0, 1, 2, 3]
+    examples = []
+    for i in indices:
+        sides = [pairs.rows.ids[2 * i + k] for k in (0, 1)]
+        start = int((pairs.rows.targets[2 * i] != IGNORE).argmax())
+        examples.append({"prompt_ids": sides[0][:start].tolist(), "chosen_ids": sides[0][start:].tolist(),
+                         "rejected_ids": sides[1][start:].tolist()})
+    text = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.3, loss_type=["ipo"], report_to="none", use_cpu=True, bf16=False,
+                     per_device_train_batch_size=4, max_length=None)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=text, processing_class=chat_tokenizer)
+    theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
+    theirs.backward()
+    model = _tiny_llama(vocab, 0)
+    mine, _ = DirectPreference(ObjectiveConfig(name="dpo", beta=0.3, loss_type="ipo")).loss(model, pairs.batch(indices))
+    mine.backward()
+    torch.testing.assert_close(mine, theirs.detach(), atol=1e-5, rtol=1e-5)
+    _same_gradients(model, trainer.model)
+
+
+@pytest.mark.parametrize("objective", [{"name": "simpo", "beta": 2.0}, {"name": "orpo", "beta": 0.1},
+                                       {"name": "dpo", "loss_type": "ipo", "beta": 0.5}], ids=["simpo", "orpo", "ipo"])
+def test_the_dpo_family_learns_to_prefer_the_chosen_answers(tmp_path, base_model, pairs_file, objective):
+    """Each trains from the CLI and moves the held-out pairs toward the chosen answer."""
+    result = CliRunner().invoke(app, ["run", _recipe(tmp_path, base_model, pairs_file, objective=objective,
+                                                     trainer={"lr": 1e-3})])
+    assert result.exit_code == 0, result.output
+    assert ("computing the reference model's log-probabilities" in result.output) == (objective["name"] == "dpo")
+    before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
+    assert after["likelihood_accuracy"] > before["likelihood_accuracy"] + 0.2, (before, after)

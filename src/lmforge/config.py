@@ -126,7 +126,8 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "reward", "distill"] = "clm"
+    name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
+                  "distill"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -144,8 +145,13 @@ class ObjectiveConfig(Section):
     learn_temperature: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     symmetric: bool = False
-    # dpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer)
+    # dpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer);
+    # simpo: the reward scale (its paper uses 2-2.5); orpo: the odds-ratio term's weight (lambda)
     beta: float = Field(0.1, gt=0.0)
+    # dpo: sigmoid (DPO's loss) or ipo (a squared loss on per-token log-ratios, toward 1 / (2 beta))
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # simpo: the target reward margin gamma between the chosen and the rejected answer
+    simpo_gamma: float = Field(0.5, ge=0.0)
     # distill: the teacher (a local causal-LM checkpoint with the student's vocabulary), the softmax
     # temperature of both distributions, and the distillation term's share of the loss (the rest is
     # the usual next-token loss on the data)
@@ -415,8 +421,8 @@ class Recipe(Section):
     def _prompt_learning_fits(self) -> Recipe:
         if self.method.name not in PROMPT_METHODS:
             return self
-        if self.objective.name not in ("clm", "sft", "dpo"):
-            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft, dpo), "
+        if self.objective.name not in ("clm", "sft", "dpo", "simpo", "orpo"):
+            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft, dpo, simpo, orpo), "
                              f"not '{self.objective.name}'")
         if self.packing.document_mask:  # peft drops position ids under prompt learning
             raise ValueError(f"packing.document_mask: {self.method.name} ignores position ids, so packed "

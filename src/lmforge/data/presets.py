@@ -9,7 +9,7 @@ A preset fills the data section's column keys (a key the recipe sets itself wins
     text         plain text    {"text"} (pretraining: clm, mlm, prefix_lm, span, distill)
     labelled     labelled      {"text", "label"} (classify)
     pairs        text pairs    {"anchor", "positive"} (contrastive; sentence-transformers' names)
-    preferences  preferences   {"prompt", "chosen", "rejected"} (dpo, reward; TRL's names)
+    preferences  preferences   {"prompt", "chosen", "rejected"} (dpo, simpo, orpo, reward; TRL's names)
 
 (`data.format` stays the file format, auto-detected: a preset's rows may be JSONL, CSV or Parquet.)
 
@@ -44,7 +44,7 @@ PRESETS: dict[str, tuple[str, dict[str, str]]] = {
 }
 KIND_WORDS = {"instructions": "conversations (sft)", "packed": "plain text (pretraining objectives)",
               "labeled": "labelled texts (classify)", "pairs": "text pairs (contrastive)",
-              "preferences": "preference pairs (dpo, reward)", "sentence_pairs": "plain text (mlm with a sentence task)"}
+              "preferences": "preference pairs (dpo, simpo, orpo, reward)", "sentence_pairs": "plain text (mlm with a sentence task)"}
 PATH_KEYS = ("train_files", "val_files", "prepared_dir")
 
 

@@ -10,14 +10,17 @@ from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.distill import Distillation
 from lmforge.objectives.dpo import DirectPreference
 from lmforge.objectives.mlm import MaskedLM
+from lmforge.objectives.orpo import OddsRatioPreference
 from lmforge.objectives.prefix_lm import PrefixLM
 from lmforge.objectives.reward import RewardModel
 from lmforge.objectives.sft import SupervisedFineTuning
+from lmforge.objectives.simpo import SimplePreference
 from lmforge.objectives.span import SpanCorruption
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
                                "contrastive": Contrastive, "classify": SequenceClassification,
-                               "sft": SupervisedFineTuning, "dpo": DirectPreference, "reward": RewardModel,
+                               "sft": SupervisedFineTuning, "dpo": DirectPreference, "simpo": SimplePreference,
+                               "orpo": OddsRatioPreference, "reward": RewardModel,
                                "distill": Distillation}
 
 

@@ -7,6 +7,11 @@ reference is the model as training starts (the base model under adapters): its l
 computed once, before the first step (`attach_reference`), and travel with the batches, so no second
 model sits in memory and a resumed run compares against the same reference. Batches interleave the
 pair's rows (chosen, rejected, ...): data/preferences.py.
+
+`objective.loss_type: ipo` (Azar et al., 2023) shares all of it but the last step: the log-ratios are
+averaged over each answer's tokens, and their difference is pulled to 1 / (2 beta) by a squared loss
+instead of pushed without bound (DPO's sigmoid saturates only as the margin grows to infinity), as
+TRL's `loss_type="ipo"` does. The reference-free relatives live beside this file: simpo.py, orpo.py.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class DirectPreference(ObjectiveBase):
     def __init__(self, cfg=None, tokenizer=None):
         super().__init__(cfg, tokenizer)
         self.beta = cfg.beta if cfg is not None else 0.1
+        self.loss_type = cfg.loss_type if cfg is not None else "sigmoid"
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "reference_logps" not in batch:
@@ -44,12 +50,18 @@ class DirectPreference(ObjectiveBase):
         logps = sequence_logprobs(model, batch)
         log_ratios = logps - batch["reference_logps"]
         margins = self.beta * (log_ratios[0::2] - log_ratios[1::2])
+        lengths = (batch["labels"] != IGNORE).sum(-1).clamp(min=1)
         # per pair: "tokens" weighs evaluation means by pairs; "correct" = chosen rewarded above rejected,
         # "ties" = neither above the other (reported apart from the pairs lost; every pair at step 0,
         # where policy = reference); "likely_correct" = the policy itself finds the chosen answer more
         # likely per token than the rejected one: what the model would pick, measurable at step 0 too.
-        per_token = logps.detach() / (batch["labels"] != IGNORE).sum(-1).clamp(min=1)
-        return -F.logsigmoid(margins).mean(), {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum(),
+        per_token = logps.detach() / lengths
+        if self.loss_type == "ipo":
+            per_token_ratios = log_ratios / lengths
+            loss = ((per_token_ratios[0::2] - per_token_ratios[1::2]) - 1 / (2 * self.beta)).pow(2).mean()
+        else:
+            loss = -F.logsigmoid(margins).mean()
+        return loss, {"tokens": torch.tensor(len(margins)), "correct": (margins > 0).sum(),
                                             "ties": (margins == 0).sum(),
                                             "likely_correct": (per_token[0::2] > per_token[1::2]).sum()}
 
