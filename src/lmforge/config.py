@@ -10,7 +10,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -252,6 +252,15 @@ class PackingConfig(Section):
     group_size: int = Field(128, gt=0)
 
 
+class EarlyStoppingConfig(Section):
+    # a held-out metric the objective's evaluation reports, without the val_ prefix (loss, accuracy, ppl,
+    # likelihood_accuracy, ...); min for losses, max for accuracies
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, gt=0)  # evaluations without an improvement before training stops
+    min_delta: float = Field(0.0, ge=0.0)  # what counts as an improvement
+
+
 class TrainerConfig(Section):
     # Training length: exactly one of max_steps, max_tokens, epochs.
     max_steps: int | None = Field(None, gt=0)
@@ -278,7 +287,8 @@ class TrainerConfig(Section):
     # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients and
     # optimizer states sharded across ranks, each block gathered only while it runs). One process: neither.
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    eval_every: int = Field(200, gt=0)
+    # steps between evaluations, or `epoch`: after every pass over the training data (records carry `epoch`)
+    eval_every: Annotated[int, Field(gt=0)] | Literal["epoch"] = 200
     eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining
     # batches drawn from a large split (packed corpora, sentence pairs); example-level held-out sets
     # (classify, sft, dpo, reward, contrastive pairs) are evaluated whole
@@ -290,6 +300,9 @@ class TrainerConfig(Section):
     num_threads: int | None = Field(None, gt=0)
     deterministic: bool = False
     progress: bool = True
+    # stop when a held-out metric stops improving; the best evaluation's weights become final/ (its
+    # checkpoint is never rotated out by keep_last)
+    early_stopping: EarlyStoppingConfig | None = None
     # Besides metrics.jsonl and TensorBoard: `mlflow` logs the recipe's settings, every metric and the
     # final model folder to an MLflow tracking store; tracking_uri default: a SQLite file in the output
     # folder (mlflow.db, artifacts in mlartifacts/), no server needed; or a server's http(s):// URI.
@@ -413,6 +426,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _l2sp_unsharded(self) -> Recipe:
+        if self.trainer.early_stopping is not None and self.trainer.strategy == "fsdp":
+            raise ValueError("trainer.early_stopping: not with trainer.strategy fsdp yet (use ddp)")
         if (self.regularize.l2sp or self.regularize.ewc) and self.trainer.strategy == "fsdp":  # anchors are whole tensors
             raise ValueError("regularize: l2sp and ewc do not run with trainer.strategy fsdp (use ddp)")
         return self

@@ -562,6 +562,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
         summary["train"] = {"steps": outcome.result.state.step, "seconds": round(outcome.result.seconds, 1),
                             "tokens_per_second": round(outcome.result.tokens_per_second),
                             "final_train_loss": outcome.result.train_loss, "bad_steps": outcome.result.state.bad_steps,
+                            "best_step": outcome.result.best_step, "stopped_early": outcome.result.stopped_early,
                             "tokens": outcome.result.tokens, "parameters": outcome.result.parameters,
                             "trainable": outcome.result.trainable,
                             "peak_memory_mb": round(outcome.result.peak_memory_mb), "precision": outcome.result.precision}

@@ -38,6 +38,8 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
 def _type_name(annotation) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
     text = text.replace("typing.", "").replace("NoneType", "None")
+    text = re.sub(r"Annotated\[(\w+), FieldInfo\([^\]]*\]\)\]", r"\1", text)  # a constrained int: its type
+    text = re.sub(r"^Union\[(.*)\]$", lambda m: m.group(1).replace(", ", " | "), text)
     return re.sub(r"lmforge\.config\.(\w+)", r"\1", text)
 
 
@@ -60,8 +62,9 @@ def _section(name: str, model: type[BaseModel], out: list[str]) -> None:
         annotation = field.annotation
         inner = typing.get_args(annotation)
         sub = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        listed = sub is None and inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel)
-        if listed:  # a list of sections (data.mixture): each item's keys
+        section_in = sub is None and inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel)
+        listed = section_in and typing.get_origin(annotation) is list
+        if section_in:  # a list of sections (data.mixture: each item's keys), or an optional one
             sub = inner[0]
         if sub is not None:
             nested.append(((f"{name}.{key}" if name else key) + ("[]" if listed else ""), sub))

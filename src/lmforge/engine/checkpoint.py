@@ -61,9 +61,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int, full_state: tuple[dict, dict] | None = None) -> Path:
+                    state: dict, keep_last: int, full_state: tuple[dict, dict] | None = None,
+                    protect: tuple[Path, ...] = ()) -> Path:
     """`full_state`: (weights, optimizer state) gathered from sharded ranks (FSDP), written instead
-    of the local model's and optimizer's."""
+    of the local model's and optimizer's; `protect`: checkpoints that rotation never removes (early
+    stopping's best)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
@@ -90,7 +92,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         as_disk_full(exc, tmp)
         raise
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in protect:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -45,6 +45,10 @@ class TrainState:
     tokens_seen: int = 0
     bad_steps: int = 0
     consecutive_bad: int = 0
+    # early stopping: the best evaluation so far (its step and metrics) and evaluations since it
+    best_step: int | None = None
+    best_val: dict = field(default_factory=dict)
+    evals_since_best: int = 0
 
 
 @dataclass
@@ -67,6 +71,32 @@ class TrainResult:
     peak_memory_mb: float = 0.0  # CUDA: peak allocated; CPU: peak resident set of the process
     precision: str = ""
     flops_per_token: float = 0.0  # training FLOPs (6N + attention), set by the caller that knows the row length
+    best_step: int | None = None  # early stopping: the evaluation whose weights the model ends with
+    stopped_early: bool = False
+
+
+class EarlyStopping:
+    """trainer.early_stopping: is this evaluation the best so far, and has the metric stopped improving?
+    Its memory lives in TrainState, so a resumed run continues the count."""
+
+    def __init__(self, cfg, state: TrainState):
+        self.cfg, self.state = cfg, state
+
+    def update(self, step: int, values: dict) -> tuple[bool, bool]:
+        """(improved, stop now) after the evaluation at `step` (rank 0's values)."""
+        metric = self.cfg.metric
+        if metric not in values:
+            known = ", ".join(k for k, v in values.items() if isinstance(v, (int, float))) or "none"
+            raise ValueError(f"trainer.early_stopping.metric: '{metric}' is not among the held-out metrics this "
+                             f"objective reports ({known})")
+        value, best = float(values[metric]), self.state.best_val.get(metric)
+        sign = 1.0 if self.cfg.mode == "min" else -1.0
+        improved = best is None or sign * (best - value) > self.cfg.min_delta
+        if improved:
+            self.state.best_step, self.state.best_val, self.state.evals_since_best = step, dict(values), 0
+        else:
+            self.state.evals_since_best += 1
+        return improved, self.state.evals_since_best >= self.cfg.patience
 
 
 def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_batch: int) -> int:
@@ -254,6 +284,8 @@ def train(
     param_groups = strategy.shard_model(model, param_groups)
     optimizer = build_optimizer(param_groups, cfg.lr, cfg.betas, cfg.eps, cfg.optimizer_impl)
     total_steps = resolve_total_steps(cfg, batches_per_epoch, tokens_per_batch)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
+    eval_every = steps_per_epoch if cfg.eval_every == "epoch" else cfg.eval_every
     factor = lr_factor(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.num_cycles)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     checkpoints = out_dir / "checkpoints"
@@ -287,7 +319,8 @@ def train(
                      **(run_info or {})}
             if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
                 extra["objective"] = objective.state_dict()
-            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last, full)
+            best = () if state.best_step is None else (checkpoints / f"step_{state.best_step:08d}",)
+            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last, full, protect=best)
         strategy.barrier()
         return path
 
@@ -297,6 +330,8 @@ def train(
         if strategy.is_main or strategy.sharded:
             with compiled.eager():
                 values = evaluate(model, precision)  # the run's precision, also after a resume
+            if cfg.eval_every == "epoch" or cfg.epochs is not None:
+                values["epoch"] = round(step / steps_per_epoch, 3)
         if strategy.is_main:
             metrics.log(step, values, prefix="val")
             # through tqdm while a bar is drawn, so the bar is not torn
@@ -316,6 +351,11 @@ def train(
     run_start, start_tokens = time.perf_counter(), state.tokens_seen
     result = TrainResult(state, total_steps, None, is_main=strategy.is_main)
     last_saved: Path | None = None
+    stopper = None
+    if cfg.early_stopping is not None:  # among the evaluations while training (step 0 is the start model)
+        if evaluate is None:
+            raise ValueError("trainer.early_stopping: needs held-out data to evaluate (data.val_fraction or data.val_files)")
+        stopper = EarlyStopping(cfg.early_stopping, state)
     if evaluate is not None and cfg.eval_at_start and state.step == 0:
         result.first_eval = run_eval(0)
     model.train()
@@ -359,10 +399,22 @@ def train(
                     metrics.log(state.step, record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                     result.train_loss = record["loss"]
-                if evaluate is not None and (state.step % cfg.eval_every == 0 or last):
+                stop_early = False
+                if evaluate is not None and (state.step % eval_every == 0 or last):
                     result.val = run_eval(state.step)
+                    if stopper is not None:
+                        improved, stop_early = strategy.same_on_all(stopper.update(state.step, result.val)
+                                                                    if strategy.is_main else None)
+                        save_now = save_now or improved or stop_early  # the best is kept; a stop can resume
                 if save_now:
                     last_saved = save(state.step)
+                if stop_early:
+                    result.stopped_early = True
+                    log(f"early stopping at step {state.step}: val_{cfg.early_stopping.metric} has not improved by more "
+                        f"than {cfg.early_stopping.min_delta:g} in {cfg.early_stopping.patience} evaluations; the best was "
+                        f"step {state.best_step} (val_{cfg.early_stopping.metric} "
+                        f"{state.best_val.get(cfg.early_stopping.metric, float('nan')):.4g}), whose weights become the final model")
+                    break
                 if strategy.stop_requested(stop.signal is not None):
                     guard.settle(state, last_saved, log, every_step=False)
                     last_saved = save(state.step)
@@ -376,6 +428,15 @@ def train(
         source.close()
         bar.close()
         metrics.close()
+    if stopper is not None and not result.interrupted and state.best_step is not None:
+        result.best_step = state.best_step
+        if state.best_step != state.step:  # the best evaluation's weights become the final model
+            strategy.barrier()
+            ckpt.load_checkpoint(checkpoints / f"step_{state.best_step:08d}", model, optimizer)
+            log(f"early stopping: the final model is step {state.best_step}'s, the best evaluation "
+                f"(val_{cfg.early_stopping.metric} {state.best_val.get(cfg.early_stopping.metric, float('nan')):.4g})")
+        if strategy.is_main:
+            result.val = dict(state.best_val)
     result.seconds = time.perf_counter() - run_start
     result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
     result.checkpoint = last_saved
