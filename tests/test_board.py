@@ -188,9 +188,13 @@ def _browser():
 
 
 def _wait(browser, condition, timeout: float = 60):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, timeout).until(condition)
+    # a page that is being replaced (a form posted, a link followed) can drop the element under a check:
+    # tried again until the new page holds it
+    return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,
+                                                               NoSuchElementException)).until(condition)
 
 
 def _not_blank(path: Path) -> float:

@@ -9,6 +9,7 @@ sample of each file (without the measurement) and refuses to start on an error.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import resource
 import statistics
@@ -20,11 +21,19 @@ import numpy as np
 import torch
 
 from lmforge.config import Recipe
-from lmforge.data.formats import DataError, detect_format, expand_inputs, read_documents, scan_jsonl
+from lmforge.data.formats import (
+    DataError,
+    detect_format,
+    expand_inputs,
+    parse_rows,
+    read_documents,
+    scan_jsonl,
+)
 from lmforge.data.instructions import InstructionFormat, iter_conversations
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.preferences import iter_preference_rows
 from lmforge.data.prepare import read_manifest
+from lmforge.data.prompts import prompt_row
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 # The rendered pre-launch report of each recipe checked in this process, by its output folder: a run
@@ -101,6 +110,9 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
     if main and objective_data(recipe.objective) == "preferences":  # the prompt's columns and both answers' columns
         pairs = iter_preference_rows([path], InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column, sample_rows)
         return (p if isinstance(p, DataError) else "\n".join(str(m["content"]) for m in p[1]) for p in pairs)
+    if main and objective_data(recipe.objective) == "prompts":  # RL prompts: the prompt's columns (the answer optional)
+        prompts = parse_rows([path], lambda p, n, r: prompt_row(p, n, r, InstructionFormat.of(cfg)), sample_rows)
+        return (p if isinstance(p, DataError) else "\n".join(str(m["content"]) for m in p[1]) for p in prompts)
     if main and cfg.label_column:  # labels too, against the label set when one is given
         labeled = iter_labeled([path], column, cfg.label_column, cfg.labels, sample_rows)
         return (r if isinstance(r, DataError) else r[0] for r in labeled)
@@ -181,6 +193,8 @@ def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
 
     if objective_data(recipe.objective) in ("instructions", "preferences"):  # examples are never split: see data.long_examples
         report.long_fate = f"data.long_examples: {recipe.data.long_examples}"
+    elif objective_data(recipe.objective) == "prompts":
+        report.long_fate = "prompts with no room for rollout.max_new_tokens are dropped"
     if tokenizer is not None:
         try:
             manifest = read_manifest(recipe.prepared_dir) if recipe.prepared_dir.is_dir() else None
@@ -277,6 +291,8 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
         batch["labels"] = torch.randint(0, model.config.num_labels, (rows,), device=device)
     if getattr(objective, "needs_reference", False):  # DPO: the reference's log-probabilities travel with the batch
         batch["reference_logps"] = torch.zeros(rows, device=device)
+    if objective_data(recipe.objective) == "prompts":  # RL: each step samples, so measure real rollouts of random prompts
+        batch = _stand_in_rollout(recipe, objective, tokenizer, model, tokens)
     timings = []
     for _ in range(steps + 1):  # the first step warms up kernels and allocators
         start = time.perf_counter()
@@ -295,6 +311,25 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return step, rows * t.grad_accum * row / step, peak
+
+
+def _stand_in_rollout(recipe: Recipe, objective, tokenizer, model, tokens: torch.Tensor) -> dict:
+    """A prompt batch of random tokens (as long as prompts may be), bound to `objective` with a
+    constant reward: the sampling, the policy and reference passes are timed, the recipe's reward is not."""
+    from lmforge.config import RewardConfig, RewardTermConfig, RolloutConfig
+    from lmforge.data.prompts import Prompt, PromptSet
+    from lmforge.engine.rollout import Rollout
+    from lmforge.rewards import Reward
+
+    rollout_cfg = recipe.rollout or RolloutConfig()
+    width = max(1, recipe.packing.seq_len - rollout_cfg.max_new_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = PromptSet([Prompt("stand-in", [], "", np.asarray(row[:width].tolist()), {}) for row in tokens], pad)
+    reward = Reward(RewardConfig(terms=[RewardTermConfig(kind="regex", pattern=".*")]), recipe.data.response_column)
+    objective.bind(Rollout(rollout_cfg, tokenizer, reward, prompts, prompts),
+                   copy.deepcopy(model).requires_grad_(False) if objective.beta and not hasattr(model, "disable_adapter") else None)
+    batch = prompts.batch(list(range(len(prompts))))
+    return {k: v.to(tokens.device) for k, v in batch.items() if k != "num_tokens"}
 
 
 def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True,

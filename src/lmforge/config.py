@@ -127,7 +127,7 @@ class ModelConfig(Section):
 
 class ObjectiveConfig(Section):
     name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
-                  "distill"] = "clm"
+                  "distill", "grpo"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -145,19 +145,35 @@ class ObjectiveConfig(Section):
     learn_temperature: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     symmetric: bool = False
-    # dpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer);
-    # simpo: the reward scale (its paper uses 2-2.5); orpo: the odds-ratio term's weight (lambda)
-    beta: float = Field(0.1, gt=0.0)
+    # dpo, grpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer;
+    # grpo may use 0: no reference at all); simpo: the reward scale (its paper uses 2-2.5); orpo: the
+    # odds-ratio term's weight (lambda)
+    beta: float = Field(0.1, ge=0.0)
     # dpo: sigmoid (DPO's loss) or ipo (a squared loss on per-token log-ratios, toward 1 / (2 beta))
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     # simpo: the target reward margin gamma between the chosen and the rejected answer
     simpo_gamma: float = Field(0.5, ge=0.0)
+    # grpo: how the per-token losses are averaged (grpo: per completion, then over completions; bnpo:
+    # over all tokens of the batch; dr_grpo: over batch x rollout.max_new_tokens, with unscaled
+    # advantages; dapo: over the tokens, with clip-higher), the clipping range of the importance ratio
+    # [1 - epsilon, 1 + epsilon_high], and how advantages are scaled (group: by each prompt's reward sd;
+    # batch: by the batch's; none). Unset: grpo, 0.2, epsilon (dapo: 0.28), group (dr_grpo: none).
+    grpo_loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | None = None
+    epsilon: float | None = Field(None, gt=0.0, lt=1.0)
+    epsilon_high: float | None = Field(None, gt=0.0)
+    scale_rewards: Literal["group", "batch", "none"] | None = None
     # distill: the teacher (a local causal-LM checkpoint with the student's vocabulary), the softmax
     # temperature of both distributions, and the distillation term's share of the loss (the rest is
     # the usual next-token loss on the data)
     teacher: str | None = None
     distill_temperature: float = Field(2.0, gt=0.0)
     distill_alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _beta_positive(self) -> ObjectiveConfig:
+        if self.beta == 0 and self.name != "grpo":
+            raise ValueError(f"beta: must be above 0 for {self.name} (only grpo runs without the KL term)")
+        return self
 
     @model_validator(mode="after")
     def _teacher_given(self) -> ObjectiveConfig:
@@ -352,6 +368,44 @@ class GenerateConfig(Section):
     top_p: float | None = Field(0.95, gt=0.0, le=1.0)
 
 
+class RolloutConfig(Section):
+    """How an RL objective (grpo) samples from the current policy: `num_generations` completions per
+    prompt, rendered with the training chat template, ending at EOS or after max_new_tokens."""
+
+    num_generations: int = Field(4, ge=2)  # a group per prompt: its rewards are compared with each other
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, gt=0)
+
+
+class RewardTermConfig(Section):
+    """One part of the reward of a completion; the reward is the weighted sum of the parts.
+    exact_match / numeric_match: 1 when the completion (its last number, for numeric_match) equals the
+    row's reference in `column` (default data.response_column), else 0; regex: 1 when the stripped
+    completion matches `pattern` whole; function: `package.module:function`, called as
+    f(prompts=[...], completions=[...], **the rows' other columns as lists) -> list of floats (TRL's
+    convention); model: the score of a reward model folder trained by objective.name: reward."""
+
+    kind: Literal["exact_match", "numeric_match", "regex", "function", "model"]
+    weight: float = 1.0
+    column: str | None = None
+    pattern: str | None = None
+    function: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> RewardTermConfig:
+        needed = {"regex": "pattern", "function": "function", "model": "path"}.get(self.kind)
+        if needed and not getattr(self, needed):
+            raise ValueError(f"{needed}: a {self.kind} reward needs it")
+        return self
+
+
+class RewardConfig(Section):
+    terms: list[RewardTermConfig] = Field(default_factory=list)
+
+
 class EvalTaskConfig(Section):
     """A held-out task file that `lmforge eval` (or an eval stage) scores: labelled rows (classification),
     conversations with reference answers (generation) or preference pairs (preferences)."""
@@ -423,6 +477,15 @@ class Recipe(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    rollout: RolloutConfig | None = None  # grpo's sampling (unset: RolloutConfig's defaults)
+    reward: RewardConfig | None = None  # what grpo optimises
+
+    @model_validator(mode="after")
+    def _reward_given(self) -> Recipe:
+        if self.objective.name == "grpo" and not (self.reward and self.reward.terms):
+            raise ValueError("reward.terms: the grpo objective needs a reward (exact_match, numeric_match, regex, "
+                             "function or model), e.g. reward: {terms: [{kind: numeric_match}]}")
+        return self
 
     @model_validator(mode="after")
     def _l2sp_unsharded(self) -> Recipe:

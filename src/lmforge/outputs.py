@@ -60,7 +60,8 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +85,7 @@ def remove_stale_temporaries(folder: Path, prefixes: list[str], log: Callable[[s
     for entry in folder.iterdir():
         prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
         pid = entry.name.rsplit("-", 1)[-1] if prefix else ""  # the writer's pid ends the name
-        if not (entry.is_dir() and pid.isdigit()) or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+        if not (entry.is_dir() and pid.isdigit()) or (int(pid) != os.getpid() and pid_alive(int(pid))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

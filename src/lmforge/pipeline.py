@@ -195,7 +195,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if objective_data(recipe.objective) in ("pairs", "labeled", "instructions", "preferences"):  # small sets: tokenized in memory at train time
+    if objective_data(recipe.objective) in ("pairs", "labeled", "instructions", "preferences", "prompts"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "", cfg.val_files)}
@@ -550,7 +550,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []
-    chat = objective_data(recipe.objective) in ("instructions", "preferences")  # chat-tuned: prompts are user turns
+    chat = objective_data(recipe.objective) in ("instructions", "preferences", "prompts")  # chat-tuned: prompts are user turns
     if objective_head(recipe.objective) == "causal_lm":  # only decoders continue a prompt
         samples = generate_stage(outcome.model_dir, g.prompts, g.max_new_tokens, g.temperature, g.top_k, g.top_p,
                                  recipe.seed, chat=chat)

@@ -2,14 +2,17 @@
 batches in an epoch, tokens per batch, and an `evaluate(model, precision)` callback for held-out data.
 
 packed rows (one corpus or a weighted mixture), text pairs (contrastive), sentence pairs (NSP/SOP),
-labelled texts (classification), instruction examples (SFT) and preference pairs (DPO).
+labelled texts (classification), instruction examples (SFT), preference pairs (DPO) and prompts
+(RL objectives: their batches become rollouts inside the objective).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from lmforge.config import Recipe
+from lmforge.config import Recipe, RolloutConfig
 from lmforge.data.instructions import (
     InstructionFormat,
     PackedExamples,
@@ -22,14 +25,17 @@ from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.pairs import load_pairs
 from lmforge.data.preferences import load_preferences
 from lmforge.data.prepare import PreparedCorpus
+from lmforge.data.prompts import load_prompts
 from lmforge.data.sentence_pairs import SentencePairs
 from lmforge.engine.distributed import say
+from lmforge.engine.rollout import Rollout
 from lmforge.engine.runtime import resolve_precision
 from lmforge.eval.classification import classification_metrics
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.retrieval import retrieval_metrics
 from lmforge.objectives import objective_data
 from lmforge.objectives.dpo import attach_reference
+from lmforge.rewards import Reward
 
 
 def _packed_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus],
@@ -166,6 +172,44 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
                              2 * float(sets.train.lengths.mean()))
 
 
+def _prompt_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module, device: torch.device) -> dict:
+    """Prompts for an RL objective, bound to it with the rollout settings, the reward and the reference
+    (a frozen copy of the start model under full fine-tuning with beta > 0; under adapters the policy
+    with them off). Each batch carries its sampling seed: a resumed run draws the same completions.
+    Held-out measure: the mean reward of greedy completions of the held-out prompts."""
+    cfg, tcfg = recipe.data, recipe.trainer
+    rollout_cfg = recipe.rollout or RolloutConfig()
+    reward = Reward(recipe.reward, cfg.response_column)  # checked now, before any sampling
+    ensure_chat_template(tokenizer, cfg.chat_template)
+    max_prompt = recipe.packing.seq_len - rollout_cfg.max_new_tokens
+    if max_prompt < 1:
+        raise ValueError(f"rollout.max_new_tokens: {rollout_cfg.max_new_tokens} leaves no room for a prompt within "
+                         f"packing.seq_len {recipe.packing.seq_len}")
+    sets = load_prompts(cfg.train_files, tokenizer, InstructionFormat.of(cfg), max_prompt, cfg.val_fraction,
+                        cfg.max_docs, cfg.val_files)
+    skipped = f"; {sets.dropped} longer than {max_prompt} tokens dropped" if sets.dropped else ""
+    say(f"data: {len(sets.train)} prompts x {rollout_cfg.num_generations} completions, {len(sets.val)} held out{skipped}; "
+        f"reward: {' + '.join(f'{t.weight:g} {n}' for n, t, _ in reward.terms)}")
+    rollout = Rollout(rollout_cfg, tokenizer, reward, sets.train, sets.val)
+    reference = None
+    if objective.beta != 0.0 and not hasattr(model, "disable_adapter"):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    objective.bind(rollout, reference)
+
+    def batches(start: int):
+        for number, batch in enumerate(iterate_batches(sets.train, tcfg.batch_size, recipe.seed, start), start):
+            # one seed per batch and row: each process samples its own rows' completions from its first row's
+            batch["rollout_seed"] = recipe.seed * 1_000_003 + number * tcfg.batch_size + torch.arange(len(batch["prompt_index"]))
+            yield batch
+
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out prompt
+        return rollout.evaluate(m, tcfg.batch_size, device, precision)
+
+    return {"batches": batches, "batches_per_epoch": len(sets.train) // tcfg.batch_size,
+            "tokens_per_batch": tcfg.batch_size * rollout_cfg.num_generations * rollout_cfg.max_new_tokens,
+            "evaluate": evaluate if len(sets.val) else None}
+
+
 def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, PreparedCorpus], device: torch.device,
                     model: torch.nn.Module | None = None, reference: torch.nn.Module | None = None,
                     held_out_only: bool = False) -> dict:
@@ -174,6 +218,8 @@ def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, Pre
     kind = objective_data(recipe.objective)
     if kind == "preferences":
         return _preference_source(recipe, objective, tokenizer, model, device, reference, held_out_only)
+    if kind == "prompts":
+        return _prompt_source(recipe, objective, tokenizer, model, device)
     builders = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
                 "labeled": _labeled_source, "instructions": _instruction_source}
     return builders[kind](recipe, objective, tokenizer, corpora, device)

@@ -142,6 +142,15 @@ class LogWindow:
     mix: torch.Tensor  # rows drawn from each mixture source
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
+    # the objective's own health measures (objective.train_metrics: an RL run's reward, KL, ...), summed
+    # over the micro-batches of the window
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_batches: int = 0
+
+    def add(self, names: tuple[str, ...], values: dict[str, torch.Tensor]) -> None:
+        for name in names:
+            self.extra[name] = self.extra.get(name, 0.0) + values[name].detach().float()
+        self.extra_batches += bool(names)
 
     def record(self, state: TrainState, lr: float, grad_norm: torch.Tensor, source_names: list[str] | None) -> dict:
         now = time.perf_counter()
@@ -153,6 +162,8 @@ class LogWindow:
             "tokens_seen": state.tokens_seen,
             "bad_steps": state.bad_steps,
         }
+        record.update({k: float(v) / max(self.extra_batches, 1) for k, v in self.extra.items()})
+        self.extra, self.extra_batches = {}, 0
         total = max(int(self.mix.sum()), 1)
         record.update({f"mix_{n}": c / total for n, c in zip(source_names or [], self.mix.tolist(), strict=True)})
         self.loss.zero_()
@@ -360,6 +371,7 @@ def train(
         result.first_eval = run_eval(0)
     model.train()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    logged = tuple(getattr(objective, "train_metrics", ()))
     try:
         with StopFlag() as stop:
             while state.step < total_steps:
@@ -372,7 +384,8 @@ def train(
                     tokens += int(host_batch.pop("num_tokens", host_batch["input_ids"].numel()))
                     batch = {k: v.to(device, non_blocking=True) for k, v in strategy.shard(host_batch).items()}
                     with autocast(device, precision):
-                        loss, _ = objective.loss(step_model, batch)
+                        loss, parts = objective.loss(step_model, batch)
+                    window.add(logged, parts)
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
                 # the mean over ranks: every rank must agree on skipping a non-finite step

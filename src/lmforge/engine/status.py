@@ -59,19 +59,11 @@ class Progress:
         write_status(self.folder, step=step, eta_seconds=eta)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def run_state(folder: Path) -> str:
     """running / finished / failed / interrupted; a 'running' run whose process is gone (killed hard,
     the machine restarted) reads as interrupted: its last checkpoint resumes it."""
+    from lmforge.outputs import pid_alive
+
     status = read_status(folder)
     state = status.get("status")
     if state == "running":

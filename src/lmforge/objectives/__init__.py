@@ -9,6 +9,7 @@ from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.distill import Distillation
 from lmforge.objectives.dpo import DirectPreference
+from lmforge.objectives.grpo import GroupRelativePolicy
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.orpo import OddsRatioPreference
 from lmforge.objectives.prefix_lm import PrefixLM
@@ -21,7 +22,7 @@ OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": Pr
                                "contrastive": Contrastive, "classify": SequenceClassification,
                                "sft": SupervisedFineTuning, "dpo": DirectPreference, "simpo": SimplePreference,
                                "orpo": OddsRatioPreference, "reward": RewardModel,
-                               "distill": Distillation}
+                               "distill": Distillation, "grpo": GroupRelativePolicy}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:

@@ -1,0 +1,91 @@
+"""Rollouts for RL objectives: sample completions from the current policy and score them.
+
+`Rollout.sample` takes a training batch (left-padded prompts and their indices), draws
+`rollout.num_generations` completions per prompt with the one sampler (eval/generate.sample_batch, KV
+cached) and returns them with the reward of each and of each reward part. The sampling seed comes from
+the batch (its number in the run and the rank's rows), so a resumed run draws the same completions.
+`Rollout.evaluate` is the held-out measure: one greedy completion per held-out prompt, its mean reward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.config import RolloutConfig
+from lmforge.data.prompts import PromptSet
+from lmforge.engine.runtime import autocast
+from lmforge.eval.generate import sample_batch
+from lmforge.rewards import Reward
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model under DDP / torch.compile wrappers: what `generate` and the adapters live on."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: torch.Tensor  # (B * G, P) left-padded, each prompt repeated G times
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (B * G, C)
+    completion_mask: torch.Tensor  # 1 up to and including EOS
+    rewards: torch.Tensor  # (B * G,) the weighted total
+    parts: dict[str, torch.Tensor]  # each reward part, (B * G,)
+    completions: list[str]
+
+
+class Rollout:
+    def __init__(self, cfg: RolloutConfig, tokenizer, reward: Reward, train: PromptSet, val: PromptSet):
+        self.cfg, self.tokenizer, self.reward, self.train, self.val = cfg, tokenizer, reward, train, val
+
+    def _score(self, prompts: PromptSet, indices: list[int], completion_ids: torch.Tensor,
+               mask: torch.Tensor, repeats: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
+        texts = [self.tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True)
+                 for ids, m in zip(completion_ids.tolist(), mask, strict=True)]
+        rows = [prompts.prompts[i] for i in indices for _ in range(repeats)]
+        total, parts = self.reward.score([p.text for p in rows], texts, [p.row for p in rows], [p.messages for p in rows])
+        return total, parts, texts
+
+    def sample(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> RolloutBatch:
+        policy = unwrapped(model)
+        was_training = policy.training
+        indices = batch["prompt_index"].tolist()
+        seed = int(batch["rollout_seed"][0]) if "rollout_seed" in batch else 0
+        cfg = self.cfg
+        completion_ids, mask = sample_batch(policy, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                            cfg.num_generations, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                            cfg.top_p, seed)
+        policy.train(was_training)
+        rewards, parts, texts = self._score(self.train, indices, completion_ids, mask, cfg.num_generations)
+        device = completion_ids.device
+        return RolloutBatch(batch["input_ids"].repeat_interleave(cfg.num_generations, 0),
+                            batch["attention_mask"].repeat_interleave(cfg.num_generations, 0),
+                            completion_ids, mask, rewards.to(device), {k: v.to(device) for k, v in parts.items()}, texts)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int, device: torch.device, precision: str) -> dict:
+        """Mean reward (and each part, and completion length) of one greedy completion per held-out prompt."""
+        policy = unwrapped(model)
+        was_training = policy.training
+        totals, lengths, parts_sum = [], [], {}
+        for b in range(math.ceil(len(self.val) / batch_size)):
+            indices = list(range(b * batch_size, min((b + 1) * batch_size, len(self.val))))
+            batch = self.val.batch(indices)
+            with autocast(device, precision):
+                ids, mask = sample_batch(policy, self.tokenizer, batch["input_ids"].to(device),
+                                         batch["attention_mask"].to(device), 1, self.cfg.max_new_tokens, temperature=0.0)
+            total, parts, _ = self._score(self.val, indices, ids.cpu(), mask.cpu(), 1)
+            totals.append(total)
+            lengths.append(mask.sum(1).float().cpu())
+            for k, v in parts.items():
+                parts_sum.setdefault(k, []).append(v)
+        policy.train(was_training)
+        out = {"reward": float(torch.cat(totals).mean()), "completion_length": float(torch.cat(lengths).mean())}
+        if len(parts_sum) > 1:
+            out.update({f"reward_{k}": float(torch.cat(v).nanmean()) for k, v in parts_sum.items()})
+        return out

@@ -1,0 +1,219 @@
+"""GRPO: rollouts from the policy, rewards, group advantages and the clipped loss (against TRL's
+GRPOTrainer on the same tensors); whole runs that raise the held-out reward, resume, bad rewards."""
+
+import json
+import random
+import re
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.engine.metrics import read_metrics
+
+from .conftest import assert_cli_resume_is_exact, write_recipe
+
+runner = CliRunner()
+
+REWARDS_MODULE = '''
+def digits(prompts, completions, **columns):
+    """The share of a completion's characters that are digits."""
+    assert len(columns["response"]) == len(completions)  # the rows' other columns come along
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def no_completions(prompts):
+    return [0.0] * len(prompts)
+'''
+
+
+@pytest.fixture()
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARDS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_rewards"
+    sys.modules.pop("my_rewards", None)
+
+
+@pytest.fixture(scope="module")
+def sums_file(tmp_path_factory):
+    """Small additions with their answers (a verifiable task)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("sums") / "sums.jsonl"
+    rows = []
+    for _ in range(120):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        rows.append({"prompt": f"What is {a} plus {b}?", "response": str(a + b)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _recipe(tmp_path, base, data, **sections) -> str:
+    return write_recipe(tmp_path, base, {
+        "data": {"train_files": [str(data)], "val_fraction": 0.1},
+        "objective": {"name": "grpo", "beta": 0.04},
+        "rollout": {"num_generations": 4, "max_new_tokens": 8, "temperature": 1.0},
+        "reward": {"terms": [{"kind": "function", "function": "my_rewards:digits"}]},
+        "trainer": {"max_steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 20, "log_every": 5},
+    }, sections)
+
+
+def test_grpo_run_raises_the_held_out_reward(tmp_path, base_model, sums_file, reward_module):
+    result = runner.invoke(app, ["run", _recipe(tmp_path, base_model, sums_file)])
+    assert result.exit_code == 0, result.output
+    before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
+    train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    print(before, after, train[-1])
+    assert after["reward"] > before["reward"] + 0.1
+    for key in ("reward", "reward_sd", "kl", "entropy", "completion_length", "zero_sd_groups"):
+        assert key in train[-1]
+
+
+def _tiny_llama(vocab: int, seed: int):
+    from lmforge.models.factory import build_model, preset_config
+
+    torch.manual_seed(seed)
+    return build_model(preset_config("llama", "tiny", vocab, 512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=2, intermediate_size=128), "causal_lm")
+
+
+@pytest.mark.parametrize("loss_type, beta", [("grpo", 0.04), ("bnpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.1)])
+def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta):
+    """The same prompts, completions and advantages through TRL's GRPOTrainer._compute_loss (its forward,
+    its reference log-probabilities from a separate model) and through lmforge's: same loss, same gradients."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lmforge.objectives.grpo import (
+        GroupRelativePolicy,
+        completion_logprobs,
+        group_advantages,
+        policy_loss,
+    )
+
+    vocab, group, max_len = (len(tokenizer) + 63) // 64 * 64, 4, 7
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(10, len(tokenizer), (2, 5), generator=generator).repeat_interleave(group, 0)
+    completion_ids = torch.randint(10, len(tokenizer), (2 * group, max_len), generator=generator)
+    lengths = torch.tensor([7, 3, 5, 1, 6, 7, 2, 4])
+    completion_mask = (torch.arange(max_len)[None] < lengths[:, None]).long()
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.2, 0.9, 0.9, 0.1])
+    objective = GroupRelativePolicy(type("Cfg", (), {"beta": beta, "grpo_loss": loss_type, "epsilon": None,
+                                                     "epsilon_high": None, "scale_rewards": None})())
+    advantages, _ = group_advantages(rewards, group, objective.scale)
+    expected = rewards.view(-1, group)  # TRL's own formula: (r - group mean) / (group sd + 1e-4), unscaled for dr_grpo
+    centred = (expected - expected.mean(1, keepdim=True))
+    if loss_type != "dr_grpo":
+        centred = centred / (expected.std(1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(advantages, centred.flatten())
+
+    policy, reference = _tiny_llama(vocab, 0), _tiny_llama(vocab, 1)  # a reference unlike the policy
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    full_mask = torch.cat([torch.ones_like(prompt_ids), completion_mask], 1)
+    ref_logps = completion_logprobs(reference, ids, full_mask, max_len, temperature=0.7)[0].detach()
+    args = GRPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=loss_type, num_generations=group,
+                      max_completion_length=max_len, temperature=0.7, report_to="none", use_cpu=True, bf16=False,
+                      per_device_train_batch_size=2 * group, epsilon_high=objective.epsilon_high)
+    data = Dataset.from_list([{"prompt": "a"}] * 8)
+    policy.save_pretrained(tmp_path / "policy")  # TRL builds its own reference from the policy's folder (unused here)
+    trainer = GRPOTrainer(model=str(tmp_path / "policy"), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=data, processing_class=tokenizer)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages, "ref_per_token_logps": ref_logps,
+              "num_items_in_batch": completion_mask.sum()}
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by its training loop, which is not run here
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+    their_grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    model = _tiny_llama(vocab, 0)
+    logps, _ = completion_logprobs(model, ids, full_mask, max_len, temperature=0.7)
+    mine, kl = policy_loss(logps, logps.detach(), ref_logps if beta else None, advantages, completion_mask, beta,
+                           objective.epsilon_low, objective.epsilon_high, loss_type, max_len)
+    mine.backward()
+    torch.testing.assert_close(mine, theirs.detach(), atol=1e-6, rtol=1e-5)
+    assert (kl is None) == (beta == 0)
+    grads = dict(model.named_parameters())
+    assert their_grads.keys() == {n for n, p in grads.items() if p.grad is not None}
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(grads[name].grad, grad, atol=1e-7, rtol=1e-4)
+
+
+def test_batched_sampling_of_left_padded_prompts_equals_one_at_a_time(base_model):
+    """The rollout sampler continues prompts of different lengths, left-padded in one batch, exactly as
+    generate_ids continues each alone (greedy), and masks everything after a completion's EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.data.prompts import Prompt, PromptSet
+    from lmforge.eval.generate import generate_ids, prompt_ids, sample_batch
+
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    texts = ["The county", "In the middle of the long and quiet afternoon, the", "He said that"]
+    prompts = PromptSet([Prompt(str(i), [], t, torch.tensor(prompt_ids(tokenizer, t)).numpy(), {}) for i, t in enumerate(texts)],
+                        tokenizer.pad_token_id or 0)
+    batch = prompts.batch([0, 1, 2])
+    assert batch["attention_mask"][0, 0] == 0  # the short prompt is padded on the left
+    ids, mask = sample_batch(model, tokenizer, batch["input_ids"], batch["attention_mask"], 1, 12, temperature=0.0)
+    for row, text in enumerate(texts):
+        alone = generate_ids(model, tokenizer, prompt_ids(tokenizer, text), 12, temperature=0.0)
+        assert ids[row, : int(mask[row].sum())].tolist() == alone[: int(mask[row].sum())]
+    eos = tokenizer.eos_token_id
+    fake = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8]])
+    is_eos = fake == eos
+    assert ((is_eos.cumsum(1) - is_eos.long()) == 0).long().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_rewards_built_in_and_their_errors(reward_module):
+    from lmforge.config import RewardConfig, RewardTermConfig
+    from lmforge.rewards import Reward, exact_match, last_number, numeric_match
+
+    assert last_number("so 3 + 4 is 1,207.5 dollars") == 1207.5 and last_number("none") is None
+    assert numeric_match(["It is 21.", "21 or 22", "twenty-one"], ["21", "21", "21"]) == [1.0, 0.0, 0.0]
+    assert exact_match(["  Paris. ", "paris is it"], ["paris", "Paris"]) == [1.0, 0.0]
+    reward = Reward(RewardConfig(terms=[RewardTermConfig(kind="numeric_match"),
+                                        RewardTermConfig(kind="regex", pattern=r"\d+", weight=0.5),
+                                        RewardTermConfig(kind="function", function="my_rewards:digits", weight=2.0)]),
+                    "response")
+    rows = [{"response": "12"}, {"response": "12"}]
+    total, parts = reward.score(["p", "p"], ["12", "it is 12"], rows, [[], []])
+    assert reward.names == ["numeric_match", "regex", "digits"]
+    assert parts["regex"].tolist() == [1.0, 0.0] and parts["numeric_match"].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(total, torch.tensor([1 + 0.5 + 2.0, 1 + 2 * 2 / 8]))
+    for term, message in [({"kind": "function", "function": "no_such_module:f"}, r"reward.terms\[0\].function: cannot import"),
+                          ({"kind": "function", "function": "my_rewards:missing"}, "has no function 'missing'"),
+                          ({"kind": "function", "function": "my_rewards:no_completions"}, "must take keyword arguments"),
+                          ({"kind": "regex", "pattern": "(unclosed"}, r"reward.terms\[0\].pattern"),
+                          ({"kind": "model", "path": "/nonexistent"}, "not a model folder")]:
+        with pytest.raises(ValueError, match=message):
+            Reward(RewardConfig(terms=[RewardTermConfig(**term)]), "response")
+
+
+def test_a_bad_reward_stops_the_run_before_training_with_its_key(tmp_path, base_model, sums_file, reward_module):
+    result = runner.invoke(app, ["train", _recipe(tmp_path, base_model, sums_file, reward={"terms": []})])
+    assert result.exit_code != 0 and "reward.terms: the grpo objective needs a reward" in result.output
+    bad = {"terms": [{"kind": "function", "function": "my_rewards:no_completions"}]}
+    result = runner.invoke(app, ["train", _recipe(tmp_path, base_model, sums_file, reward=bad)])
+    assert result.exit_code != 0 and "must take keyword arguments prompts and completions" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "final").exists()
+
+
+def test_grpo_under_lora_uses_the_base_as_reference_and_resumes_exactly(tmp_path, base_model, sums_file, reward_module):
+    """Under LoRA the reference is the base with the adapters off (the KL starts at 0 and grows); the
+    rollout seed travels with the batches, so a resumed run samples and ends the same."""
+    path = _recipe(tmp_path, base_model, sums_file, method={"name": "lora", "lora": {"rank": 8}},
+                   trainer={"max_steps": 6, "save_every": 3, "eval_every": 100, "eval_at_start": False, "log_every": 1,
+                            "lr": 1e-2})
+    assert_cli_resume_is_exact(path, tmp_path / "run", "adapter_model.safetensors", last_step=6)
+    train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-6) and train[-1]["kl"] > 1e-4
+
+
+def test_check_measures_a_grpo_step(tmp_path, base_model, sums_file, reward_module):
+    result = runner.invoke(app, ["check", _recipe(tmp_path, base_model, sums_file)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"measured: [\d.]+ s/step", result.output)  # real rollouts of stand-in prompts
+    assert "split across packed rows" not in result.output
