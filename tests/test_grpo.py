@@ -217,3 +217,21 @@ def test_check_measures_a_grpo_step(tmp_path, base_model, sums_file, reward_modu
     assert result.exit_code == 0, result.output
     assert re.search(r"measured: [\d.]+ s/step", result.output)  # real rollouts of stand-in prompts
     assert "split across packed rows" not in result.output
+
+
+def test_a_run_past_its_kl_bound_stops_with_its_last_checkpoint(tmp_path, base_model, sums_file, reward_module):
+    path = _recipe(tmp_path, base_model, sums_file, objective={"max_kl": 1e-3},
+                   trainer={"max_steps": 12, "save_every": 2, "log_every": 4, "lr": 1e-2, "eval_every": 100})
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"step \d+: the mean KL to the reference [\d.e-]+ exceeds objective.max_kl 0.001", result.output)
+    assert "last good checkpoint: " + str(tmp_path / "run" / "checkpoints" / "step_") in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "final").exists()
+
+
+def test_empty_completions_stop_a_run():
+    from lmforge.objectives.grpo import GroupRelativePolicy
+
+    objective = GroupRelativePolicy(None)
+    assert objective.unhealthy({"kl": 50.0, "completion_length": 3.5}) is None  # no bound set
+    assert "collapsed to empty" in objective.unhealthy({"kl": 0.1, "completion_length": 1.0})

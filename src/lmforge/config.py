@@ -162,6 +162,9 @@ class ObjectiveConfig(Section):
     epsilon: float | None = Field(None, gt=0.0, lt=1.0)
     epsilon_high: float | None = Field(None, gt=0.0)
     scale_rewards: Literal["group", "batch", "none"] | None = None
+    # grpo: a run whose mean KL to the reference (over a log window) exceeds this stops with an error
+    # naming its last good checkpoint (unset: no bound; a run whose completions are all empty always stops)
+    max_kl: float | None = Field(None, gt=0.0)
     # distill: the teacher (a local causal-LM checkpoint with the student's vocabulary), the softmax
     # temperature of both distributions, and the distillation term's share of the loss (the rest is
     # the usual next-token loss on the data)

@@ -410,6 +410,10 @@ def train(
                     record = window.record(state, scheduler.get_last_lr()[0], grad_norm, source_names)
                     window.mix.zero_()
                     metrics.log(state.step, record)
+                    # an RL objective's verdict on its run (rank 0's: every rank stops together)
+                    problem = strategy.same_on_all(objective.unhealthy(record)) if hasattr(objective, "unhealthy") else None
+                    if problem:  # an RL run gone wrong: stop, keep what was saved before
+                        raise TrainingDiverged(f"step {state.step}: {problem}; last good checkpoint: {last_saved or 'none'}")
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                     result.train_loss = record["loss"]
                 stop_early = False

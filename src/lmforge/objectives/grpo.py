@@ -107,6 +107,7 @@ class GroupRelativePolicy(ObjectiveBase):
         default_high = 0.28 if self.loss_type == "dapo" else self.epsilon_low
         self.epsilon_high = (cfg.epsilon_high if cfg is not None else None) or default_high
         self.scale = (cfg.scale_rewards if cfg is not None else None) or ("none" if self.loss_type == "dr_grpo" else "group")
+        self.max_kl = cfg.max_kl if cfg is not None else None
         self.rollout: Rollout | None = None
         self.reference: nn.Module | None = None  # a frozen copy under full fine-tuning
 
@@ -116,6 +117,16 @@ class GroupRelativePolicy(ObjectiveBase):
         self.rollout, self.reference = rollout, reference
         names = rollout.reward.names
         self.train_metrics = type(self).train_metrics + (tuple(f"reward_{n}" for n in names) if len(names) > 1 else ())
+
+    def unhealthy(self, record: dict) -> str | None:
+        """Why the run must stop, from a log record (window means), or None: the policy has run away
+        from the reference, or every completion is empty (EOS at once: nothing left to reward)."""
+        if self.max_kl is not None and record.get("kl", 0.0) > self.max_kl:
+            return (f"the mean KL to the reference {record['kl']:.3g} exceeds objective.max_kl {self.max_kl:g} (raise "
+                    "objective.beta or lower trainer.lr)")
+        if record.get("completion_length", 2.0) <= 1.0:
+            return "the completions collapsed to empty (EOS at once); lower trainer.lr or check the reward"
+        return None
 
     @torch.no_grad()
     def _reference_logprobs(self, model: nn.Module, input_ids, attention_mask, completion_len: int) -> torch.Tensor:
