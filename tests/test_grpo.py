@@ -86,6 +86,7 @@ def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from lmforge.config import ObjectiveConfig
     from lmforge.objectives.grpo import (
         GroupRelativePolicy,
         completion_logprobs,
@@ -100,8 +101,7 @@ def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta):
     lengths = torch.tensor([7, 3, 5, 1, 6, 7, 2, 4])
     completion_mask = (torch.arange(max_len)[None] < lengths[:, None]).long()
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.2, 0.9, 0.9, 0.1])
-    objective = GroupRelativePolicy(type("Cfg", (), {"beta": beta, "grpo_loss": loss_type, "epsilon": None,
-                                                     "epsilon_high": None, "scale_rewards": None})())
+    objective = GroupRelativePolicy(ObjectiveConfig(name="grpo", beta=beta, grpo_loss=loss_type))
     advantages, _ = group_advantages(rewards, group, objective.scale)
     expected = rewards.view(-1, group)  # TRL's own formula: (r - group mean) / (group sd + 1e-4), unscaled for dr_grpo
     centred = (expected - expected.mean(1, keepdim=True))
