@@ -2,6 +2,7 @@
 GRPOTrainer on the same tensors); whole runs that raise the held-out reward, resume, bad rewards."""
 
 import json
+import os
 import random
 import re
 import sys
@@ -235,3 +236,22 @@ def test_empty_completions_stop_a_run():
     objective = GroupRelativePolicy(None)
     assert objective.unhealthy({"kl": 50.0, "completion_length": 3.5}) is None  # no bound set
     assert "collapsed to empty" in objective.unhealthy({"kl": 0.1, "completion_length": 1.0})
+
+
+@pytest.mark.slow
+def test_grpo_under_ddp_each_rank_rolls_out_its_own_prompts(tmp_path, base_model, sums_file):
+    """Two processes (gloo): each samples the completions of its half of the batch's prompts, the
+    gradients are averaged, and the run learns as one process does."""
+    import subprocess
+
+    module = tmp_path / "rewards_module"
+    module.mkdir()
+    (module / "my_rewards.py").write_text(REWARDS_MODULE)
+    path = _recipe(tmp_path, base_model, sums_file, trainer={"strategy": "ddp", "progress": False})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(module), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lmforge.cli", "train", path], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
+    assert after["reward"] > before["reward"] + 0.1
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
