@@ -31,7 +31,7 @@ from lmforge.data.formats import (
 )
 from lmforge.data.instructions import InstructionFormat, iter_conversations
 from lmforge.data.labeled import iter_labeled
-from lmforge.data.preferences import iter_preference_rows
+from lmforge.data.preferences import iter_preference_rows, iter_unpaired_rows
 from lmforge.data.prepare import read_manifest
 from lmforge.data.prompts import prompt_row
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -107,6 +107,9 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
     if main and objective_data(recipe.objective) == "instructions":  # conversations: prompt columns, answer column or messages
         conversations = iter_conversations([path], InstructionFormat.of(cfg), sample_rows)
         return (c if isinstance(c, DataError) else "\n".join(str(m["content"]) for m in c[1]) for c in conversations)
+    if main and recipe.objective.name == "kto":  # a conversation and its desirable flag
+        examples = iter_unpaired_rows([path], InstructionFormat.of(cfg), cfg.label_column or "label", sample_rows)
+        return (e if isinstance(e, DataError) else "\n".join(str(m["content"]) for m in e[1]) for e in examples)
     if main and objective_data(recipe.objective) == "preferences":  # the prompt's columns and both answers' columns
         pairs = iter_preference_rows([path], InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column, sample_rows)
         return (p if isinstance(p, DataError) else "\n".join(str(m["content"]) for m in p[1]) for p in pairs)
@@ -291,6 +294,8 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
         batch["labels"] = torch.randint(0, model.config.num_labels, (rows,), device=device)
     if getattr(objective, "needs_reference", False):  # DPO: the reference's log-probabilities travel with the batch
         batch["reference_logps"] = torch.zeros(rows, device=device)
+    if getattr(objective, "unpaired", False):  # kto: desirable and undesirable examples alike
+        batch["desirable"] = torch.arange(rows, device=device) // 2 % 2 == 0
     if objective_data(recipe.objective) == "prompts":  # RL: each step samples, so measure real rollouts of random prompts
         batch = _stand_in_rollout(recipe, objective, tokenizer, model, tokens)
     timings = []

@@ -127,7 +127,7 @@ class ModelConfig(Section):
 
 class ObjectiveConfig(Section):
     name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
-                  "distill", "grpo"] = "clm"
+                  "distill", "grpo", "kto"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -153,6 +153,10 @@ class ObjectiveConfig(Section):
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     # simpo: the target reward margin gamma between the chosen and the rejected answer
     simpo_gamma: float = Field(0.5, ge=0.0)
+    # kto: the weights of the desirable and the undesirable examples' losses (unset: 1; to balance
+    # unequal counts, keep desirable_weight x n_desirable / (undesirable_weight x n_undesirable) in [1, 4/3])
+    desirable_weight: float | None = Field(None, gt=0.0)
+    undesirable_weight: float | None = Field(None, gt=0.0)
     # grpo: how the per-token losses are averaged (grpo: per completion, then over completions; bnpo:
     # over all tokens of the batch; dr_grpo: over batch x rollout.max_new_tokens, with unscaled
     # advantages; dapo: over the tokens, with clip-higher), the clipping range of the importance ratio
@@ -502,8 +506,8 @@ class Recipe(Section):
     def _prompt_learning_fits(self) -> Recipe:
         if self.method.name not in PROMPT_METHODS:
             return self
-        if self.objective.name not in ("clm", "sft", "dpo", "simpo", "orpo"):
-            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft, dpo, simpo, orpo), "
+        if self.objective.name not in ("clm", "sft", "dpo", "simpo", "orpo", "kto"):
+            raise ValueError(f"method.name {self.method.name}: built for causal-LM objectives (clm, sft, dpo, simpo, orpo, kto), "
                              f"not '{self.objective.name}'")
         if self.packing.document_mask:  # peft drops position ids under prompt learning
             raise ValueError(f"packing.document_mask: {self.method.name} ignores position ids, so packed "

@@ -23,7 +23,7 @@ from lmforge.data.labeled import load_labeled
 from lmforge.data.mixing import iterate_mixture
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.pairs import load_pairs
-from lmforge.data.preferences import load_preferences
+from lmforge.data.preferences import load_preferences, load_unpaired
 from lmforge.data.prepare import PreparedCorpus
 from lmforge.data.prompts import load_prompts
 from lmforge.data.sentence_pairs import SentencePairs
@@ -153,12 +153,18 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
     model is evaluated after training); `held_out_only`: only the held-out pairs get its log-probabilities."""
     cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
     ensure_chat_template(tokenizer, cfg.chat_template)
-    sets = load_preferences(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.chosen_column, cfg.rejected_column,
-                            pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs,
-                            whole_rows=getattr(objective, "scores_whole_rows", False), val_files=cfg.val_files)
+    if getattr(objective, "unpaired", False):  # kto: answers marked desirable or not, one by one
+        sets = load_unpaired(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.label_column or "label",
+                             pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size, cfg.max_docs, cfg.val_files)
+    else:
+        sets = load_preferences(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.chosen_column,
+                                cfg.rejected_column, pcfg.seq_len, cfg.val_fraction, cfg.long_examples, pcfg.group_size,
+                                cfg.max_docs, whole_rows=getattr(objective, "scores_whole_rows", False),
+                                val_files=cfg.val_files)
     skipped = f"; {sets.dropped} dropped (longer than seq_len {pcfg.seq_len}, or nothing to learn)" if sets.dropped else ""
     needs_reference = getattr(objective, "needs_reference", False)
-    say(f"data: {len(sets.train)} preference pairs, {len(sets.val)} held out{skipped}"
+    what = "examples (with a mismatched pair each)" if getattr(objective, "unpaired", False) else "preference pairs"
+    say(f"data: {len(sets.train)} {what}, {len(sets.val)} held out{skipped}"
         + ("; computing the reference model's log-probabilities" if needs_reference else ""))
     if needs_reference:  # in the run's precision (auto resolves as in the loop): reference and policy agree at step 0
         precision = resolve_precision(tcfg.precision, device)

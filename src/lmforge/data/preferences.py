@@ -105,3 +105,86 @@ def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen
         raise DataError(f"{', '.join(files)}: no preference pair fits packing.seq_len={seq_len} ({dropped} dropped)")
     train, val = (PreferencePairs(Examples(*sets[s], pad, group_size), whole_rows) for s in ("train", "val"))
     return PreferenceSets(train, val, dropped)
+
+
+# ------------------------------------------------------------------ unpaired feedback (KTO)
+TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1", "good", "desirable"}, {"false", "no", "0", "bad", "undesirable"}
+
+
+def _desirable(where: str, column: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise DataError(f"{where}: '{column}' is {value!r}; a desirable flag is true / false (or 1 / 0, yes / no)")
+
+
+class UnpairedExamples(PreferencePairs):
+    """KTO's examples as pairs of rows: row 2i is example i (its prompt and answer), row 2i + 1 the same
+    prompt with another example's answer (a mismatched pair, whose log-ratio estimates the KL term).
+    The partner is fixed when the data is read, so the reference's log-probabilities of both rows are
+    computed once (attach_reference, as for DPO) and batches may be shuffled freely."""
+
+    def __init__(self, rows: Examples, desirable: np.ndarray):
+        super().__init__(rows)
+        self.desirable = desirable
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = super().batch(indices)
+        batch["desirable"] = torch.from_numpy(np.repeat(self.desirable[indices], 2))  # one flag per row
+        return batch
+
+
+def iter_unpaired_rows(files: list[str], fmt: InstructionFormat, label_column: str,
+                       max_rows: int | None = None) -> Iterator[tuple[str, list[dict], bool] | DataError]:
+    """("file:line", the conversation, whether its answer is desirable) per row; a bad row is yielded as its error."""
+    def parse(path: str, lineno: int, row: dict) -> tuple[str, list[dict], bool]:
+        if label_column not in row:
+            raise DataError(f"{path}:{lineno}: no column '{label_column}' (data.label_column: whether the answer is "
+                            f"desirable; columns: {', '.join(row)})")
+        return f"{path}:{lineno}", row_messages(path, lineno, row, fmt), _desirable(f"{path}:{lineno}", label_column, row[label_column])
+
+    return parse_rows(files, parse, max_rows)
+
+
+def load_unpaired(files: list[str], tokenizer, fmt: InstructionFormat, label_column: str, seq_len: int,
+                  val_fraction: float, long_examples: str = "drop", group_size: int = 128, max_rows: int | None = None,
+                  val_files: list[str] | None = None) -> PreferenceSets:
+    """Rows of a prompt, an answer and whether the answer is desirable (`label_column`); each split's
+    examples with their mismatched partners (example i's prompt with another example's answer)."""
+    rows, held_out = read_split(lambda group: iter_unpaired_rows(group, fmt, label_column, max_rows), files, val_files,
+                                val_fraction)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sets, dropped = {}, 0
+    for split, wanted in (("train", False), ("val", True)):
+        examples = [r for r, is_val in zip(rows, held_out, strict=True) if is_val == wanted]
+        if split == "train" and len(examples) < 2:
+            raise DataError(f"{', '.join(files)}: kto needs at least 2 training examples (each is compared with "
+                            "another's answer)")
+        # partners along one seeded random cycle over the split: every answer is borrowed exactly once (the
+        # mismatched answers are the matched ones, as the paper's estimate wants), and rows written next to
+        # each other (one prompt's good and bad answer) are not paired with each other's prompt
+        order = np.random.default_rng(0).permutation(len(examples))
+        partner = np.empty(len(examples), dtype=np.int64)
+        partner[order] = np.roll(order, 1)
+        conversations = []
+        for i, (where, messages, _) in enumerate(examples):
+            borrowed = examples[partner[i]][1][-1]["content"]
+            conversations += [(where, messages), (where, [*messages[:-1], {"role": "assistant", "content": borrowed}])]
+        encoded = encode_conversations(tokenizer, conversations) if conversations else []
+        ids, labels, flags = [], [], []
+        for i, (where, _, desirable) in enumerate(examples):
+            fitted = [fit_length(*encoded[2 * i + k], seq_len, long_examples, where) for k in (0, 1)]
+            if fitted[0] is None or fitted[1] is None:
+                dropped += 1
+                continue
+            for row_ids, row_labels in fitted:
+                ids.append(row_ids)
+                labels.append(row_labels)
+            flags.append(desirable)
+        if split == "train" and not flags:
+            raise DataError(f"{', '.join(files)}: no kto example fits packing.seq_len={seq_len} ({dropped} dropped)")
+        sets[split] = UnpairedExamples(Examples(ids, labels, pad, group_size), np.asarray(flags, dtype=bool))
+    return PreferenceSets(sets["train"], sets["val"], dropped)

@@ -39,7 +39,8 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs,
             if parts is not None:
                 parts.append((float(loss) * count, count))
             for key, value in metrics.items():
-                counts[key] = counts.get(key, 0) + int(value)
+                if key not in getattr(objective, "train_metrics", ()):  # counts; not the logged training measures
+                    counts[key] = counts.get(key, 0) + int(value)
     mean = total_loss / max(total_tokens, 1)
     result = {"loss": mean, "tokens": total_tokens}
     if getattr(objective, "per_token_loss", True):  # a perplexity only where the loss is per token

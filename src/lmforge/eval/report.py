@@ -184,7 +184,7 @@ def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-TASK_OBJECTIVES = ("classify", "reward", "dpo", "simpo", "orpo")  # example-level tasks with an accuracy
+TASK_OBJECTIVES = ("classify", "reward", "dpo", "simpo", "orpo", "kto")  # example-level tasks with an accuracy
 
 
 def _task(r: RunView) -> dict:

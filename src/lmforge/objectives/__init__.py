@@ -10,6 +10,7 @@ from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.distill import Distillation
 from lmforge.objectives.dpo import DirectPreference
 from lmforge.objectives.grpo import GroupRelativePolicy
+from lmforge.objectives.kto import KahnemanTversky
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.orpo import OddsRatioPreference
 from lmforge.objectives.prefix_lm import PrefixLM
@@ -22,7 +23,8 @@ OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": Pr
                                "contrastive": Contrastive, "classify": SequenceClassification,
                                "sft": SupervisedFineTuning, "dpo": DirectPreference, "simpo": SimplePreference,
                                "orpo": OddsRatioPreference, "reward": RewardModel,
-                               "distill": Distillation, "grpo": GroupRelativePolicy}
+                               "distill": Distillation, "grpo": GroupRelativePolicy,
+                               "kto": KahnemanTversky}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:
