@@ -255,3 +255,40 @@ def test_grpo_under_ddp_each_rank_rolls_out_its_own_prompts(tmp_path, base_model
     before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
     assert after["reward"] > before["reward"] + 0.1
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_a_reward_model_folder_scores_the_rollouts(tmp_path, base_model, sums_file):
+    """A reward model trained by objective.name: reward is a GRPO reward: its score of each prompt +
+    completion, rendered with its own chat template, equals the folder's score through plain transformers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmforge.config import RewardConfig, RewardTermConfig
+    from lmforge.rewards import Reward
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?", "chosen": str(i + 1), "rejected": "no idea"}) + "\n"
+                             for i in range(40)))
+    (tmp_path / "rm").mkdir()
+    reward_recipe = write_recipe(tmp_path / "rm", base_model, {
+        "data": {"train_files": [str(pairs)], "val_fraction": 0.1}, "objective": {"name": "reward"},
+        "trainer": {"max_steps": 10, "batch_size": 4, "lr": 1e-3, "eval_every": 10}}, {})
+    result = runner.invoke(app, ["train", reward_recipe])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "rm" / "run" / "final"
+    reward = Reward(RewardConfig(terms=[RewardTermConfig(kind="model", path=str(folder))]), "response")
+    messages = [[{"role": "user", "content": "What is 3 plus 1?"}]] * 2
+    total, parts = reward.score(["p", "p"], ["4", "no idea"], [{}, {}], messages)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for completion, score in zip(["4", "no idea"], total.tolist(), strict=True):
+        text = tokenizer.apply_chat_template([*messages[0], {"role": "assistant", "content": completion}], tokenize=False)
+        with torch.no_grad():
+            expected = model(input_ids=tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids).logits[0, 0]
+        assert score == pytest.approx(float(expected), abs=1e-5)
+    assert total[0] > total[1]  # it learned to prefer the answer over the refusal
+
+    path = _recipe(tmp_path, base_model, sums_file, reward={"terms": [{"kind": "model", "path": str(folder)}]},
+                   trainer={"max_steps": 2, "eval_every": 2})
+    result = runner.invoke(app, ["train", path])
+    assert result.exit_code == 0, result.output
+    assert "reward: 1 model" in result.output
