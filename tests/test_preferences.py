@@ -104,7 +104,7 @@ def test_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
 def test_dpo_run_prefers_the_chosen_answers_on_held_out_pairs(tmp_path, base_model, pairs_file, method, lr):
     """Step 0 is the reference itself (loss log 2, no pair won); after 30 steps the held-out pairs'
     chosen answers are rewarded above the rejected ones. Under LoRA the reference is the base (adapters off)."""
-    result = CliRunner().invoke(app, ["run", _recipe(tmp_path, base_model, pairs_file, method=method, trainer={"lr": 1e-3, "max_steps": 60, "eval_every": 30, "batch_size": 8})])
+    result = CliRunner().invoke(app, ["run", _recipe(tmp_path, base_model, pairs_file, method=method, trainer={"lr": lr})])
     assert result.exit_code == 0, result.output
     assert "computing the reference model's log-probabilities" in result.output
     before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
@@ -191,7 +191,7 @@ def test_reward_model_run_ranks_held_out_pairs_and_loads_with_transformers(tmp_p
     end up scored above the rejected ones, and the folder scores them the same in plain transformers."""
     from transformers import AutoModelForSequenceClassification
 
-    path = _recipe(tmp_path, base_model, pairs_file, objective={"name": "reward"}, trainer={"lr": 1e-3, "max_steps": 60, "eval_every": 30, "batch_size": 8})
+    path = _recipe(tmp_path, base_model, pairs_file, objective={"name": "reward"}, trainer={"lr": 1e-3})
     result = CliRunner().invoke(app, ["run", path])
     assert result.exit_code == 0, result.output
     assert "reference model" not in result.output and "sample:" not in result.output  # no reference pass, no sampling
@@ -430,7 +430,7 @@ def test_ipo_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
 def test_the_dpo_family_learns_to_prefer_the_chosen_answers(tmp_path, base_model, pairs_file, objective):
     """Each trains from the CLI and moves the held-out pairs toward the chosen answer."""
     result = CliRunner().invoke(app, ["run", _recipe(tmp_path, base_model, pairs_file, objective=objective,
-                                                     trainer={"lr": 1e-3, "max_steps": 60, "eval_every": 30, "batch_size": 8})])
+                                                     trainer={"lr": 1e-3})])
     assert result.exit_code == 0, result.output
     assert ("computing the reference model's log-probabilities" in result.output) == (objective["name"] == "dpo")
     before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
