@@ -9,7 +9,6 @@ sample of each file (without the measurement) and refuses to start on an error.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import resource
 import statistics
@@ -331,8 +330,7 @@ def _stand_in_rollout(recipe: Recipe, objective, tokenizer, model, tokens: torch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = PromptSet([Prompt("stand-in", [], "", np.asarray(row[:width].tolist()), {}) for row in tokens], pad)
     reward = Reward(RewardConfig(terms=[RewardTermConfig(kind="regex", pattern=".*")]), recipe.data.response_column)
-    objective.bind(Rollout(rollout_cfg, tokenizer, reward, prompts, prompts),
-                   copy.deepcopy(model).requires_grad_(False) if objective.beta and not hasattr(model, "disable_adapter") else None)
+    objective.bind(Rollout(rollout_cfg, tokenizer, reward, prompts, prompts), objective.reference_for(model))
     batch = prompts.batch(list(range(len(prompts))))
     return {k: v.to(tokens.device) for k, v in batch.items() if k != "num_tokens"}
 

@@ -8,8 +8,6 @@ labelled texts (classification), instruction examples (SFT), preference pairs (D
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from lmforge.config import Recipe, RolloutConfig
@@ -197,10 +195,7 @@ def _prompt_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module,
     say(f"data: {len(sets.train)} prompts x {rollout_cfg.num_generations} completions, {len(sets.val)} held out{skipped}; "
         f"reward: {' + '.join(f'{t.weight:g} {n}' for n, t, _ in reward.terms)}")
     rollout = Rollout(rollout_cfg, tokenizer, reward, sets.train, sets.val)
-    reference = None
-    if objective.beta != 0.0 and not hasattr(model, "disable_adapter"):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    objective.bind(rollout, reference)
+    objective.bind(rollout, objective.reference_for(model))
 
     def batches(start: int):
         for number, batch in enumerate(iterate_batches(sets.train, tcfg.batch_size, recipe.seed, start), start):

@@ -24,6 +24,7 @@ Completion log-probabilities use the sampling temperature (the distribution the 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -110,6 +111,13 @@ class GroupRelativePolicy(ObjectiveBase):
         self.max_kl = cfg.max_kl if cfg is not None else None
         self.rollout: Rollout | None = None
         self.reference: nn.Module | None = None  # a frozen copy under full fine-tuning
+
+    def reference_for(self, model: nn.Module) -> nn.Module | None:
+        """The reference to bind for `model` as training starts: a frozen copy under full fine-tuning;
+        None at beta 0 (no KL term) or under adapters (the policy with them switched off is the reference)."""
+        if self.beta == 0.0 or hasattr(model, "disable_adapter"):
+            return None
+        return copy.deepcopy(model).eval().requires_grad_(False)
 
     def bind(self, rollout: Rollout, reference: nn.Module | None) -> None:
         """The prompts, sampler and reward (the data source builds them), and the reference model
