@@ -33,6 +33,7 @@ from lmforge.data.labeled import iter_labeled
 from lmforge.data.preferences import iter_preference_rows, iter_unpaired_rows
 from lmforge.data.prepare import read_manifest
 from lmforge.data.prompts import prompt_row
+from lmforge.data.tagged import iter_tagged
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 # The rendered pre-launch report of each recipe checked in this process, by its output folder: a run
@@ -115,6 +116,9 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
     if main and objective_data(recipe.objective) == "prompts":  # RL prompts: the prompt's columns (the answer optional)
         prompts = parse_rows([path], lambda p, n, r: prompt_row(p, n, r, InstructionFormat.of(cfg)), sample_rows)
         return (p if isinstance(p, DataError) else "\n".join(str(m["content"]) for m in p[1]) for p in prompts)
+    if main and recipe.objective.name == "token_classify" and cfg.label_column:  # word lists with a tag each
+        tagged = iter_tagged([path], column, cfg.label_column, cfg.labels, sample_rows)
+        return (r if isinstance(r, DataError) else " ".join(r[1]) for r in tagged)
     if main and cfg.label_column:  # labels too, against the label set when one is given
         labeled = iter_labeled([path], column, cfg.label_column, cfg.labels, sample_rows)
         return (r if isinstance(r, DataError) else r[0] for r in labeled)
@@ -291,6 +295,8 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
              "input_ids_b": tokens[:, 1:], "attention_mask_b": ones}
     if objective.head == "classifier":  # one class per row, not a token per position
         batch["labels"] = torch.randint(0, model.config.num_labels, (rows,), device=device)
+    if objective.head == "token_classifier":  # a tag per position
+        batch["labels"] = torch.randint(0, model.config.num_labels, (rows, row), device=device)
     if getattr(objective, "needs_reference", False):  # DPO: the reference's log-probabilities travel with the batch
         batch["reference_logps"] = torch.zeros(rows, device=device)
     if getattr(objective, "unpaired", False):  # kto: desirable and undesirable examples alike

@@ -127,7 +127,7 @@ class ModelConfig(Section):
 
 class ObjectiveConfig(Section):
     name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
-                  "distill", "grpo", "kto"] = "clm"
+                  "distill", "grpo", "kto", "token_classify"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)

@@ -21,6 +21,7 @@ from lmforge.data.formats import expand_inputs, file_fingerprints, iter_corpus
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
+from lmforge.data.tagged import iter_tagged
 from lmforge.data.tokenizer import (
     domain_tokens,
     extend_tokenizer,
@@ -195,7 +196,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if objective_data(recipe.objective) in ("pairs", "labeled", "instructions", "preferences", "prompts"):  # small sets: tokenized in memory at train time
+    if objective_data(recipe.objective) in ("pairs", "labeled", "tagged", "instructions", "preferences", "prompts"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "", cfg.val_files)}
@@ -212,6 +213,9 @@ def label_names(recipe: Recipe) -> list[str]:
     cfg = recipe.data
     if cfg.labels is not None:
         return list(cfg.labels)
+    if recipe.objective.name == "token_classify":  # the tags of every word
+        return sorted({t for row in iter_tagged(cfg.train_files, cfg.column, cfg.label_column, None)
+                       if not isinstance(row, Exception) for t in row[2]})
     return sorted({row[1] for row in iter_labeled(cfg.train_files, cfg.column, cfg.label_column, None)
                    if not isinstance(row, Exception)})
 
@@ -220,7 +224,7 @@ def _head_config(recipe: Recipe, head: str) -> dict:
     objective = OBJECTIVES[recipe.objective.name]
     if hasattr(objective, "head_config"):  # a fixed head, e.g. the reward model's single score
         return objective.head_config
-    if head != "classifier":
+    if head not in ("classifier", "token_classifier"):
         return {}
     names = label_names(recipe)
     return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}

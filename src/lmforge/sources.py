@@ -25,12 +25,14 @@ from lmforge.data.preferences import load_preferences, load_unpaired
 from lmforge.data.prepare import PreparedCorpus
 from lmforge.data.prompts import load_prompts
 from lmforge.data.sentence_pairs import SentencePairs
+from lmforge.data.tagged import load_tagged
 from lmforge.engine.distributed import say
 from lmforge.engine.rollout import Rollout
 from lmforge.engine.runtime import resolve_precision
 from lmforge.eval.classification import classification_metrics
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.retrieval import retrieval_metrics
+from lmforge.eval.tagging import tagging_metrics
 from lmforge.objectives import objective_data
 from lmforge.objectives.dpo import attach_reference
 from lmforge.rewards import Reward
@@ -115,6 +117,21 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
 
     def evaluate(m: torch.nn.Module, precision: str, detail: bool = False) -> dict:  # every held-out row
         return classification_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names, detail)
+
+    return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
+
+
+def _tagged_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device) -> dict:
+    """Words with a tag each (token classification), and accuracy / entity F1 on the held-out rows."""
+    cfg, tcfg = recipe.data, recipe.trainer
+    if not cfg.label_column:
+        raise ValueError("data.label_column: the token_classify objective needs the column of each row's tags")
+    train_set, val_set, names = load_tagged(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
+                                            recipe.packing.seq_len, cfg.val_fraction, cfg.val_files)
+    say(f"data: {len(train_set)} tagged training rows, {len(val_set)} held out, {len(names)} tags")
+
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out row
+        return tagging_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names)
 
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 
@@ -222,5 +239,5 @@ def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, Pre
     if kind == "prompts":
         return _prompt_source(recipe, objective, tokenizer, model, device)
     builders = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
-                "labeled": _labeled_source, "instructions": _instruction_source}
+                "labeled": _labeled_source, "tagged": _tagged_source, "instructions": _instruction_source}
     return builders[kind](recipe, objective, tokenizer, corpora, device)

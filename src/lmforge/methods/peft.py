@@ -79,6 +79,7 @@ def task_type(model: nn.Module) -> str | None:
     classes (and readers of the folder) know what it is; None for heads peft has no type for (masked LM)."""
     name = type(model).__name__
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"),
                          ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
                          ("ForQuestionAnswering", "QUESTION_ANS")):
         if name.endswith(suffix):
@@ -130,7 +131,7 @@ def link_labelled_base(model: nn.Module, folder: Path, final_dir: Path) -> None:
     builds a head of the right size with the right labels (the base's own config would give a
     two-label head, a size mismatch); `final_dir` is the folder's path as the recipe gave it."""
     config = model.peft_config["default"]
-    if config.task_type != "SEQ_CLS":
+    if config.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
         return
     source = Path(config.base_model_name_or_path)
     base = Path(folder) / "base"

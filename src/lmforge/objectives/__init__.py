@@ -18,13 +18,14 @@ from lmforge.objectives.reward import RewardModel
 from lmforge.objectives.sft import SupervisedFineTuning
 from lmforge.objectives.simpo import SimplePreference
 from lmforge.objectives.span import SpanCorruption
+from lmforge.objectives.token_classify import TokenClassification
 
 OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": PrefixLM, "span": SpanCorruption,
                                "contrastive": Contrastive, "classify": SequenceClassification,
                                "sft": SupervisedFineTuning, "dpo": DirectPreference, "simpo": SimplePreference,
                                "orpo": OddsRatioPreference, "reward": RewardModel,
                                "distill": Distillation, "grpo": GroupRelativePolicy,
-                               "kto": KahnemanTversky}
+                               "kto": KahnemanTversky, "token_classify": TokenClassification}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:
