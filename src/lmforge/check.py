@@ -33,6 +33,7 @@ from lmforge.data.labeled import iter_labeled
 from lmforge.data.preferences import iter_preference_rows, iter_unpaired_rows
 from lmforge.data.prepare import read_manifest
 from lmforge.data.prompts import prompt_row
+from lmforge.data.spans import iter_span_questions
 from lmforge.data.tagged import iter_tagged
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -116,6 +117,9 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
     if main and objective_data(recipe.objective) == "prompts":  # RL prompts: the prompt's columns (the answer optional)
         prompts = parse_rows([path], lambda p, n, r: prompt_row(p, n, r, InstructionFormat.of(cfg)), sample_rows)
         return (p if isinstance(p, DataError) else "\n".join(str(m["content"]) for m in p[1]) for p in prompts)
+    if main and recipe.objective.name == "extractive_qa":  # a question, its context, answers found in it
+        questions = iter_span_questions([path], cfg.question_column, cfg.context_column, cfg.answer_column, sample_rows)
+        return (q if isinstance(q, DataError) else f"{q.question}\n{q.context}" for q in questions)
     if main and recipe.objective.name == "token_classify" and cfg.label_column:  # word lists with a tag each
         tagged = iter_tagged([path], column, cfg.label_column, cfg.labels, sample_rows)
         return (r if isinstance(r, DataError) else " ".join(r[1]) for r in tagged)
@@ -297,6 +301,9 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
         batch["labels"] = torch.randint(0, model.config.num_labels, (rows,), device=device)
     if objective.head == "token_classifier":  # a tag per position
         batch["labels"] = torch.randint(0, model.config.num_labels, (rows, row), device=device)
+    if objective.head == "question_answering":  # an answer's first and last token per row
+        batch["start_positions"] = torch.randint(0, row, (rows,), device=device)
+        batch["end_positions"] = torch.randint(0, row, (rows,), device=device)
     if getattr(objective, "needs_reference", False):  # DPO: the reference's log-probabilities travel with the batch
         batch["reference_logps"] = torch.zeros(rows, device=device)
     if getattr(objective, "unpaired", False):  # kto: desirable and undesirable examples alike

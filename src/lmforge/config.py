@@ -71,6 +71,11 @@ class DataConfig(Section):
     # labelled data (classify): the label's column, and optionally the allowed labels in order
     label_column: str | None = None
     labels: list[str] | None = None
+    # extractive QA (extractive_qa): the question's and the context's columns, and the answers' (SQuAD's
+    # {"text": [...], "answer_start": [...]}, an answer string, or a list of them)
+    question_column: str = "question"
+    context_column: str = "context"
+    answer_column: str = "answers"
     format: Literal["auto", "text", "jsonl", "csv", "parquet", "hf"] = "auto"
     prepared_dir: str | None = None
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
@@ -127,7 +132,7 @@ class ModelConfig(Section):
 
 class ObjectiveConfig(Section):
     name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
-                  "distill", "grpo", "kto", "token_classify"] = "clm"
+                  "distill", "grpo", "kto", "token_classify", "extractive_qa"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -169,6 +174,10 @@ class ObjectiveConfig(Section):
     # grpo: a run whose mean KL to the reference (over a log window) exceeds this stops with an error
     # naming its last good checkpoint (unset: no bound; a run whose completions are all empty always stops)
     max_kl: float | None = Field(None, gt=0.0)
+    # extractive_qa: the longest answer predicted, in tokens, and the overlap of the windows a long
+    # context is cut into (tokens shared by neighbouring windows; unset: a quarter of packing.seq_len)
+    max_answer_tokens: int = Field(30, gt=0)
+    doc_stride: int | None = Field(None, ge=0)
     # distill: the teacher (a local causal-LM checkpoint with the student's vocabulary), the softmax
     # temperature of both distributions, and the distillation term's share of the loss (the rest is
     # the usual next-token loss on the data)
@@ -492,6 +501,14 @@ class Recipe(Section):
         if self.objective.name == "grpo" and not (self.reward and self.reward.terms):
             raise ValueError("reward.terms: the grpo objective needs a reward (exact_match, numeric_match, regex, "
                              "function or model), e.g. reward: {terms: [{kind: numeric_match}]}")
+        return self
+
+    @model_validator(mode="after")
+    def _windows_overlap_less_than_half(self) -> Recipe:
+        stride, seq_len = self.objective.doc_stride, self.packing.seq_len
+        if stride is not None and stride >= seq_len // 2:
+            raise ValueError(f"objective.doc_stride {stride}: windows must overlap by less than half of "
+                             f"packing.seq_len ({seq_len})")
         return self
 
     @model_validator(mode="after")

@@ -196,7 +196,7 @@ def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: 
 def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
     """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
     cfg = recipe.data
-    if objective_data(recipe.objective) in ("pairs", "labeled", "tagged", "instructions", "preferences", "prompts"):  # small sets: tokenized in memory at train time
+    if objective_data(recipe.objective) in ("pairs", "labeled", "tagged", "spans", "instructions", "preferences", "prompts"):  # small sets: tokenized in memory at train time
         return {}
     if not cfg.mixture:
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "", cfg.val_files)}

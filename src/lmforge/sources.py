@@ -25,6 +25,7 @@ from lmforge.data.preferences import load_preferences, load_unpaired
 from lmforge.data.prepare import PreparedCorpus
 from lmforge.data.prompts import load_prompts
 from lmforge.data.sentence_pairs import SentencePairs
+from lmforge.data.spans import load_spans
 from lmforge.data.tagged import load_tagged
 from lmforge.engine.distributed import say
 from lmforge.engine.rollout import Rollout
@@ -32,6 +33,7 @@ from lmforge.engine.runtime import resolve_precision
 from lmforge.eval.classification import classification_metrics
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.retrieval import retrieval_metrics
+from lmforge.eval.spans import span_metrics
 from lmforge.eval.tagging import tagging_metrics
 from lmforge.objectives import objective_data
 from lmforge.objectives.dpo import attach_reference
@@ -132,6 +134,21 @@ def _tagged_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.
 
     def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out row
         return tagging_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names)
+
+    return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
+
+
+def _span_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device) -> dict:
+    """Questions over contexts cut into windows (extractive QA), and SQuAD's exact match / F1 on every held-out question."""
+    cfg, tcfg, ocfg = recipe.data, recipe.trainer, recipe.objective
+    train_set, val_set = load_spans(cfg.train_files, tokenizer, cfg.question_column, cfg.context_column,
+                                    cfg.answer_column, recipe.packing.seq_len, ocfg.doc_stride, cfg.val_fraction,
+                                    cfg.val_files)
+    say(f"data: {len(train_set.questions)} training questions ({len(train_set)} windows), "
+        f"{len(val_set.questions)} held out")
+
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:
+        return span_metrics(m, objective, val_set, tcfg.batch_size, device, precision, ocfg.max_answer_tokens)
 
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 
@@ -239,5 +256,5 @@ def training_source(recipe: Recipe, objective, tokenizer, corpora: dict[str, Pre
     if kind == "prompts":
         return _prompt_source(recipe, objective, tokenizer, model, device)
     builders = {"packed": _packed_source, "pairs": _pair_source, "sentence_pairs": _sentence_pair_source,
-                "labeled": _labeled_source, "tagged": _tagged_source, "instructions": _instruction_source}
+                "labeled": _labeled_source, "tagged": _tagged_source, "spans": _span_source, "instructions": _instruction_source}
     return builders[kind](recipe, objective, tokenizer, corpora, device)

@@ -44,7 +44,7 @@ from lmforge.models.int8 import quantize_frozen_linears
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
 
 # Task heads trained in full next to the adapters (a new classifier has nothing to adapt).
-HEAD_MODULES = ("score", "classifier")
+HEAD_MODULES = ("score", "classifier", "qa_outputs")
 
 
 def base_dtype(requested: str) -> torch.dtype:
@@ -79,8 +79,7 @@ def task_type(model: nn.Module) -> str | None:
     classes (and readers of the folder) know what it is; None for heads peft has no type for (masked LM)."""
     name = type(model).__name__
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
                          ("ForQuestionAnswering", "QUESTION_ANS")):
         if name.endswith(suffix):
             return task

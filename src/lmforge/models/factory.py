@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForPreTraining,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -34,15 +35,16 @@ hf_logging.disable_progress_bar()
 FAMILIES = {
     "llama": ("llama", ("causal_lm", "classifier", "token_classifier")),
     "gpt2": ("gpt2", ("causal_lm", "classifier", "token_classifier")),
-    "bert": ("bert", ("masked_lm", "encoder", "pretraining", "classifier", "token_classifier")),
-    "roberta": ("roberta", ("masked_lm", "encoder", "classifier", "token_classifier")),
+    "bert": ("bert", ("masked_lm", "encoder", "pretraining", "classifier", "token_classifier", "question_answering")),
+    "roberta": ("roberta", ("masked_lm", "encoder", "classifier", "token_classifier", "question_answering")),
     "t5": ("t5", ("seq2seq",)),
 }
 # "encoder" is the bare model (hidden states out), for embedding objectives such as contrastive;
 # "pretraining" is BERT's MLM + next-sentence head.
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
                 "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "pretraining": AutoModelForPreTraining,
-                "classifier": AutoModelForSequenceClassification, "token_classifier": AutoModelForTokenClassification}
+                "classifier": AutoModelForSequenceClassification, "token_classifier": AutoModelForTokenClassification,
+                "question_answering": AutoModelForQuestionAnswering}
 # Model types that cannot be trained as decoders even though some expose a causal-LM head.
 NOT_DECODERS = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "t5", "bart", "mt5"}
 
@@ -201,11 +203,10 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
 
 
 ADAPTER_TASK_HEADS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classifier", "TOKEN_CLS": "token_classifier",
-                      "FEATURE_EXTRACTION": "encoder",
-                      "SEQ_2_SEQ_LM": "seq2seq"}
+                      "QUESTION_ANS": "question_answering", "FEATURE_EXTRACTION": "encoder", "SEQ_2_SEQ_LM": "seq2seq"}
 ARCHITECTURE_HEADS = (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"), ("ForMaskedLM", "masked_lm"),
                       ("ForPreTraining", "pretraining"), ("ForSequenceClassification", "classifier"),
-                      ("ForTokenClassification", "token_classifier"),
+                      ("ForTokenClassification", "token_classifier"), ("ForQuestionAnswering", "question_answering"),
                       ("ForConditionalGeneration", "seq2seq"))
 
 

@@ -9,6 +9,7 @@ from lmforge.objectives.clm import CausalLM
 from lmforge.objectives.contrastive import Contrastive
 from lmforge.objectives.distill import Distillation
 from lmforge.objectives.dpo import DirectPreference
+from lmforge.objectives.extractive_qa import ExtractiveQA
 from lmforge.objectives.grpo import GroupRelativePolicy
 from lmforge.objectives.kto import KahnemanTversky
 from lmforge.objectives.mlm import MaskedLM
@@ -25,7 +26,8 @@ OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": Pr
                                "sft": SupervisedFineTuning, "dpo": DirectPreference, "simpo": SimplePreference,
                                "orpo": OddsRatioPreference, "reward": RewardModel,
                                "distill": Distillation, "grpo": GroupRelativePolicy,
-                               "kto": KahnemanTversky, "token_classify": TokenClassification}
+                               "kto": KahnemanTversky, "token_classify": TokenClassification,
+                               "extractive_qa": ExtractiveQA}
 
 
 def objective_head(cfg: ObjectiveConfig) -> str:
