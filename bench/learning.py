@@ -5,7 +5,8 @@ recipe from teaching shows up here as a number. Each case runs a shipped recipe 
 its steps cut (or as shipped with --full) and prints what the recipe is for:
 
 - case:         recipes/case_domain_adaptation.yaml (MiniLM): accuracy of each branch, the baseline, forgetting
-- lora_vs_full: recipes/lora_vs_full.yaml (MiniLM, Brown genre groups): full vs LoRA accuracy, trainable share
+- lora_vs_full: recipes/lora_vs_full.yaml (MiniLM, Brown genre groups): full vs LoRA vs bottleneck adapters
+                accuracy, trainable share
 - sft:          recipes/smollm2_sft.yaml (SmolLM2-135M-Instruct): held-out ROUGE-L / exact match before -> after
 - preferences:  recipes/smollm2_dpo.yaml (SmolLM2-135M-Instruct, MC-TACO pairs): DPO's held-out likelihood
                 accuracy and implicit-reward accuracy, the reward model's held-out accuracy, start -> end
@@ -36,7 +37,7 @@ SHARED = REPO.parent / "shared" / "data"
 SHORT = {
     "case": ["stages.general.trainer.max_steps=60", "stages.continual.trainer.max_steps=60",
              "stages.direct.trainer.epochs=1", "stages.adapted.trainer.epochs=1", "eval_batches=10"],
-    "lora_vs_full": ["stages.full.trainer.epochs=1", "stages.lora.trainer.epochs=1"],
+    "lora_vs_full": ["stages.full.trainer.epochs=1", "stages.lora.trainer.epochs=1", "stages.adapter.trainer.epochs=1"],
     "sft": ["stages.sft.trainer.max_steps=40", "generation_examples=16"],
     "preferences": ["stages.dpo.trainer.max_steps=40", "stages.reward.trainer.max_steps=40"],
     "grpo": ["trainer.max_steps=20", "trainer.eval_every=20"],
@@ -77,7 +78,7 @@ def case(out: Path, full: bool) -> dict:
 
 def lora_vs_full(out: Path, full: bool) -> dict:
     _lmforge("run", "recipes/lora_vs_full.yaml", f"output_dir={out}", *([] if full else SHORT["lora_vs_full"]))
-    return {stage: _task_line(_evals(out, stage), stage) for stage in ("full", "lora")}
+    return {stage: _task_line(_evals(out, stage), stage) for stage in ("full", "lora", "adapter")}
 
 
 def sft(out: Path, full: bool) -> dict:

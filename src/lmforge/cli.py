@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+# torchao (QAT; imported by transformers and peft whenever it is installed) logs a warning for every
+# optional CUDA kernel library it cannot load, and torch one for each of its enums: nothing a user acts on
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 app = typer.Typer(
     help="lmforge: train tokenizers, prepare corpora, pretrain and evaluate language models.",
@@ -403,15 +409,17 @@ def import_gguf_command(
 def export_command(
     model: Annotated[Path, typer.Argument(help="A trained model folder (full, or an adapter: merged), a .gguf, or a hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (replaced only if an earlier export wrote it).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (a merged transformers folder) or gguf (llama.cpp / Ollama).")] = "hf",
-    dtype: Annotated[str | None, typer.Option(help="Stored numbers: f32, f16, bf16, or q8_0 (gguf only); "
-                                                   "default f32 for hf, f16 for gguf.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (a merged transformers folder), gguf (llama.cpp / Ollama) "
+                                                          "or torchao (int8 activations, int8 / int4 weights).")] = "hf",
+    dtype: Annotated[str | None, typer.Option(help="Stored numbers: f32, f16, bf16, or q8_0 (gguf only), int8 or int4 "
+                                                   "(torchao); default f32 for hf, f16 for gguf, int4 for torchao.")] = None,
+    group_size: Annotated[int, typer.Option(min=1, help="torchao int4: weights sharing one scale.")] = 32,
 ) -> None:
     """Export a model (adapters merged in), loaded back and checked against the source before it is kept."""
     from lmforge.export import export_model
 
     folder = _model(model)
-    _guarded(export_model, folder, out, fmt, dtype, typer.echo)
+    _guarded(export_model, folder, out, fmt, dtype, typer.echo, group_size)
     if fmt == "gguf":
         typer.echo(f"export: {out} (llama.cpp: llama-cli -m {out}/*.gguf -cnv; Ollama: cd {out} && ollama create NAME -f Modelfile)")
     else:

@@ -216,14 +216,15 @@ class LoraConfig(Section):
     dora: bool = False
     # the frozen base's storage dtype: bf16 halves its memory; auto = bf16 only where bf16 matmuls
     # were measured faster (same rule as trainer.precision), else fp32; int8 (opt-in: it changes the
-    # base's outputs slightly) quantizes the blocks' linear layers and multiplies in int8 (models/int8.py)
-    base_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    # base's outputs slightly) quantizes the blocks' linear layers and multiplies in int8 (models/int8.py);
+    # nf4 (QLoRA) stores them in 4-bit NormalFloat through bitsandbytes (models/nf4.py; pip install bitsandbytes)
+    base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4"] = "auto"
 
     @model_validator(mode="after")
     def _int8_without_dora(self) -> LoraConfig:
-        if self.base_dtype == "int8" and self.dora:
-            raise ValueError("base_dtype int8 does not combine with dora (DoRA rescales by the norms of the "
-                             "base weights, which int8 does not keep)")
+        if self.base_dtype in ("int8", "nf4") and self.dora:
+            raise ValueError(f"base_dtype {self.base_dtype} does not combine with dora (DoRA rescales by the norms of the "
+                             "base weights, which a quantized base does not keep)")
         return self
 
 
@@ -250,6 +251,17 @@ class PromptConfig(Section):
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
 
+class AdapterConfig(Section):
+    """Bottleneck adapters (method.name: adapter, methods/adapters.py): a small down-projection, a
+    non-linearity and an up-projection added to a sublayer's output, the base frozen. houlsby: after the
+    attention and after the feed-forward block of every layer; pfeiffer: after the feed-forward block only."""
+
+    kind: Literal["houlsby", "pfeiffer"] = "pfeiffer"
+    reduction_factor: int = Field(16, gt=0)  # the bottleneck is the model width divided by this
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    train_layer_norms: bool = False  # Houlsby's paper also trains the layer norms
+
+
 class LlrdConfig(Section):
     """Layer-wise learning-rate decay (method.name: llrd): block i of L trains at decay^(L - i) times the
     learning rate, the embeddings at decay^(L + 1), the head at 1."""
@@ -258,13 +270,15 @@ class LlrdConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "llrd", "lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"] = "full"
+    name: Literal["full", "freeze", "llrd", "lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+                  "adapter"] = "full"
     # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
     trainable: list[str] = Field(default_factory=list)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     llrd: LlrdConfig = Field(default_factory=LlrdConfig)
     ia3: Ia3Config = Field(default_factory=Ia3Config)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
     @property
     def virtual_positions(self) -> int:
@@ -353,6 +367,15 @@ class TrainerConfig(Section):
         if len(given) > 1:
             raise ValueError(f"give only one of max_steps, max_tokens, epochs (got {', '.join(given)})")
         return self
+
+
+class QatConfig(Section):
+    """Quantization-aware training (models/qat.py, torchao): the blocks' linear layers train
+    fake-quantized (int8 dynamic activations, int8 or int4 weights), and the run also writes the real
+    quantized model to `quantized/` beside `final/` (the float weights)."""
+
+    weights: Literal["int8", "int4"] = "int4"  # int8: one scale per output channel; int4: per group
+    group_size: int = Field(32, gt=0)  # int4: weights sharing one scale (must divide each layer's input width)
 
 
 class RegularizeConfig(Section):
@@ -493,6 +516,7 @@ class Recipe(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    qat: QatConfig | None = None  # quantization-aware training (unset: off)
     rollout: RolloutConfig | None = None  # grpo's sampling (unset: RolloutConfig's defaults)
     reward: RewardConfig | None = None  # what grpo optimises
 
@@ -513,6 +537,13 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _l2sp_unsharded(self) -> Recipe:
+        if self.qat is not None and self.method.name not in ("full", "freeze", "llrd"):
+            raise ValueError(f"qat: trains the model's own weights on the quantization grid (method full, freeze or "
+                             f"llrd), not {self.method.name}'s added parameters")
+        if self.qat is not None and self.trainer.strategy == "fsdp":
+            raise ValueError("qat: not with trainer.strategy fsdp yet (use ddp)")
+        if self.method.name == "adapter" and self.trainer.strategy == "fsdp":
+            raise ValueError("method.name adapter: not with trainer.strategy fsdp yet (use ddp)")
         if self.trainer.early_stopping is not None and self.trainer.strategy == "fsdp":
             raise ValueError("trainer.early_stopping: not with trainer.strategy fsdp yet (use ddp)")
         if (self.regularize.l2sp or self.regularize.ewc) and self.trainer.strategy == "fsdp":  # anchors are whole tensors
@@ -550,6 +581,11 @@ class Recipe(Section):
     @property
     def final_model_dir(self) -> Path:
         return Path(self.output_dir) / "final"
+
+    @property
+    def quantized_model_dir(self) -> Path:
+        """Where a QAT run writes its real quantized model (torchao), beside final/."""
+        return Path(self.output_dir) / "quantized"
 
 
 def flatten(node: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:

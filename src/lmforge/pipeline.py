@@ -45,7 +45,9 @@ from lmforge.engine.status import STATUS, write_status
 from lmforge.eval.generate import generate_text
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.methods import apply_method
+from lmforge.methods.adapters import is_adapted, save_adapted
 from lmforge.methods.peft import link_labelled_base
+from lmforge.models import qat
 from lmforge.models.factory import (
     build_model,
     describe,
@@ -55,6 +57,7 @@ from lmforge.models.factory import (
     init_new_embeddings,
     load_model,
     preset_config,
+    saved_head,
 )
 from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
 from lmforge.objectives.regularize import Regularized, diagonal_fisher, ewc_penalty, l2sp_penalty
@@ -320,7 +323,10 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
     tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if is_adapted(model):  # bottleneck adapters: their own file beside the base's (linked) weights
+            save_adapted(model, tmp, weights)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         if hasattr(model, "peft_config"):
             link_labelled_base(model, tmp, given)
         save_portable(tokenizer, tmp)
@@ -403,6 +409,9 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
+    if recipe.qat is not None:
+        count = qat.prepare(model, recipe.qat.weights, recipe.qat.group_size)
+        say(f"qat: {count} linear layers train fake-quantized ({recipe.qat.weights} weights, int8 dynamic activations)")
     say(describe(model, recipe.packing.seq_len))  # after the method: the trainable count is the adapter's
     objective = _regularized(recipe, objective, model, groups, tokenizer)
 
@@ -440,6 +449,8 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
         alongside = getattr(objective, "save_alongside", None)
         save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
                    alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
+        if recipe.qat is not None:
+            _write_quantized(recipe, model, tokenizer)
     except BaseException as exc:
         if (out_dir / STATUS).is_file():  # the run had started: the board shows why it ended
             write_status(out_dir, status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
@@ -457,6 +468,22 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
         tracker.finish()
         say(f"train: tracked in MLflow at {tracker.uri} (run {tracker.run_id})")
     return TrainOutcome(result, recipe.final_model_dir)
+
+
+def _write_quantized(recipe: Recipe, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """QAT's end: final/'s float weights converted to the real quantized model (torchao's conversion
+    is post-training quantization with the scheme training used), checked against what the
+    fake-quantized model computed in training."""
+    from lmforge.export import export_model
+    from lmforge.export.verify import compare, reference_outputs
+
+    trained = reference_outputs(model, tokenizer)  # the fake-quantized model, as it trained
+    cfg = recipe.qat
+    export_model(recipe.final_model_dir, recipe.quantized_model_dir, "torchao", cfg.weights, say, cfg.group_size)
+    quantized = load_model(recipe.quantized_model_dir, saved_head(recipe.final_model_dir))
+    seen = compare(trained, quantized, None, cfg.weights)
+    say(f"qat: {recipe.quantized_model_dir} computes what training saw: RMS difference {seen.relative_diff:.3%} "
+        f"of the outputs' spread from the fake-quantized model")
 
 
 def _tracker(recipe: Recipe, resume: bool):

@@ -80,12 +80,12 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
         return HTMLResponse(report.replace("<body>", "<body><p><a href='/'>&larr; runs</a></p>", 1))
 
     def models() -> list[dict]:
-        from lmforge.models.factory import ModelError, saved_head
+        from lmforge.models.factory import ModelError, is_model_folder, saved_head
 
         found = []
         for folder in find_runs(root):
             final = folder / "final"
-            if not ((final / "config.json").is_file() or (final / "adapter_config.json").is_file()):
+            if not is_model_folder(final):
                 continue
             try:
                 if saved_head(final) == "causal_lm" and (final / "tokenizer.json").is_file():

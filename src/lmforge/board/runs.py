@@ -156,5 +156,10 @@ def run_detail(root: Path, folder: Path, log_lines: int = 40) -> dict:
     return {**run_row(root, folder), "series": series, "log": tail,
             "recipe_text": (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else "",
             "check": (folder / "check.txt").read_text() if (folder / "check.txt").is_file() else None,
-            "samples": summary.get("samples") or {}, "model": str(folder / "final") if (folder / "final" / "config.json").is_file()
-            or (folder / "final" / "adapter_config.json").is_file() else None}
+            "samples": summary.get("samples") or {}, "model": str(folder / "final") if _model_saved(folder / "final") else None}
+
+
+def _model_saved(final: Path) -> bool:
+    """A full model, a peft adapter or a bottleneck-adapter folder (models/factory.is_model_folder,
+    without importing transformers into the board's listing)."""
+    return any((final / name).is_file() for name in ("config.json", "adapter_config.json", "bottleneck_adapter.json"))

@@ -3,6 +3,10 @@ the form it runs in elsewhere, checked by a round trip (export/verify.py) before
 
 - `hf` (export/hf.py): a plain `transformers` folder, adapters (LoRA, DoRA, IA3) folded into the
   weights, so `AutoModelFor...from_pretrained(OUT)` needs neither lmforge nor peft.
+  Bottleneck adapters (methods/adapters.py) cannot be folded into weights: their folder is written
+  self-contained instead (base/ in the chosen dtype beside the adapters), read back by `load_adapted`.
+- `torchao` (export/torchao.py): post-training quantization to int8 activations with int8 or int4
+  weights (models/qat.py's scheme), a folder plain `transformers` reads with torchao installed.
 - `gguf` (export/gguf.py): one .gguf file for llama.cpp / Ollama, with the tokenizer and its chat
   template in the metadata, and an Ollama Modelfile beside it.
 
@@ -24,8 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.export.verify import TOLERANCE, ExportError, Reference, RoundTrip, reference_outputs
 
-FORMATS = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "bf16", "q8_0")}
-DEFAULT_DTYPE = {"hf": "f32", "gguf": "f16"}
+FORMATS = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "bf16", "q8_0"), "torchao": ("int8", "int4")}
+DEFAULT_DTYPE = {"hf": "f32", "gguf": "f16", "torchao": "int4"}
 MARK = "export.json"
 
 
@@ -38,7 +42,7 @@ class Source:
     tokenizer: PreTrainedTokenizerBase
     head: str
     reference: Reference
-    adapter: str | None  # the peft type that was merged in, if any
+    adapter: str | None  # the peft type that was merged in, if any ("bottleneck": kept, not merged)
 
 
 def load_source(path: Path) -> Source:
@@ -57,13 +61,16 @@ def load_source(path: Path) -> Source:
             raise ExportError(f"{path}: a {config.peft_type.value.lower()} adapter cannot be merged into weights "
                               "(its virtual tokens are inputs to every call); load the folder with peft as it is")
         adapter = config.peft_type.value
+    if hasattr(model, "bottleneck_adapter"):
+        adapter = "bottleneck"
     reference = reference_outputs(model, tokenizer)
-    if adapter is not None:
+    if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
     return Source(path, model, tokenizer, head, reference, adapter)
 
 
-def export_model(source_dir: Path, out: Path, fmt: str, dtype: str | None = None, say=print) -> RoundTrip:
+def export_model(source_dir: Path, out: Path, fmt: str, dtype: str | None = None, say=print,
+                 group_size: int = 32) -> RoundTrip:
     """Export, verify, and put in place; raises ExportError (OUT untouched) when the round trip fails."""
     from lmforge.outputs import ensure_replaceable, replace_dir, temporary_sibling
 
@@ -77,7 +84,12 @@ def export_model(source_dir: Path, out: Path, fmt: str, dtype: str | None = None
     out = Path(out).absolute()
     ensure_replaceable(out, lambda p: (p / MARK).is_file(), "an export lmforge wrote")
     source = load_source(locate_model(source_dir))
-    say(f"export: {source.path} ({source.head}{', ' + source.adapter + ' merged' if source.adapter else ''}) "
+    if source.adapter == "bottleneck" and fmt != "hf":
+        raise ExportError(f"{source.path}: bottleneck adapters cannot be written as GGUF (llama.cpp has no such "
+                          "layer, and the non-linearity between their projections keeps them out of the weights); "
+                          "--format hf writes a self-contained adapter folder")
+    merged = {None: "", "bottleneck": ", bottleneck adapters kept"}.get(source.adapter, f", {source.adapter} merged")
+    say(f"export: {source.path} ({source.head}{merged}) "
         f"-> {out} as {fmt} {dtype}")
     tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,6 +97,12 @@ def export_model(source_dir: Path, out: Path, fmt: str, dtype: str | None = None
     try:
         if fmt == "hf":
             from lmforge.export.hf import write_hf as write
+        elif fmt == "torchao":
+            from functools import partial
+
+            from lmforge.export.torchao import write_torchao
+
+            write = partial(write_torchao, group_size=group_size)
         else:
             from lmforge.export.gguf import write_gguf as write
         result, files = write(source, tmp, dtype, say)

@@ -21,10 +21,19 @@ def write_hf(source, folder: Path, dtype: str, say: Callable[[str], None]) -> tu
 
     model = source.model.to(TORCH_DTYPES[dtype])
     model.config.dtype = TORCH_DTYPES[dtype]
-    model.save_pretrained(folder, safe_serialization=True)
+    if source.adapter == "bottleneck":
+        from lmforge.methods.adapters import load_adapted, save_adapted
+
+        save_adapted(model, folder, standalone=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     save_portable(source.tokenizer, folder)
     files = sorted(p.name for p in folder.iterdir())
-    # read back as a user would: transformers' Auto class for the head, computing in fp32
-    exported = AUTO_CLASSES[source.head].from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    # read back as a user would: transformers' Auto class for the head (bottleneck adapters: the
+    # documented one-liner), computing in fp32
+    if source.adapter == "bottleneck":
+        exported = load_adapted(folder, source.head, dtype=torch.float32)
+    else:
+        exported = AUTO_CLASSES[source.head].from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return compare(source.reference, exported, tokenizer, dtype), files

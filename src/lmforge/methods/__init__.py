@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from lmforge.config import MethodConfig
-from lmforge.methods import freeze, full, llrd, peft
+from lmforge.methods import adapters, freeze, full, llrd, peft
 
 METHODS = {"full": full.apply, "freeze": freeze.apply, "llrd": llrd.apply, "lora": peft.apply, "ia3": peft.apply,
-           "prompt_tuning": peft.apply, "prefix_tuning": peft.apply, "p_tuning": peft.apply}
+           "prompt_tuning": peft.apply, "prefix_tuning": peft.apply, "p_tuning": peft.apply,
+           "adapter": adapters.apply}
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.Module, list[dict]]:

@@ -12,7 +12,9 @@ The frozen base can be stored in bf16 (`base_dtype`), halving its memory; the ad
 (peft upcasts them) so their updates are not lost to bf16 rounding. `auto` picks bf16 only where bf16
 matmuls are measured faster, because on some CPUs bf16 halves memory but slows every step. `int8`
 (QLoRA's idea with 8 bits) stores the blocks' frozen linear layers in int8 and multiplies in int8
-(`models/int8.py`): a quarter of the memory and 2-3x faster GEMMs, at a small cost in loss.
+(`models/int8.py`): a quarter of the memory and 2-3x faster GEMMs, at a small cost in loss. `nf4`
+is QLoRA: the same layers in 4-bit NormalFloat through bitsandbytes (`models/nf4.py`), an eighth of
+fp32's memory for those weights, dequantized for every product (slower than fp32 on a CPU).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.
         raise ValueError(f"{where}: {exc}") from None
     for name in heads:  # peft keeps a trainable copy of each head; store it in fp32 like the adapters
         model.base_model.model.get_submodule(name).to(torch.float32)
-    if cfg.name == "lora" and cfg.lora.base_dtype == "int8":
-        _quantize_base(model)
+    if cfg.name == "lora" and cfg.lora.base_dtype in ("int8", "nf4"):
+        _quantize_base(model, cfg.lora.base_dtype)
     return model, decay_groups(model.named_parameters(), weight_decay)
 
 
@@ -111,11 +113,18 @@ def _prompt_config(cfg: MethodConfig, model: nn.Module) -> PeftConfig:
                               encoder_hidden_size=prompt.encoder_hidden_size or width)
 
 
-def _quantize_base(model: nn.Module) -> None:
-    """The blocks' frozen linear layers (peft's wrapped `base_layer`s too) to int8; embeddings, norms,
-    the output layer and task heads stay in floating point."""
-    if quantize_frozen_linears(repeated_blocks(model)) == 0:
-        raise ValueError("method.lora.base_dtype: int8 found no frozen linear layers in a stack of transformer blocks")
+def _quantize_base(model: nn.Module, kind: str) -> None:
+    """The blocks' frozen linear layers (peft's wrapped `base_layer`s too) to int8 or NF4; embeddings,
+    norms, the output layer and task heads stay in floating point."""
+    if kind == "nf4":
+        from lmforge.models.nf4 import quantize_frozen_linears_nf4
+
+        # dequantized to fp32; under trainer.precision bf16, autocast runs the products in bf16
+        found = quantize_frozen_linears_nf4(repeated_blocks(model), torch.float32)
+    else:
+        found = quantize_frozen_linears(repeated_blocks(model))
+    if found == 0:
+        raise ValueError(f"method.lora.base_dtype: {kind} found no frozen linear layers in a stack of transformer blocks")
     # Weights loaded from safetensors are views of the file's memory map, which stays mapped (its pages
     # read by the quantization counted in RSS) while any of them lives: copy the float rest out of it.
     with torch.no_grad():

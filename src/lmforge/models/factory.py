@@ -166,12 +166,17 @@ def ensure_safe_weights(path: Path) -> None:
 
 
 def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
-               merge_adapter: bool = True, **config_overrides: Any) -> PreTrainedModel:
+               merge_adapter: bool = True, report_missing: bool = True, **config_overrides: Any) -> PreTrainedModel:
     """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use.
     The path stays as given (relative where it was): an adapter trained on the model records it so.
     An adapter folder comes merged into its base unless `merge_adapter` is False (export compares the
-    merged model with the unmerged one)."""
+    merged model with the unmerged one). A bottleneck-adapter folder comes with its adapters in place
+    (they cannot be merged). `report_missing`: say which weights start newly initialised."""
     path = Path(path)
+    if (path / BOTTLENECK_CONFIG).is_file():
+        from lmforge.methods.adapters import load_adapted
+
+        return load_adapted(path, head, dtype)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter(path, head, trust_remote_code, dtype, merge_adapter, **config_overrides)
     if not path.exists():
@@ -196,7 +201,7 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
     if head == "classifier":
         score_head_in_fp32(model)
     missing = sorted(info.get("missing_keys") or [])
-    if missing:
+    if missing and report_missing:
         shown = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)" if len(missing) > 4 else "")
         print(f"model: {path} has no weights for {shown}: they start newly initialised ({head} head)")
     return model
@@ -210,9 +215,19 @@ ARCHITECTURE_HEADS = (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm")
                       ("ForConditionalGeneration", "seq2seq"))
 
 
+BOTTLENECK_CONFIG = "bottleneck_adapter.json"  # a folder of methods/adapters.py: its base/ holds the config
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A full model, a peft adapter, or a bottleneck-adapter folder."""
+    return any((Path(path) / name).is_file() for name in ("config.json", "adapter_config.json", BOTTLENECK_CONFIG))
+
+
 def saved_config(path: str | Path) -> PretrainedConfig:
     """The config of a saved model folder; an adapter folder without one: its base model's."""
     path = Path(path)
+    if (path / BOTTLENECK_CONFIG).is_file():
+        return saved_config(path / "base")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return saved_config(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
     if not (path / "config.json").is_file():
@@ -224,6 +239,8 @@ def saved_head(path: str | Path) -> str:
     """The head a saved model folder carries: from its config's architecture (an adapter folder: its task
     type, else its base model's); a bare architecture is an encoder, or a causal LM for a decoder family."""
     path = Path(path)
+    if (path / BOTTLENECK_CONFIG).is_file():
+        return saved_head(path / "base")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())
         if adapter.get("task_type") in ADAPTER_TASK_HEADS:
