@@ -30,6 +30,7 @@ from lmforge.data.formats import (
 )
 from lmforge.data.instructions import InstructionFormat, iter_conversations
 from lmforge.data.labeled import iter_labeled
+from lmforge.data.multitask import iter_task_conversations
 from lmforge.data.preferences import iter_preference_rows, iter_unpaired_rows
 from lmforge.data.prepare import read_manifest
 from lmforge.data.prompts import prompt_row
@@ -105,6 +106,9 @@ def _rows(path: str, column: str, main: bool, fmt: str, recipe: Recipe, sample_r
     cfg = recipe.data
     if fmt != "jsonl":
         return _guarded_rows(path, column, fmt, sample_rows)
+    if main and objective_data(recipe.objective) == "instructions" and cfg.multitask is not None:  # each task's own template
+        tasks = iter_task_conversations([path], InstructionFormat.of(cfg), cfg.multitask, sample_rows)
+        return (c if isinstance(c, DataError) else "\n".join(str(m["content"]) for m in c[2]) for c in tasks)
     if main and objective_data(recipe.objective) == "instructions":  # conversations: prompt columns, answer column or messages
         conversations = iter_conversations([path], InstructionFormat.of(cfg), sample_rows)
         return (c if isinstance(c, DataError) else "\n".join(str(m["content"]) for m in c[1]) for c in conversations)

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 # torchao (QAT; imported by transformers and peft whenever it is installed) logs a warning for every
-# optional CUDA kernel library it cannot load, and torch one for each of its enums: nothing a user acts on
-for _noisy in ("torchao", "torch.utils._pytree"):
+# optional CUDA kernel library it cannot load, torch one for each of its enums, bitsandbytes (QLoRA,
+# imported by peft) one for an optional hub kernel of its CPU backend: nothing a user acts on
+for _noisy in ("torchao", "torch.utils._pytree", "bitsandbytes"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 app = typer.Typer(

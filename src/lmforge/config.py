@@ -53,6 +53,20 @@ class MixtureSource(Section):
     weight: float = Field(1.0, gt=0.0)
 
 
+class MultitaskConfig(Section):
+    """Several instruction tasks in one run (data/multitask.py): which row is which task, how batches
+    sample the tasks, each task's prompt, and the tasks held out to measure generalisation."""
+
+    column: str = "task"  # the row's task name
+    # proportional: by example count; temperature: count^(1/T) (T5); equal: every task alike
+    sampling: Literal["proportional", "temperature", "equal"] = "proportional"
+    temperature: float = Field(2.0, gt=0.0)
+    prefix: str | None = None  # T5-style, before each prompt; "{task}" is the task's name, e.g. "{task}: "
+    templates: dict[str, str] = Field(default_factory=dict)  # task -> its prompt template (else data.prompt_template)
+    tasks: list[str] | None = None  # the tasks that train (unset: every task of the data but the held-out ones)
+    held_out_tasks: list[str] = Field(default_factory=list)  # never trained; every eval scores all their rows
+
+
 class DataConfig(Section):
     """Corpus preparation: raw files in, memory-mapped token shards out."""
 
@@ -94,6 +108,7 @@ class DataConfig(Section):
     system_prompt: str | None = None
     chat_template: str | None = None
     long_examples: Literal["drop", "truncate", "error"] = "drop"  # examples longer than packing.seq_len
+    multitask: MultitaskConfig | None = None  # instruction rows of several tasks (sft)
 
     @model_validator(mode="after")
     def _one_conversation_source(self) -> DataConfig:

@@ -19,6 +19,7 @@ from lmforge.data.instructions import (
 )
 from lmforge.data.labeled import load_labeled
 from lmforge.data.mixing import iterate_mixture
+from lmforge.data.multitask import iterate_tasks, load_tasks
 from lmforge.data.packing import PackedRows, iterate_batches
 from lmforge.data.pairs import load_pairs
 from lmforge.data.preferences import load_preferences, load_unpaired
@@ -153,10 +154,42 @@ def _span_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.de
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 
 
+def _multitask_source(recipe: Recipe, objective, tokenizer, device: torch.device) -> dict:
+    """Instruction rows of several tasks, sampled by task; the answer loss of each task's held-out rows
+    and of the held-out tasks' rows."""
+    cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
+    sets = load_tasks(cfg.train_files, tokenizer, InstructionFormat.of(cfg), cfg.multitask, pcfg.seq_len,
+                      cfg.val_fraction, cfg.long_examples, cfg.max_docs, cfg.val_files)
+    shares = sorted(zip(sets.probabilities, sets.names, strict=True), reverse=True)
+    say(f"data: {len(sets.train)} training examples of {len(sets.names)} task{'s' if len(sets.names) != 1 else ''} ({cfg.multitask.sampling} sampling; "
+        + ", ".join(f"{n} {p:.1%}" for p, n in shares[:4]) + (", ..." if len(shares) > 4 else "") + "), "
+        f"{sum(len(v) for v in sets.val.values())} held out"
+        + (f"; held-out tasks {', '.join(sets.unseen)}: {sum(len(v) for v in sets.unseen.values())} rows" if sets.unseen else ""))
+
+    def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out row, task by task
+        out, total, tokens = {}, 0.0, 0
+        for prefix, groups in (("task", sets.val), ("heldout", sets.unseen)):
+            for name, rows in groups.items():
+                metrics = evaluate_loss(m, objective, rows, tcfg.batch_size, None, device, precision)
+                out[f"{prefix}/{name}/loss"] = metrics["loss"]
+                if prefix == "task":
+                    total, tokens = total + metrics["loss"] * metrics["tokens"], tokens + metrics["tokens"]
+        if tokens:
+            out = {"loss": total / tokens, "tokens": tokens, **out}
+        return out
+
+    return {"batches": lambda start: iterate_tasks(sets, tcfg.batch_size, recipe.seed, start),
+            "batches_per_epoch": len(sets.train) // tcfg.batch_size,
+            "tokens_per_batch": round(tcfg.batch_size * float(sets.train.lengths.mean())),
+            "evaluate": evaluate if (sets.val or sets.unseen) else None, "source_names": sets.names}
+
+
 def _instruction_source(recipe: Recipe, objective, tokenizer, corpora, device: torch.device) -> dict:
     """Chat-templated examples with prompt-masked labels, grouped by length or packed; answer loss on the held-out ones."""
     cfg, tcfg, pcfg = recipe.data, recipe.trainer, recipe.packing
     ensure_chat_template(tokenizer, cfg.chat_template)  # saved with the model: inference renders the same way
+    if cfg.multitask is not None:
+        return _multitask_source(recipe, objective, tokenizer, device)
     sets = load_instructions(cfg.train_files, tokenizer, InstructionFormat.of(cfg), pcfg.seq_len, cfg.val_fraction,
                              cfg.long_examples, pcfg.group_size, cfg.max_docs, cfg.val_files)
     train_set = sets.train

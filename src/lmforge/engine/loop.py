@@ -346,8 +346,9 @@ def train(
         if strategy.is_main:
             metrics.log(step, values, prefix="val")
             # through tqdm while a bar is drawn, so the bar is not torn
+            # each task's own numbers (task/NAME/...) go to metrics.jsonl only: a line per eval stays readable
             (tqdm.write if cfg.progress else log)(f"step {step}: " + ", ".join(f"val_{k} {v:.4g}" for k, v in values.items()
-                                                                    if isinstance(v, (int, float))))
+                                                                    if isinstance(v, (int, float)) and not k.startswith("task/")))
         strategy.barrier()
         model.train()
         return values
