@@ -83,3 +83,48 @@ def test_the_lora_vs_full_recipe_runs_on_minilm_and_its_adapter_loads_with_its_l
 
     model = AutoPeftModelForSequenceClassification.from_pretrained(str(runs / "lora/seed_0/final"))
     assert model.config.id2label == {0: "fiction", 1: "nonfiction", 2: "press"}
+
+
+@pytest.mark.slow
+def test_the_smollm2_multitask_recipe_scores_the_held_out_task_in_both_stages(tmp_path):
+    from lmforge.engine.metrics import read_metrics
+
+    from .test_gguf import smollm2_package
+
+    smollm2_package()
+    runs = tmp_path / "runs"
+    short = [f"output_dir={runs}", "generation_examples=2", *(f"stages.{s}.trainer.{k}" for s in ("single", "multi")
+                                                                for k in ("max_steps=2", "eval_every=2"))]
+    result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "smollm2_multitask.yaml"), *short])
+    assert result.exit_code == 0, result.output
+    for stage, tasks in (("single", 1), ("multi", 60)):
+        last = read_metrics(runs / stage / "metrics.jsonl", "val")[-1]
+        assert "heldout/subtask041_qasc_answer_generation/loss" in last
+        assert len([k for k in last if k.startswith("task/")]) <= tasks
+
+
+@pytest.mark.slow
+def test_the_smollm2_qat_recipe_writes_float_and_quantized_models(tmp_path):
+    pytest.importorskip("torchao", reason="quantization-aware training's library")
+    from .test_gguf import smollm2_package
+
+    smollm2_package()
+    runs = tmp_path / "runs"
+    short = [f"output_dir={runs}", "generation_examples=1", *(f"stages.{s}.trainer.{k}" for s in ("float", "qat")
+                                                               for k in ("max_steps=2", "eval_every=2", "eval_batches=1"))]
+    result = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "smollm2_qat.yaml"), *short])
+    assert result.exit_code == 0, result.output
+    assert (runs / "qat" / "quantized" / "quantization.json").is_file() and not (runs / "float" / "quantized").exists()
+    assert "computes what training saw" in result.output
+
+
+def test_the_wordnet_case_data_keeps_task_glosses_out_of_the_domain_text(tmp_path):
+    if not (SHARED / "wordnet_glosses.jsonl.gz").is_file():
+        pytest.skip(f"{SHARED}: the shared corpora are not here")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "examples" / "wordnet_case_data.py"), "--shared", str(SHARED), "--out",
+                    str(data), "--per-class", "20", "--domain-rows", "300"], check=True, capture_output=True, timeout=300)
+    task = [json.loads(line) for line in (data / "task.jsonl").read_text().splitlines()]
+    assert len(task) == 120 and {r["label"] for r in task} == {"animal", "artifact", "person", "plant", "act", "food"}
+    domain = (data / "domain.jsonl").read_text()
+    assert len(domain.splitlines()) == 300 and not any(r["text"] in domain for r in task)
