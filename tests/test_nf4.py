@@ -39,12 +39,33 @@ def test_the_nf4_base_computes_what_transformers_4bit_loading_computes(base_mode
         base_model, device_map="cpu", dtype=torch.float32,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)).eval()
+    for layer in theirs.modules():  # the same kernel as ours (not AVX512-BF16's bf16 inference repacking)
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         ours = model.eval()(input_ids=ids).logits  # LoRA's B starts at zero: the quantized base alone
         torch.testing.assert_close(ours, theirs(input_ids=ids).logits)
     assert not torch.allclose(ours, float_logits, atol=1e-3)  # it was quantized
     # 4 bits a weight plus one fp32 scale per 64 of them
     assert _block_weight_bytes(model) <= fp32_bytes / 8 * 1.2, (_block_weight_bytes(model), fp32_bytes)
+
+
+def test_an_evaluation_pass_leaves_the_4bit_base_trainable(base_model):
+    """bitsandbytes repacks a 4-bit weight for an inference-only kernel on its first eval-mode, no-grad
+    forward on AVX512-BF16 CPUs: the gradients through the base after an evaluation must not change."""
+    model, _ = apply_method(load_model(base_model, "causal_lm"), NF4, 0.0)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def input_grad() -> torch.Tensor:
+        model.train()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        return embeds.grad
+
+    before = input_grad()
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    torch.testing.assert_close(input_grad(), before)
 
 
 def test_a_qlora_run_trains_the_adapters_and_loads_with_plain_peft(tmp_path, base_model, small_jsonl):

@@ -164,7 +164,8 @@ def _multitask_source(recipe: Recipe, objective, tokenizer, device: torch.device
     say(f"data: {len(sets.train)} training examples of {len(sets.names)} task{'s' if len(sets.names) != 1 else ''} ({cfg.multitask.sampling} sampling; "
         + ", ".join(f"{n} {p:.1%}" for p, n in shares[:4]) + (", ..." if len(shares) > 4 else "") + "), "
         f"{sum(len(v) for v in sets.val.values())} held out"
-        + (f"; held-out tasks {', '.join(sets.unseen)}: {sum(len(v) for v in sets.unseen.values())} rows" if sets.unseen else ""))
+        + (f"; held-out tasks {', '.join(sets.unseen)}: {sum(len(v) for v in sets.unseen.values())} rows" if sets.unseen else "")
+        + (f"; not trained (no example fits seq_len {pcfg.seq_len}): {', '.join(sets.skipped)}" if sets.skipped else ""))
 
     def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out row, task by task
         out, total, tokens = {}, 0.0, 0

@@ -74,6 +74,7 @@ class TaskSets:
     unseen: dict[str, Examples]      # every row of each held-out task
     probabilities: np.ndarray        # sampling probability of each trained task
     dropped: int
+    skipped: list[str]               # tasks of the data with no example that fits seq_len (not trained)
 
 
 def load_tasks(files: list[str], tokenizer, fmt: InstructionFormat, cfg, seq_len: int, val_fraction: float,
@@ -110,15 +111,18 @@ def load_tasks(files: list[str], tokenizer, fmt: InstructionFormat, cfg, seq_len
         split[0].append(fitted[0])
         split[1].append(fitted[1])
     empty = [n for n in trained if not train[n][0]]
-    if empty:
-        raise DataError(f"data.multitask: task {empty[0]!r} has no training example that fits packing.seq_len={seq_len}")
+    if empty and cfg.tasks is not None:  # a task the recipe names must train
+        raise DataError(f"data.multitask.tasks: task {empty[0]!r} has no training example that fits packing.seq_len={seq_len}")
+    trained = [n for n in trained if train[n][0]]  # of "every task": those with examples that fit
+    if not trained:
+        raise DataError(f"data.multitask: no task has a training example that fits packing.seq_len={seq_len}")
     counts = [len(train[n][0]) for n in trained]
     all_ids = [x for n in trained for x in train[n][0]]
     all_labels = [x for n in trained for x in train[n][1]]
     return TaskSets(trained, Examples(all_ids, all_labels, pad), np.repeat(np.arange(len(trained)), counts),
                     {n: Examples(*val[n], pad) for n in trained if val[n][0]},
                     {n: Examples(*unseen[n], pad) for n in unseen_names if unseen[n][0]},
-                    task_probabilities(counts, cfg.sampling, cfg.temperature), dropped)
+                    task_probabilities(counts, cfg.sampling, cfg.temperature), dropped, empty)
 
 
 def iterate_tasks(sets: TaskSets, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[dict]:

@@ -50,6 +50,10 @@ def quantize_frozen_linears_nf4(modules: Iterable[nn.Module], compute_dtype: tor
                                                  compress_statistics=True)
             if child.bias is not None:
                 quantized.bias = nn.Parameter(child.bias.data.float(), requires_grad=False)
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel at the first
+            # forward in eval mode under no_grad, for good; training after such an evaluation then runs that
+            # kernel, which has no backward (and fails on biases). Held-out evaluations happen mid-training.
+            quantized.support_avx512bf16_for_cpu = False
             quantized = quantized.to(device)  # Params4bit quantizes when moved to its device
             if quantized.weight.dtype != torch.uint8:
                 raise RuntimeError(f"bitsandbytes did not quantize {name} on {device}")
