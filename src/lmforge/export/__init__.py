@@ -47,6 +47,7 @@ class Source:
 
 def load_source(path: Path) -> Source:
     """The trained model at `path` in fp32; an adapter is run unmerged for the reference, then merged."""
+    from lmforge.methods.adapters import is_adapted
     from lmforge.models.factory import load_model, saved_head
     from lmforge.pipeline import model_tokenizer
 
@@ -61,7 +62,7 @@ def load_source(path: Path) -> Source:
             raise ExportError(f"{path}: a {config.peft_type.value.lower()} adapter cannot be merged into weights "
                               "(its virtual tokens are inputs to every call); load the folder with peft as it is")
         adapter = config.peft_type.value
-    if hasattr(model, "bottleneck_adapter"):
+    if is_adapted(model):
         adapter = "bottleneck"
     reference = reference_outputs(model, tokenizer)
     if hasattr(model, "peft_config"):

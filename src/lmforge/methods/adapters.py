@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from torch import nn
 
 from lmforge.config import AdapterConfig, MethodConfig
 from lmforge.engine.optimizer import decay_groups
-from lmforge.methods.peft import HEAD_MODULES
+from lmforge.methods.peft import HEAD_MODULES, link_weight_files
 
 CONFIG_FILE = "bottleneck_adapter.json"
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
@@ -122,7 +120,7 @@ def apply(model: nn.Module, cfg: MethodConfig, weight_decay: float) -> tuple[nn.
     pooled = isinstance(getattr(model, "classifier", None), nn.Module) and type(model).__name__.endswith("ForSequenceClassification")
     for name, module in model.named_modules():
         norm = type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
-        head = name in HEAD_MODULES or (pooled and name.endswith("pooler") and isinstance(module, nn.Module))
+        head = name in HEAD_MODULES or (pooled and name.endswith("pooler"))
         if isinstance(module, Bottleneck) or head or (cfg.adapter.train_layer_norms and norm):
             module.requires_grad_(True)
             module.float()  # the trained parts in fp32, as peft keeps its adapters
@@ -171,12 +169,7 @@ def save_adapted(model: nn.Module, folder: Path, weights: dict[str, torch.Tensor
             model.save_pretrained(base, safe_serialization=True)
     else:
         model.config.save_pretrained(base)
-        source = Path(model.bottleneck_adapter["base_model"])
-        for file in [*source.glob("*.safetensors"), *source.glob("*.safetensors.index.json")]:
-            try:
-                os.link(file, base / file.name)
-            except OSError:  # another file system
-                shutil.copy2(file, base / file.name)
+        link_weight_files(Path(model.bottleneck_adapter["base_model"]), base)
     (folder / CONFIG_FILE).write_text(json.dumps({**model.bottleneck_adapter, "base": "base"}, indent=1))
 
 

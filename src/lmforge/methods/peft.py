@@ -132,6 +132,16 @@ def _quantize_base(model: nn.Module, kind: str) -> None:
             param.data = param.data.clone()
 
 
+def link_weight_files(source: Path, target: Path) -> None:
+    """The safetensors weight files (and shard index) of checkpoint `source` into folder `target`: hard
+    links (no second copy of the weights), or copies across file systems."""
+    for weights in [*Path(source).glob("*.safetensors"), *Path(source).glob("*.safetensors.index.json")]:
+        try:
+            os.link(weights, target / weights.name)
+        except OSError:  # another file system
+            shutil.copy2(weights, target / weights.name)
+
+
 def link_labelled_base(model: nn.Module, folder: Path, final_dir: Path) -> None:
     """A classifier's adapter folder gets its own base: `base/` holds the base's config with the label
     map and number of labels, and its weight files (hard links, or copies across file systems). The
@@ -145,11 +155,7 @@ def link_labelled_base(model: nn.Module, folder: Path, final_dir: Path) -> None:
     base = Path(folder) / "base"
     base.mkdir()
     model.get_base_model().config.save_pretrained(base)
-    for weights in [*source.glob("*.safetensors"), *source.glob("*.safetensors.index.json")]:
-        try:
-            os.link(weights, base / weights.name)
-        except OSError:  # another file system
-            shutil.copy2(weights, base / weights.name)
+    link_weight_files(source, base)
     adapter_config = Path(folder) / "adapter_config.json"
     saved = json.loads(adapter_config.read_text())
     saved["base_model_name_or_path"] = str(Path(final_dir) / "base")
