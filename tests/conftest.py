@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,9 +118,9 @@ def write_recipe(tmp_path: Path, base: Path, sections: dict, overrides: dict) ->
     return str(path)
 
 
-def assert_cli_resume_is_exact(recipe: str, run: Path, weights_file: str, last_step: int) -> None:
-    """Train; delete the last checkpoint and the final model; resume: the same final weights, byte
-    for byte, and the same last loss."""
+def assert_cli_resume_is_exact(recipe: str, run: Path, weights_file: str | tuple[str, ...], last_step: int) -> None:
+    """Train; delete the last checkpoint and the final model; resume: the same final weights (each of
+    `weights_file`'s files), byte for byte, and the same last loss."""
     import shutil
 
     from typer.testing import CliRunner
@@ -128,10 +130,45 @@ def assert_cli_resume_is_exact(recipe: str, run: Path, weights_file: str, last_s
 
     assert CliRunner().invoke(app, ["train", recipe]).exit_code == 0
     straight = read_metrics(run / "metrics.jsonl", "train")[-1]["loss"]
-    reference = (run / "final" / weights_file).read_bytes()
+    files = (weights_file,) if isinstance(weights_file, str) else weights_file
+    reference = [(run / "final" / name).read_bytes() for name in files]
     shutil.rmtree(run / "checkpoints" / f"step_{last_step:08d}")
     shutil.rmtree(run / "final")
     result = CliRunner().invoke(app, ["train", recipe, "--resume"])
     assert result.exit_code == 0, result.output
-    assert (run / "final" / weights_file).read_bytes() == reference
+    assert [(run / "final" / name).read_bytes() for name in files] == reference
     assert read_metrics(run / "metrics.jsonl", "train")[-1]["loss"] == straight
+
+
+# RL objectives' tests (grpo, ppo): a reward function module and a verifiable task
+REWARDS_MODULE = '''
+def digits(prompts, completions, **columns):
+    """The share of a completion's characters that are digits."""
+    assert len(columns["response"]) == len(completions)  # the rows' other columns come along
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def no_completions(prompts):
+    return [0.0] * len(prompts)
+'''
+
+
+@pytest.fixture()
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARDS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_rewards"
+    sys.modules.pop("my_rewards", None)
+
+
+@pytest.fixture(scope="module")
+def sums_file(tmp_path_factory):
+    """Small additions with their answers (a verifiable task)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("sums") / "sums.jsonl"
+    rows = []
+    for _ in range(120):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        rows.append({"prompt": f"What is {a} plus {b}?", "response": str(a + b)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

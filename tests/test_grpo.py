@@ -3,7 +3,6 @@ GRPOTrainer on the same tensors); whole runs that raise the held-out reward, res
 
 import json
 import os
-import random
 import re
 import sys
 
@@ -14,42 +13,9 @@ from typer.testing import CliRunner
 from lmforge.cli import app
 from lmforge.engine.metrics import read_metrics
 
-from .conftest import assert_cli_resume_is_exact, write_recipe
+from .conftest import REWARDS_MODULE, assert_cli_resume_is_exact, write_recipe
 
 runner = CliRunner()
-
-REWARDS_MODULE = '''
-def digits(prompts, completions, **columns):
-    """The share of a completion's characters that are digits."""
-    assert len(columns["response"]) == len(completions)  # the rows' other columns come along
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def no_completions(prompts):
-    return [0.0] * len(prompts)
-'''
-
-
-@pytest.fixture()
-def reward_module(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(REWARDS_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "my_rewards"
-    sys.modules.pop("my_rewards", None)
-
-
-@pytest.fixture(scope="module")
-def sums_file(tmp_path_factory):
-    """Small additions with their answers (a verifiable task)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("sums") / "sums.jsonl"
-    rows = []
-    for _ in range(120):
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        rows.append({"prompt": f"What is {a} plus {b}?", "response": str(a + b)})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def _recipe(tmp_path, base, data, **sections) -> str:
     return write_recipe(tmp_path, base, {
@@ -80,16 +46,21 @@ def _tiny_llama(vocab: int, seed: int):
                                      num_key_value_heads=2, intermediate_size=128), "causal_lm")
 
 
-@pytest.mark.parametrize("loss_type, beta", [("grpo", 0.04), ("bnpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.1)])
-def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta):
+@pytest.mark.parametrize("loss_type, beta, moved", [("grpo", 0.04, False), ("bnpo", 0.04, False), ("dr_grpo", 0.0, False),
+                                                   ("dapo", 0.1, False), ("grpo", 0.04, True), ("dapo", 0.1, True)])
+def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta, moved):
     """The same prompts, completions and advantages through TRL's GRPOTrainer._compute_loss (its forward,
-    its reference log-probabilities from a separate model) and through lmforge's: same loss, same gradients."""
+    its reference log-probabilities from a separate model) and through lmforge's: same loss, same gradients.
+    `moved`: a later step of a rollout used for several (rollout.epochs > 1; TRL's num_iterations): the
+    sampler's log-probabilities differ from the policy's, so ratios move and clip; dapo's normaliser is then
+    the rollout's tokens per slice (a rollout of two slices here, TRL's steps_per_generation 2)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from lmforge.config import ObjectiveConfig
     from lmforge.objectives.grpo import (
         GroupRelativePolicy,
+        clip_shares,
         completion_logprobs,
         group_advantages,
         policy_loss,
@@ -124,6 +95,14 @@ def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta):
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
               "completion_mask": completion_mask, "advantages": advantages, "ref_per_token_logps": ref_logps,
               "num_items_in_batch": completion_mask.sum()}
+    old_logps, tokens_per_slice = None, None
+    if moved:
+        with torch.no_grad():
+            sampler_logps = completion_logprobs(_tiny_llama(vocab, 0), ids, full_mask, max_len, temperature=0.7)[0]
+        old_logps = sampler_logps + 0.3 * torch.randn(sampler_logps.shape, generator=generator)  # ratios off 1, some clipped
+        inputs["old_per_token_logps"] = old_logps
+        trainer.args.steps_per_generation = 2
+        tokens_per_slice = completion_mask.sum() / 2
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by its training loop, which is not run here
     theirs = trainer._compute_loss(trainer.model, inputs)
@@ -132,8 +111,15 @@ def test_loss_and_gradients_match_trl(tmp_path, tokenizer, loss_type, beta):
 
     model = _tiny_llama(vocab, 0)
     logps, _ = completion_logprobs(model, ids, full_mask, max_len, temperature=0.7)
-    mine, kl = policy_loss(logps, logps.detach(), ref_logps if beta else None, advantages, completion_mask, beta,
-                           objective.epsilon_low, objective.epsilon_high, loss_type, max_len)
+    mine, kl = policy_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps if beta else None,
+                           advantages, completion_mask, beta, objective.epsilon_low, objective.epsilon_high, loss_type,
+                           max_len, tokens_per_slice)
+    if moved:  # the clip is at work, and lmforge logs the shares TRL logs
+        shares = clip_shares(logps, old_logps, advantages, completion_mask.float(), objective.epsilon_low,
+                             objective.epsilon_high)
+        assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+        for mine_key, their_key in (("clip_low", "low_mean"), ("clip_high", "high_mean"), ("clip_fraction", "region_mean")):
+            assert float(shares[mine_key]) == pytest.approx(trainer._metrics["train"][f"clip_ratio/{their_key}"][-1], abs=1e-6)
     mine.backward()
     torch.testing.assert_close(mine, theirs.detach(), atol=1e-6, rtol=1e-5)
     assert (kl is None) == (beta == 0)
@@ -292,3 +278,39 @@ def test_a_reward_model_folder_scores_the_rollouts(tmp_path, base_model, sums_fi
     result = runner.invoke(app, ["train", path])
     assert result.exit_code == 0, result.output
     assert "reward: 1 model" in result.output
+
+
+def test_grpo_uses_each_rollout_for_several_steps_and_logs_the_clip(tmp_path, base_model, sums_file, reward_module):
+    """rollout.epochs 2 x minibatches 2: each rollout serves 4 optimizer steps; the later ones see a moved
+    policy, so ratios leave 1 and some are clipped (clip_fraction > 0); the run still learns."""
+    path = _recipe(tmp_path, base_model, sums_file, objective={"grpo_loss": "dapo"},
+                   rollout={"epochs": 2, "minibatches": 2}, trainer={"max_steps": 24, "log_every": 2, "eval_every": 24})
+    result = runner.invoke(app, ["run", path])
+    assert result.exit_code == 0, result.output
+    assert "each rollout serves 4 optimizer steps" in result.output
+    train = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    assert max(r["clip_fraction"] for r in train) > 0 and all("clip_low" in r and "clip_high" in r for r in train)
+    before, after = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
+    assert after["reward"] > before["reward"] + 0.1
+
+
+def test_dapo_weighs_every_token_of_a_rollout_alike_across_its_slices():
+    """A rollout cut into two slices (grad_accum 2): dapo's normaliser (the rollout's tokens per slice) makes the
+    accumulated loss the mean over all the rollout's tokens, as TRL's num_items_in_batch does; bnpo's per-slice
+    mean would weigh the tokens of the slice with fewer of them more."""
+    from lmforge.objectives.grpo import policy_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logps = torch.randn(4, 6, generator=generator, requires_grad=True)
+    mask = torch.tensor([[1] * 6, [1] * 6, [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    args = dict(ref_logps=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=6)
+
+    def accumulated(loss_type, tokens_per_slice):
+        return sum(policy_loss(logps[rows], logps[rows].detach(), advantages=advantages[rows], mask=mask[rows],
+                               loss_type=loss_type, tokens_per_slice=tokens_per_slice, **args)[0] / 2
+                   for rows in (slice(0, 2), slice(2, 4)))
+
+    whole = policy_loss(logps, logps.detach(), advantages=advantages, mask=mask, loss_type="bnpo", **args)[0]
+    torch.testing.assert_close(accumulated("dapo", mask.sum() / 2), whole)
+    assert not torch.isclose(accumulated("bnpo", None), whole)

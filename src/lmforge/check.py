@@ -347,7 +347,8 @@ def _stand_in_rollout(recipe: Recipe, objective, tokenizer, model, tokens: torch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = PromptSet([Prompt("stand-in", [], "", np.asarray(row[:width].tolist()), {}) for row in tokens], pad)
     reward = Reward(RewardConfig(terms=[RewardTermConfig(kind="regex", pattern=".*")]), recipe.data.response_column)
-    objective.bind(Rollout(rollout_cfg, tokenizer, reward, prompts, prompts), objective.reference_for(model))
+    objective.bind(Rollout(rollout_cfg, tokenizer, reward, prompts, prompts), objective.reference_for(model), model,
+                   tokens.device)
     batch = prompts.batch(list(range(len(prompts))))
     return {k: v.to(tokens.device) for k, v in batch.items() if k != "num_tokens"}
 

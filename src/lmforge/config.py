@@ -147,7 +147,7 @@ class ModelConfig(Section):
 
 class ObjectiveConfig(Section):
     name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
-                  "distill", "grpo", "kto", "token_classify", "extractive_qa"] = "clm"
+                  "distill", "grpo", "ppo", "kto", "token_classify", "extractive_qa"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0)
@@ -165,8 +165,8 @@ class ObjectiveConfig(Section):
     learn_temperature: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     symmetric: bool = False
-    # dpo, grpo: the weight of the KL penalty that keeps the policy near the reference (higher: closer;
-    # grpo may use 0: no reference at all); simpo: the reward scale (its paper uses 2-2.5); orpo: the
+    # dpo, grpo, ppo: the weight of the KL penalty that keeps the policy near the reference (higher: closer;
+    # grpo and ppo may use 0: no reference at all; ppo subtracts it from each token's reward); simpo: the reward scale (its paper uses 2-2.5); orpo: the
     # odds-ratio term's weight (lambda)
     beta: float = Field(0.1, ge=0.0)
     # dpo: sigmoid (DPO's loss) or ipo (a squared loss on per-token log-ratios, toward 1 / (2 beta))
@@ -186,7 +186,17 @@ class ObjectiveConfig(Section):
     epsilon: float | None = Field(None, gt=0.0, lt=1.0)
     epsilon_high: float | None = Field(None, gt=0.0)
     scale_rewards: Literal["group", "batch", "none"] | None = None
-    # grpo: a run whose mean KL to the reference (over a log window) exceeds this stops with an error
+    # ppo: the value head's loss weight and clip range (around the values at the rollout), the discount
+    # and GAE's lambda, the per-token KL estimate in the reward (k1: log-ratio; k3: never negative),
+    # and a penalty on the score of a completion that never reached EOS (unset: none). epsilon clips the
+    # policy's ratio as in grpo. Unset values are TRL's PPO defaults.
+    vf_coef: float = Field(0.1, ge=0.0)
+    value_clip: float = Field(0.2, gt=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    missing_eos_penalty: float | None = Field(None, ge=0.0)
+    # grpo, ppo: a run whose mean KL to the reference (over a log window) exceeds this stops with an error
     # naming its last good checkpoint (unset: no bound; a run whose completions are all empty always stops)
     max_kl: float | None = Field(None, gt=0.0)
     # extractive_qa: the longest answer predicted, in tokens, and the overlap of the windows a long
@@ -202,8 +212,8 @@ class ObjectiveConfig(Section):
 
     @model_validator(mode="after")
     def _beta_positive(self) -> ObjectiveConfig:
-        if self.beta == 0 and self.name != "grpo":
-            raise ValueError(f"beta: must be above 0 for {self.name} (only grpo runs without the KL term)")
+        if self.beta == 0 and self.name not in ("grpo", "ppo"):
+            raise ValueError(f"beta: must be above 0 for {self.name} (only grpo and ppo run without the KL term)")
         return self
 
     @model_validator(mode="after")
@@ -423,14 +433,19 @@ class GenerateConfig(Section):
 
 
 class RolloutConfig(Section):
-    """How an RL objective (grpo) samples from the current policy: `num_generations` completions per
-    prompt, rendered with the training chat template, ending at EOS or after max_new_tokens."""
+    """How an RL objective (grpo, ppo) samples from the current policy: `num_generations` completions per
+    prompt (trainer.batch_size prompts a rollout), rendered with the training chat template, ending at EOS
+    or after max_new_tokens; and how often each rollout is used: `epochs` passes over its completions,
+    each cut into `minibatches` optimizer steps (each of trainer.grad_accum passes: a memory saving).
+    Unset epochs: 1 for grpo (TRL's num_iterations), 4 for ppo (TRL's num_ppo_epochs)."""
 
-    num_generations: int = Field(4, ge=2)  # a group per prompt: its rewards are compared with each other
+    num_generations: int = Field(4, ge=1)  # grpo: a group per prompt, its rewards compared with each other (>= 2)
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, gt=0)
+    epochs: int | None = Field(None, ge=1)
+    minibatches: int = Field(1, ge=1)
 
 
 class RewardTermConfig(Section):
@@ -532,14 +547,25 @@ class Recipe(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
     qat: QatConfig | None = None  # quantization-aware training (unset: off)
-    rollout: RolloutConfig | None = None  # grpo's sampling (unset: RolloutConfig's defaults)
-    reward: RewardConfig | None = None  # what grpo optimises
+    rollout: RolloutConfig | None = None  # grpo's and ppo's sampling (unset: RolloutConfig's defaults)
+    reward: RewardConfig | None = None  # what grpo and ppo optimise
 
     @model_validator(mode="after")
     def _reward_given(self) -> Recipe:
-        if self.objective.name == "grpo" and not (self.reward and self.reward.terms):
-            raise ValueError("reward.terms: the grpo objective needs a reward (exact_match, numeric_match, regex, "
+        name = self.objective.name
+        if name in ("grpo", "ppo") and not (self.reward and self.reward.terms):
+            raise ValueError(f"reward.terms: the {name} objective needs a reward (exact_match, numeric_match, regex, "
                              "function or model), e.g. reward: {terms: [{kind: numeric_match}]}")
+        rollout = self.rollout or RolloutConfig()
+        if name == "grpo" and rollout.num_generations < 2:
+            raise ValueError("rollout.num_generations: grpo compares each completion with its group's; it needs at least 2")
+        if name in ("grpo", "ppo"):
+            completions = self.trainer.batch_size * rollout.num_generations
+            slices = rollout.minibatches * self.trainer.grad_accum
+            if completions % slices:
+                raise ValueError(f"rollout.minibatches: {rollout.minibatches} minibatches x trainer.grad_accum "
+                                 f"{self.trainer.grad_accum} do not divide a rollout's {completions} completions "
+                                 f"(trainer.batch_size x rollout.num_generations)")
         return self
 
     @model_validator(mode="after")

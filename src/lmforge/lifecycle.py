@@ -14,6 +14,8 @@ stages:
 ```
 
 `after: P` makes P's final model (and the tokenizer saved with it) the stage's starting model.
+`needs: [Q, ...]` runs Q first without starting from it, so that the stage can name Q's outputs: RLHF's
+PPO starts `after` SFT and `needs` the reward model, whose folder its reward names.
 `${NAME}` is a var, `${stages.P}` a stage's folder (of the same seed branch), `${package:NAME}` the
 folder of an installed Python package (models shipped on PyPI). Each stage instance writes to
 OUTPUT_DIR/STAGE[/seed_N]. Rerunning skips what is up to date (the train key of each stage, which
@@ -46,7 +48,7 @@ from lmforge.config import (
 
 PIPELINE_KEYS = {"name", "output_dir", "vars", "seeds", "defaults", "stages", "general", "eval_batches",
                  "generation_examples"}
-STAGE_KEYS = {"after", "seeds"}
+STAGE_KEYS = {"after", "needs", "seeds"}
 EVAL_STAGE_KEYS = {"after", "eval"}  # an eval stage: `after` the model to measure, `eval` what to measure
 _PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
 
@@ -139,22 +141,40 @@ def _substitute(node: Any, values: dict[str, str], where: str) -> Any:
     return _PLACEHOLDER.sub(one, node)
 
 
+def _needs(body: dict) -> list[str]:
+    needs = body.get("needs") or []
+    return [needs] if isinstance(needs, str) else needs
+
+
 def _order(stages: dict[str, dict], source: str) -> list[str]:
-    """Stage names, each after its `after` parent; unknown parents and cycles are errors."""
+    """Stage names, each after its `after` parent and the stages it `needs`; unknown stages and cycles are errors."""
     for name, body in stages.items():
         parent = body.get("after")
         if parent is not None and parent not in stages:
             raise ConfigError(f"{source}: stages.{name}.after: unknown stage '{parent}' (stages: {', '.join(stages)})")
+        needs = body.get("needs")
+        if needs is not None and not (isinstance(needs, str) or (isinstance(needs, list) and all(isinstance(n, str) for n in needs))):
+            raise ConfigError(f"{source}: stages.{name}.needs: expected a stage name or a list of them, got {needs!r}")
+        for needed in _needs(body):
+            if needed not in stages:
+                raise ConfigError(f"{source}: stages.{name}.needs: unknown stage '{needed}' (stages: {', '.join(stages)})")
+            if "eval" in stages[needed]:
+                raise ConfigError(f"{source}: stages.{name}.needs: '{needed}' is an eval stage; it makes no model")
     ordered: list[str] = []
+
+    def visit(name: str, chain: list[str]) -> None:
+        if name in ordered:
+            return
+        if name in chain:
+            cycle = " -> ".join([*chain[chain.index(name):], name])
+            raise ConfigError(f"{source}: stages.{chain[0]}: the stages form a cycle through after/needs ({cycle})")
+        body = stages[name]
+        for before in ([body["after"]] if body.get("after") is not None else []) + _needs(body):
+            visit(before, [*chain, name])
+        ordered.append(name)
+
     for name in stages:
-        chain, node = [], name
-        while node is not None and node not in ordered:
-            if node in chain:
-                cycle = " -> ".join([*chain[chain.index(node):], node])
-                raise ConfigError(f"{source}: stages.{name}.after: the stages form a cycle ({cycle})")
-            chain.append(node)
-            node = stages[node].get("after")
-        ordered += reversed(chain)
+        visit(name, [])
     return ordered
 
 
@@ -272,6 +292,12 @@ def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, se
     for stage_name in by_stage:  # `${stages.P}`: P's folder on this branch; only ancestors are run before
         if stage_name in lineage:
             stage_values[f"stages.{stage_name}"] = str(lineage[stage_name].folder)
+    for needed in _needs(body):  # and the stages this one needs: their instance of this seed, or their only one
+        found = [r for r in by_stage[needed] if r.seed == seed] or (by_stage[needed] if len(by_stage[needed]) == 1 else [])
+        if len(found) != 1:
+            raise ConfigError(f"{where}.needs: '{needed}' has no instance for seed {seed} (its seeds: "
+                              f"{', '.join(str(r.seed) for r in by_stage[needed])})")
+        stage_values[f"stages.{needed}"] = str(found[0].folder)
     recipe_body = _substitute(recipe_body, stage_values, where)
     recipe_body["output_dir"] = str(folder)
     recipe_body["name"] = f"{raw.get('name', out_dir.name)}/{name}" + ("" if seed is None else f"/seed_{seed}")

@@ -76,16 +76,19 @@ def _load_function(where: str, spec: str) -> Callable:
 
 
 class _RewardModelScore:
-    """Scores prompt + completion with a reward-model folder (a one-output sequence classifier), the
-    conversation rendered with the reward model's own chat template."""
+    """Scores prompt + completion with a reward-model folder (a one-output sequence classifier, or its
+    LoRA adapter), the conversation rendered with the reward model's own chat template."""
 
     def __init__(self, where: str, path: str):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from lmforge.models.factory import load_model
 
         folder = Path(path)
-        if not (folder / "config.json").is_file():
+        if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
             raise ValueError(f"{where}: {path} is not a model folder (no config.json); train one with objective.name: reward")
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        # lmforge's loader: a LoRA reward model's folder (adapter + base/) comes merged, as a plain one
+        self.model = load_model(folder, "classifier", report_missing=False).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"{where}: {path} has {self.model.config.num_labels} outputs, not a reward model's one score")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)

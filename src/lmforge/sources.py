@@ -247,8 +247,9 @@ def _preference_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Mod
 def _prompt_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module, device: torch.device) -> dict:
     """Prompts for an RL objective, bound to it with the rollout settings, the reward and the reference
     (a frozen copy of the start model under full fine-tuning with beta > 0; under adapters the policy
-    with them off). Each batch carries its sampling seed: a resumed run draws the same completions.
-    Held-out measure: the mean reward of greedy completions of the held-out prompts."""
+    with them off). Each prompt batch is one rollout, sent as many times as the rollout has parts (its
+    epochs x minibatches x grad_accum slices), numbered, with its sampling seed: a resumed run draws the
+    same completions. Held-out measure: the mean reward of greedy completions of the held-out prompts."""
     cfg, tcfg = recipe.data, recipe.trainer
     rollout_cfg = recipe.rollout or RolloutConfig()
     reward = Reward(recipe.reward, cfg.response_column)  # checked now, before any sampling
@@ -260,22 +261,30 @@ def _prompt_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module,
     sets = load_prompts(cfg.train_files, tokenizer, InstructionFormat.of(cfg), max_prompt, cfg.val_fraction,
                         cfg.max_docs, cfg.val_files)
     skipped = f"; {sets.dropped} longer than {max_prompt} tokens dropped" if sets.dropped else ""
+    rollout = Rollout(rollout_cfg, tokenizer, reward, sets.train, sets.val, tcfg.grad_accum)
+    objective.bind(rollout, objective.reference_for(model), model, device)
+    parts = objective.buffer.parts
     say(f"data: {len(sets.train)} prompts x {rollout_cfg.num_generations} completions, {len(sets.val)} held out{skipped}; "
-        f"reward: {' + '.join(f'{t.weight:g} {n}' for n, t, _ in reward.terms)}")
-    rollout = Rollout(rollout_cfg, tokenizer, reward, sets.train, sets.val)
-    objective.bind(rollout, objective.reference_for(model))
+        f"reward: {' + '.join(f'{t.weight:g} {n}' for n, t, _ in reward.terms)}"
+        + (f"; each rollout serves {parts // tcfg.grad_accum} optimizer steps" if parts > tcfg.grad_accum else ""))
 
     def batches(start: int):
-        for number, batch in enumerate(iterate_batches(sets.train, tcfg.batch_size, recipe.seed, start), start):
+        first, part = divmod(start, parts)
+        for number, batch in enumerate(iterate_batches(sets.train, tcfg.batch_size, recipe.seed, first), first):
             # one seed per batch and row: each process samples its own rows' completions from its first row's
-            batch["rollout_seed"] = recipe.seed * 1_000_003 + number * tcfg.batch_size + torch.arange(len(batch["prompt_index"]))
-            yield batch
+            rows = len(batch["prompt_index"])
+            batch["rollout_seed"] = recipe.seed * 1_000_003 + number * tcfg.batch_size + torch.arange(rows)
+            tokens = batch.pop("num_tokens")
+            for index in range(part, parts):
+                yield {**batch, "rollout_part": torch.full((rows,), index),
+                       "num_tokens": tokens if index == 0 else torch.tensor(0)}
+            part = 0
 
     def evaluate(m: torch.nn.Module, precision: str) -> dict:  # every held-out prompt
         return rollout.evaluate(m, tcfg.batch_size, device, precision)
 
-    return {"batches": batches, "batches_per_epoch": len(sets.train) // tcfg.batch_size,
-            "tokens_per_batch": tcfg.batch_size * rollout_cfg.num_generations * rollout_cfg.max_new_tokens,
+    return {"batches": batches, "batches_per_epoch": len(sets.train) // tcfg.batch_size * parts,
+            "tokens_per_batch": max(1, tcfg.batch_size * rollout_cfg.num_generations * rollout_cfg.max_new_tokens // parts),
             "evaluate": evaluate if len(sets.val) else None}
 
 

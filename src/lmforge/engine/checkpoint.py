@@ -60,12 +60,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+OBJECTIVE_FILE = "objective.safetensors"
+
+
+def split_objective_state(states: list[dict]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every rank's objective state (rank order) as (rank 0's plain values, for state.json; every rank's
+    tensors, keyed rank{r}.{name}, for objective.safetensors): an RL objective's rollout in use differs by rank."""
+    plain = {k: v for k, v in states[0].items() if not isinstance(v, torch.Tensor)}
+    tensors = {f"rank{r}.{k}": v.detach().cpu().contiguous() for r, state in enumerate(states)
+               for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return plain, tensors
+
+
+def objective_state(path: Path, plain: dict, rank: int) -> dict:
+    """The objective state `split_objective_state` saved, for process `rank`."""
+    file = path / OBJECTIVE_FILE
+    if not file.is_file():
+        return plain
+    prefix = f"rank{rank}."
+    tensors = load_file(str(file))
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if tensors and not mine:
+        raise CheckpointError(f"{file}: holds no state for process {rank} (saved by fewer processes); resume with "
+                              "as many processes as the run had")
+    return {**plain, **mine}
+
+
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep_last: int, full_state: tuple[dict, dict] | None = None,
-                    protect: tuple[Path, ...] = ()) -> Path:
+                    protect: tuple[Path, ...] = (), objective_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """`full_state`: (weights, optimizer state) gathered from sharded ranks (FSDP), written instead
     of the local model's and optimizer's; `protect`: checkpoints that rotation never removes (early
-    stopping's best)."""
+    stopping's best); `objective_tensors`: an objective's tensors (split_objective_state)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
@@ -78,7 +104,11 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             model.config.to_json_file(str(tmp / "config.json"))
         torch.save(full_state[1] if full_state else _optimizer_state(model, optimizer), tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")}
+        names = ["model.safetensors", "optimizer.pt", "rng.pt"]
+        if objective_tensors:
+            save_file(objective_tensors, str(tmp / OBJECTIVE_FILE))
+            names.append(OBJECTIVE_FILE)
+        files = {name: _sha256(tmp / name) for name in names}
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "checksums": files}, indent=1))
         for name in [*files, "state.json"]:
             with open(tmp / name, "rb") as handle:

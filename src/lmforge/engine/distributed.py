@@ -123,6 +123,14 @@ class Strategy:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, value) -> list | None:
+        """Every rank's `value` (a picklable object), in rank order, on rank 0; None on the others."""
+        if not self.distributed:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     def stop_requested(self, local: bool) -> bool:
         """True when any rank got SIGTERM/SIGINT, so that all ranks checkpoint and stop together."""
         if not self.distributed:
@@ -169,6 +177,16 @@ def init_strategy(kind: str = "ddp") -> Strategy:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Strategy(rank=rank, world_size=world, device=device, kind=kind)
+
+
+def mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient hook for parameters that live outside the model (an objective's learned temperature, PPO's
+    value head): DDP averages only the model's gradients, so these are averaged over the ranks here."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return grad
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / dist.get_world_size()
 
 
 def say(message: str) -> None:

@@ -185,7 +185,7 @@ def _restore(checkpoints: Path, model, optimizer, scheduler, objective, strategy
     ckpt.load_checkpoint(path, model, optimizer, strategy.load_full_state if strategy.sharded else None)
     scheduler.load_state_dict(saved["scheduler"])
     if "objective" in saved and hasattr(objective, "load_state_dict"):
-        objective.load_state_dict(saved["objective"])
+        objective.load_state_dict(ckpt.objective_state(path, saved["objective"], strategy.rank))
     log(f"resume: continuing from {path} (step {saved['train_state']['step']})")
     # `auto` precision is measured; a resumed run keeps the choice it started with
     return TrainState(**saved["train_state"]), saved.get("precision")
@@ -325,13 +325,18 @@ def train(
         path = checkpoints / f"step_{step:08d}"
         ensure_finite_weights(trainable, strategy, step, last_saved)
         full = strategy.full_state(model, optimizer)  # FSDP: every rank takes part in gathering
+        # objective-owned state (a learned temperature; an RL objective's value head and the rollout it is
+        # using, which differs by rank)
+        objective_states = strategy.gather(objective.state_dict()) if hasattr(objective, "state_dict") else None
         if strategy.is_main:
             extra = {"scheduler": scheduler.state_dict(), "train_state": asdict(state), "precision": precision,
                      **(run_info or {})}
-            if hasattr(objective, "state_dict"):  # objective-owned parameters, e.g. a learned temperature
-                extra["objective"] = objective.state_dict()
+            tensors = None
+            if objective_states is not None:
+                extra["objective"], tensors = ckpt.split_objective_state(objective_states)
             best = () if state.best_step is None else (checkpoints / f"step_{state.best_step:08d}",)
-            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last, full, protect=best)
+            path = ckpt.save_checkpoint(checkpoints, step, model, optimizer, extra, cfg.keep_last, full, protect=best,
+                                        objective_tensors=tensors)
         strategy.barrier()
         return path
 

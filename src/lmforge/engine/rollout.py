@@ -5,6 +5,10 @@
 cached) and returns them with the reward of each and of each reward part. The sampling seed comes from
 the batch (its number in the run and the rank's rows), so a resumed run draws the same completions.
 `Rollout.evaluate` is the held-out measure: one greedy completion per held-out prompt, its mean reward.
+
+A rollout is costly and its samples serve several optimizer steps (PPO's epochs and minibatches, GRPO's
+num_iterations): `RolloutBuffer` holds one rollout and hands it out a slice per loss call, so the loop
+stays the one loop: the prompt source sends each prompt batch `parts` times, numbered.
 """
 
 from __future__ import annotations
@@ -39,9 +43,64 @@ class RolloutBatch:
     completions: list[str]
 
 
+class RolloutBuffer:
+    """One rollout's samples, used for `epochs` passes, each a fresh seeded shuffle cut into `slices`
+    equal parts (rollout.minibatches x trainer.grad_accum), one part per loss call. Its state goes into
+    checkpoints, so a run resumed in the middle of a rollout goes on with the same samples."""
+
+    def __init__(self, epochs: int = 1, slices: int = 1):
+        self.epochs, self.slices = epochs, slices
+        self.seed: int | None = None
+        self.rows: dict[str, torch.Tensor] = {}  # one entry per sample
+        self.stats: dict[str, torch.Tensor] = {}  # the rollout's own measures (mean reward, ...), logged with every part
+
+    @property
+    def parts(self) -> int:
+        return self.epochs * self.slices
+
+    def fill(self, seed: int, rows: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+        count = len(next(iter(rows.values())))
+        if count % self.slices:
+            raise ValueError(f"rollout.minibatches x trainer.grad_accum = {self.slices} slices do not divide the "
+                             f"{count} completions of a rollout (per process: trainer.batch_size / processes x "
+                             "rollout.num_generations)")
+        self.seed, self.rows, self.stats = seed, rows, {k: v.detach() for k, v in stats.items()}
+
+    def part(self, index: int) -> dict[str, torch.Tensor]:
+        """The samples of loss call `index` (0 .. parts - 1) of this rollout."""
+        epoch, within = divmod(index, self.slices)
+        count = len(next(iter(self.rows.values())))
+        order = torch.arange(count)
+        if self.slices > 1:  # a pass in one piece needs no shuffle (its loss is a mean over all of it)
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        size = count // self.slices
+        chosen = order[within * size : (within + 1) * size].to(next(iter(self.rows.values())).device)
+        return {k: v[chosen] for k, v in self.rows.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.seed is None:
+            return {}
+        return {"buffer.seed": torch.tensor(self.seed), **{f"buffer.rows.{k}": v.cpu() for k, v in self.rows.items()},
+                **{f"buffer.stats.{k}": v.cpu() for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        if "buffer.seed" not in state:
+            return
+        self.seed = int(state["buffer.seed"])
+        self.rows = {k[len("buffer.rows."):]: v.to(device) for k, v in state.items() if k.startswith("buffer.rows.")}
+        self.stats = {k[len("buffer.stats."):]: v.to(device) for k, v in state.items() if k.startswith("buffer.stats.")}
+
+
 class Rollout:
-    def __init__(self, cfg: RolloutConfig, tokenizer, reward: Reward, train: PromptSet, val: PromptSet):
+    def __init__(self, cfg: RolloutConfig, tokenizer, reward: Reward, train: PromptSet, val: PromptSet,
+                 grad_accum: int = 1):
         self.cfg, self.tokenizer, self.reward, self.train, self.val = cfg, tokenizer, reward, train, val
+        self.grad_accum = grad_accum
+
+    def buffer(self, default_epochs: int = 1) -> RolloutBuffer:
+        """An empty buffer for this rollout's schedule: rollout.epochs passes (unset: the objective's
+        default) of minibatches x grad_accum slices."""
+        return RolloutBuffer(self.cfg.epochs or default_epochs, self.cfg.minibatches * self.grad_accum)
 
     def _score(self, prompts: PromptSet, indices: list[int], completion_ids: torch.Tensor,
                mask: torch.Tensor, repeats: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:

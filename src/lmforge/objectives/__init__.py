@@ -14,6 +14,7 @@ from lmforge.objectives.grpo import GroupRelativePolicy
 from lmforge.objectives.kto import KahnemanTversky
 from lmforge.objectives.mlm import MaskedLM
 from lmforge.objectives.orpo import OddsRatioPreference
+from lmforge.objectives.ppo import ProximalPolicy
 from lmforge.objectives.prefix_lm import PrefixLM
 from lmforge.objectives.reward import RewardModel
 from lmforge.objectives.sft import SupervisedFineTuning
@@ -25,7 +26,7 @@ OBJECTIVES: dict[str, type] = {"clm": CausalLM, "mlm": MaskedLM, "prefix_lm": Pr
                                "contrastive": Contrastive, "classify": SequenceClassification,
                                "sft": SupervisedFineTuning, "dpo": DirectPreference, "simpo": SimplePreference,
                                "orpo": OddsRatioPreference, "reward": RewardModel,
-                               "distill": Distillation, "grpo": GroupRelativePolicy,
+                               "distill": Distillation, "grpo": GroupRelativePolicy, "ppo": ProximalPolicy,
                                "kto": KahnemanTversky, "token_classify": TokenClassification,
                                "extractive_qa": ExtractiveQA}
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.config import ObjectiveConfig
+from lmforge.engine.distributed import mean_over_ranks
 from lmforge.objectives.base import ObjectiveBase
 
 
@@ -35,7 +36,7 @@ class Contrastive(ObjectiveBase):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)),
                                         requires_grad=cfg.learn_temperature)
         if cfg.learn_temperature:  # not the model's, so DDP/FSDP do not average it
-            self.logit_scale.register_hook(_mean_over_ranks)
+            self.logit_scale.register_hook(mean_over_ranks)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [self.logit_scale] if self.cfg.learn_temperature else []
@@ -109,14 +110,6 @@ def _all_ranks(*local: torch.Tensor) -> tuple[list[torch.Tensor], int]:
     from torch.distributed.nn.functional import all_gather
 
     return [torch.cat(all_gather(x)) for x in local], dist.get_rank() * len(local[0])  # equal slices per rank
-
-
-def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
-    if not _data_parallel():
-        return grad
-    grad = grad.clone()
-    dist.all_reduce(grad)
-    return grad / dist.get_world_size()
 
 
 def pooled_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
