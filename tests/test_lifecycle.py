@@ -350,3 +350,44 @@ def test_a_stage_length_replaces_the_defaults_length(tmp_path, small_jsonl, toke
     direct = next(r for r in pipeline.runs if r.stage == "direct").recipe.trainer
     assert direct.max_steps == 3 and direct.epochs is None
     assert next(r for r in pipeline.runs if r.stage == "adapted").recipe.trainer.epochs == 2
+
+
+def test_an_adapter_stage_after_an_adapter_stage_keeps_its_parents_training(tmp_path, base_model, monkeypatch):
+    """LoRA SFT, then a LoRA stage from it (RLHF's reward model and PPO): the child trains on the parent's
+    merged weights, so its folder must name a base that holds them (OUTPUT_DIR/start). Loaded with plain
+    peft, a child that barely trained computes what the parent computes, not what the raw base does;
+    `needs:` runs a stage first without starting from it."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": f"Say {w}.", "response": f"{w} {w} {w}."} for w in ("red", "blue", "green", "gold") * 6]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lora = {"name": "lora", "lora": {"rank": 4}}
+    common = {"method": lora, "data": {"train_files": [str(tmp_path / "sft.jsonl")], "val_fraction": 0.2},
+              "objective": {"name": "sft"}, "packing": {"seq_len": 64}}
+    pipeline = {"name": "chain", "output_dir": str(tmp_path / "runs"), "stages": {
+        "parent": {**common, "model": {"path": str(base_model)},
+                   "trainer": {"max_steps": 15, "batch_size": 4, "lr": 2e-2, "eval_every": 100, "progress": False}},
+        "other": {**common, "model": {"path": str(base_model)},
+                  "trainer": {"max_steps": 1, "batch_size": 4, "lr": 1e-3, "eval_every": 100, "progress": False}},
+        "child": {**common, "after": "parent", "needs": "other",
+                  "trainer": {"max_steps": 1, "batch_size": 4, "lr": 1e-9, "eval_every": 100, "progress": False}}}}
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    plan = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    assert plan.output.index("other") < plan.output.index("child")
+    assert [r.stage for r in load_pipeline(path).select(start="other")] == ["other", "child"]  # --from follows needs
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    runs = tmp_path / "runs"
+    assert json.loads((runs / "child" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(runs / "child" / "start")
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        parent = AutoPeftModelForCausalLM.from_pretrained(runs / "parent" / "final")(input_ids=ids).logits
+        child = AutoPeftModelForCausalLM.from_pretrained(runs / "child" / "final")(input_ids=ids).logits
+        raw = AutoModelForCausalLM.from_pretrained(base_model)(input_ids=ids).logits
+    assert (parent - raw).abs().max() > 1e-2  # the parent learned something
+    torch.testing.assert_close(child, parent, atol=1e-3, rtol=1e-3)

@@ -133,3 +133,60 @@ def test_check_measures_a_ppo_step(tmp_path, base_model, sums_file, reward_modul
     result = runner.invoke(app, ["check", _recipe(tmp_path, base_model, sums_file)])
     assert result.exit_code == 0, result.output
     assert "measured:" in result.output
+
+
+@pytest.mark.slow
+def test_ppo_under_ddp_resumes_each_ranks_rollout_exactly(tmp_path, base_model, sums_file):
+    """Two processes (gloo), each rolling out its half of the prompts: the checkpoint in the middle of a
+    rollout holds both ranks' rollouts (objective.safetensors), and a run resumed there under DDP ends on
+    the same weights and value head as the run that went straight through."""
+    import shutil
+
+    from .conftest import REWARDS_MODULE
+
+    module = tmp_path / "rewards_module"
+    module.mkdir()
+    (module / "my_rewards.py").write_text(REWARDS_MODULE)
+    path = _recipe(tmp_path, base_model, sums_file, rollout={"minibatches": 2},
+                   trainer={"strategy": "ddp", "progress": False, "max_steps": 6, "save_every": 3, "eval_every": 100,
+                            "eval_at_start": False, "log_every": 1})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(module), os.environ.get("PYTHONPATH")]))}
+
+    def torchrun(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "lmforge.cli", "train", path, *extra], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run = tmp_path / "run"
+    torchrun()
+    straight = [(run / "final" / name).read_bytes() for name in ("model.safetensors", "value_head.safetensors")]
+    from safetensors.torch import load_file
+
+    buffers = load_file(run / "checkpoints" / "step_00000003" / "objective.safetensors")
+    assert {"rank0.buffer.seed", "rank1.buffer.seed"} <= buffers.keys()
+    assert not torch.equal(buffers["rank0.buffer.rows.input_ids"], buffers["rank1.buffer.rows.input_ids"])
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    shutil.rmtree(run / "final")
+    torchrun("--resume")
+    assert [(run / "final" / name).read_bytes() for name in ("model.safetensors", "value_head.safetensors")] == straight
+
+
+def test_a_reward_model_can_start_from_a_lora_sft_model(tmp_path, base_model):
+    """RLHF's second stage starts `after` a LoRA SFT stage: the causal-LM adapter is merged under its own
+    head, and its body becomes the reward model's (the score head starts new)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.models.factory import load_model
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False))
+    policy.save_pretrained(tmp_path / "sft")
+    merged = policy.merge_and_unload()
+    scorer = load_model(tmp_path / "sft", "classifier", num_labels=1)
+    assert type(scorer).__name__ == "LlamaForSequenceClassification" and scorer.config.num_labels == 1
+    for name, weight in merged.model.state_dict().items():
+        torch.testing.assert_close(scorer.model.state_dict()[name], weight)
+    assert not torch.equal(merged.model.state_dict()["layers.0.self_attn.q_proj.weight"],
+                           AutoModelForCausalLM.from_pretrained(base_model).model.state_dict()["layers.0.self_attn.q_proj.weight"])

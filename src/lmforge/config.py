@@ -274,6 +274,8 @@ class PromptConfig(Section):
 
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# methods whose output is an adapter that names its base model's folder (peft's, and bottleneck adapters)
+ADAPTER_METHODS = ("lora", "ia3", *PROMPT_METHODS, "adapter")
 
 
 class AdapterConfig(Section):

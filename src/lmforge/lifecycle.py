@@ -63,6 +63,7 @@ class StageRun:
     parent: StageRun | None = None
     children: list[StageRun] = field(default_factory=list)
     evaluation: EvalConfig | None = None  # an eval stage: its parent's final model measured, nothing trained
+    needed: list[StageRun] = field(default_factory=list)  # the instances of the stages it `needs`
 
     @property
     def label(self) -> str:
@@ -79,6 +80,10 @@ class StageRun:
             node = node.parent
         return out
 
+    def depends_on(self, stage: str) -> bool:
+        """Whether this instance starts from `stage`'s model or needs its outputs, directly or further back."""
+        return any(r.stage == stage or r.depends_on(stage) for r in [*([self.parent] if self.parent else []), *self.needed])
+
 
 @dataclass
 class Pipeline:
@@ -91,7 +96,7 @@ class Pipeline:
     generation_examples: int = 48  # held-out prompts an instruction-tuned stage answers, before and after
 
     def select(self, only: str | None = None, start: str | None = None) -> list[StageRun]:
-        """The instances `--only STAGE` or `--from STAGE` (it and what follows it) run; all by default."""
+        """The instances `--only STAGE` or `--from STAGE` (it and what starts from it or needs it) run; all by default."""
         names = {r.stage for r in self.runs}
         for flag, name in (("--only", only), ("--from", start)):
             if name is not None and name not in names:
@@ -99,7 +104,7 @@ class Pipeline:
         if only is not None:
             return [r for r in self.runs if r.stage == only]
         if start is not None:
-            return [r for r in self.runs if r.stage == start or any(a.stage == start for a in r.ancestors())]
+            return [r for r in self.runs if r.stage == start or r.depends_on(start)]
         return list(self.runs)
 
 
@@ -166,8 +171,9 @@ def _order(stages: dict[str, dict], source: str) -> list[str]:
         if name in ordered:
             return
         if name in chain:
-            cycle = " -> ".join([*chain[chain.index(name):], name])
-            raise ConfigError(f"{source}: stages.{chain[0]}: the stages form a cycle through after/needs ({cycle})")
+            loop = [*chain[chain.index(name):], name]
+            key = "after" if all(stages[a].get("after") == b for a, b in zip(loop, loop[1:], strict=False)) else "needs"
+            raise ConfigError(f"{source}: stages.{chain[0]}.{key}: the stages form a cycle ({' -> '.join(loop)})")
         body = stages[name]
         for before in ([body["after"]] if body.get("after") is not None else []) + _needs(body):
             visit(before, [*chain, name])
@@ -292,18 +298,20 @@ def _instance(name: str, body: dict, defaults: dict, parent: StageRun | None, se
     for stage_name in by_stage:  # `${stages.P}`: P's folder on this branch; only ancestors are run before
         if stage_name in lineage:
             stage_values[f"stages.{stage_name}"] = str(lineage[stage_name].folder)
+    needed_runs: list[StageRun] = []
     for needed in _needs(body):  # and the stages this one needs: their instance of this seed, or their only one
         found = [r for r in by_stage[needed] if r.seed == seed] or (by_stage[needed] if len(by_stage[needed]) == 1 else [])
         if len(found) != 1:
             raise ConfigError(f"{where}.needs: '{needed}' has no instance for seed {seed} (its seeds: "
                               f"{', '.join(str(r.seed) for r in by_stage[needed])})")
         stage_values[f"stages.{needed}"] = str(found[0].folder)
+        needed_runs.append(found[0])
     recipe_body = _substitute(recipe_body, stage_values, where)
     recipe_body["output_dir"] = str(folder)
     recipe_body["name"] = f"{raw.get('name', out_dir.name)}/{name}" + ("" if seed is None else f"/seed_{seed}")
     if seed is not None:
         recipe_body["seed"] = seed
-    return StageRun(name, seed, validate_recipe(recipe_body, where), parent)
+    return StageRun(name, seed, validate_recipe(recipe_body, where), parent, needed=needed_runs)
 
 
 def _refuse_shared_outputs(runs: list[StageRun], source: str) -> None:

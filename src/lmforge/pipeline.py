@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmforge.config import ObjectiveConfig, Recipe, dump_recipe, flatten
+from lmforge.config import ADAPTER_METHODS, ObjectiveConfig, Recipe, dump_recipe, flatten
 from lmforge.data.formats import expand_inputs, file_fingerprints, iter_corpus
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows, iterate_batches
@@ -341,6 +341,22 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _save_merged_start(recipe: Recipe, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """An adapter trained on a model that is itself an adapter merged into its base (LoRA SFT, then a LoRA
+    reward model or PPO) records its base by path, and no folder holds those merged weights: without one
+    it would be loaded onto the unmerged base, the parent's training lost. So the merged start model is
+    written to OUTPUT_DIR/start (replaced on each training run of the stage) and the adapter points there."""
+    path = recipe.model.path
+    if recipe.method.name not in ADAPTER_METHODS or not path or not (Path(path) / "adapter_config.json").is_file():
+        return
+    if (Path(path) / "config.json").is_file() or hasattr(model, "peft_config"):  # not a merged peft adapter
+        return
+    start = Path(recipe.output_dir) / "start"
+    say(f"model: {path} is an adapter; its merged weights go to {start}, the base this stage's adapter records")
+    save_final(model, tokenizer, start, key=None, merged_from=str(path))
+    model.name_or_path = model.config._name_or_path = str(start)
+
+
 def _regularized(recipe: Recipe, objective, model, groups: list[dict], tokenizer):
     """The objective with the recipe's L2-SP / EWC terms, anchored at the weights training starts from
     (a resumed run rebuilds them from model.path, as the first run did)."""
@@ -408,6 +424,7 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
     seed_everything(recipe.seed, recipe.trainer.deterministic)
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)
+    _save_merged_start(recipe, model, tokenizer)
     model, groups = apply_method(model, recipe.method, recipe.trainer.weight_decay)
     if recipe.qat is not None:
         count = qat.prepare(model, recipe.qat.weights, recipe.qat.group_size)

@@ -264,6 +264,17 @@ def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.d
     base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path).is_dir():
         raise ModelError(f"{path}: adapter's base model '{base_path}' is not a local directory")
+    trained_head = saved_head(path)
+    if trained_head != head:  # e.g. a reward model after a LoRA SFT stage: merged under its own head, the
+        if not merge:  # body then moved into a model of the head asked for (whose new head starts fresh)
+            raise ModelError(f"{path}: an adapter of a {trained_head} model cannot be used unmerged as a {head} model")
+        merged = _load_adapter(path, trained_head, trust_remote_code, dtype, True)
+        if not isinstance(merged, PreTrainedModel):
+            raise ModelError(f"{path}: a prompt-learning adapter of a {trained_head} model cannot become a {head} model")
+        model = load_model(base_path, head, trust_remote_code, dtype, **config_overrides)
+        body = getattr(model, model.base_model_prefix)
+        body.load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
+        return model
     base = load_model(base_path, head, trust_remote_code, dtype, **config_overrides)
     adapted = PeftModel.from_pretrained(base, str(path))
     if not merge or adapted.active_peft_config.is_prompt_learning:
