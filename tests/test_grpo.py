@@ -280,6 +280,7 @@ def test_a_reward_model_folder_scores_the_rollouts(tmp_path, base_model, sums_fi
     assert "reward: 1 model" in result.output
 
 
+@pytest.mark.slow
 def test_grpo_uses_each_rollout_for_several_steps_and_logs_the_clip(tmp_path, base_model, sums_file, reward_module):
     """rollout.epochs 2 x minibatches 2: each rollout serves 4 optimizer steps; the later ones see a moved
     policy, so ratios leave 1 and some are clipped (clip_fraction > 0); the run still learns."""

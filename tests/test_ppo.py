@@ -80,6 +80,7 @@ def policy_width(folder: Path) -> int:
     return json.loads((folder / "config.json").read_text())["hidden_size"]
 
 
+@pytest.mark.slow
 def test_ppo_run_raises_the_held_out_reward_and_saves_its_value_head(tmp_path, base_model, sums_file, reward_module):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
