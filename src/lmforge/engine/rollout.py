@@ -66,16 +66,17 @@ class RolloutBuffer:
                              "rollout.num_generations)")
         self.seed, self.rows, self.stats = seed, rows, {k: v.detach() for k, v in stats.items()}
 
-    def part(self, index: int) -> dict[str, torch.Tensor]:
-        """The samples of loss call `index` (0 .. parts - 1) of this rollout."""
+    def part(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The samples of loss call `index` (0 .. parts - 1) of this rollout, on `device` (a buffer restored
+        from a checkpoint comes back on the CPU)."""
         epoch, within = divmod(index, self.slices)
         count = len(next(iter(self.rows.values())))
         order = torch.arange(count)
         if self.slices > 1:  # a pass in one piece needs no shuffle (its loss is a mean over all of it)
             order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         size = count // self.slices
-        chosen = order[within * size : (within + 1) * size].to(next(iter(self.rows.values())).device)
-        return {k: v[chosen] for k, v in self.rows.items()}
+        chosen = order[within * size : (within + 1) * size]
+        return {k: v[chosen.to(v.device)].to(device) for k, v in self.rows.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.seed is None:
@@ -83,12 +84,12 @@ class RolloutBuffer:
         return {"buffer.seed": torch.tensor(self.seed), **{f"buffer.rows.{k}": v.cpu() for k, v in self.rows.items()},
                 **{f"buffer.stats.{k}": v.cpu() for k, v in self.stats.items()}}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "buffer.seed" not in state:
             return
         self.seed = int(state["buffer.seed"])
-        self.rows = {k[len("buffer.rows."):]: v.to(device) for k, v in state.items() if k.startswith("buffer.rows.")}
-        self.stats = {k[len("buffer.stats."):]: v.to(device) for k, v in state.items() if k.startswith("buffer.stats.")}
+        self.rows = {k[len("buffer.rows."):]: v for k, v in state.items() if k.startswith("buffer.rows.")}
+        self.stats = {k[len("buffer.stats."):]: v for k, v in state.items() if k.startswith("buffer.stats.")}
 
 
 class Rollout:

@@ -16,10 +16,11 @@ log-probabilities of the policy that sampled are kept from the rollout, the rati
 tokens whose ratio was clipped is logged (clip_fraction; clip_low / clip_high by side).
 
 The loss variants differ only in how per-token losses are averaged (`objective.grpo_loss`):
-grpo = per completion, then over completions (long completions weigh less per token); bnpo and dapo =
-over all completion tokens of the micro-batch; dapo = over the rollout's completion tokens of every
-process, per slice (TRL's num_items_in_batch: the same weight for a token wherever it lands); dr_grpo =
-over batch size x rollout.max_new_tokens (a constant: no length bias). All follow TRL's GRPOTrainer and are compared with it in tests/test_grpo.py.
+grpo = per completion, then over completions (long completions weigh less per token); bnpo = over all
+completion tokens of the micro-batch; dapo = over the rollout's completion tokens of every process, per
+slice (TRL's num_items_in_batch: the same weight for a token wherever it lands); dr_grpo = over batch
+size x rollout.max_new_tokens (a constant: no length bias). All follow TRL's GRPOTrainer and are
+compared with it in tests/test_grpo.py.
 
 The reference is the model as training starts: under adapters the same weights with the adapters
 switched off (no second copy in memory), under full fine-tuning a frozen copy; with beta 0 there is none.

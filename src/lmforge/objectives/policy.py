@@ -149,8 +149,9 @@ class PolicyObjective(ObjectiveBase):
         elif self.buffer.seed != seed:
             raise RuntimeError(f"{self.name}: part {part} of the rollout with seed {seed}, but the buffer holds the "
                                f"rollout with seed {self.buffer.seed} (a checkpoint without its rollout?)")
-        loss, metrics = self.optimise(model, self.buffer.part(part))
-        metrics.update(self.buffer.stats)
+        device = batch["input_ids"].device
+        loss, metrics = self.optimise(model, self.buffer.part(part, device))
+        metrics.update({k: v.to(device) for k, v in self.buffer.stats.items()})
         return loss, metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
