@@ -352,8 +352,11 @@ def _save_merged_start(recipe: Recipe, model: PreTrainedModel, tokenizer: PreTra
     if (Path(path) / "config.json").is_file() or hasattr(model, "peft_config"):  # not a merged peft adapter
         return
     start = Path(recipe.output_dir) / "start"
-    say(f"model: {path} is an adapter; its merged weights go to {start}, the base this stage's adapter records")
-    save_final(model, tokenizer, start, key=None, merged_from=str(path))
+    strategy = init_strategy()
+    if strategy.is_main:  # under torchrun one process writes it, the others wait
+        say(f"model: {path} is an adapter; its merged weights go to {start}, the base this stage's adapter records")
+        save_final(model, tokenizer, start, key=None, merged_from=str(path))
+    strategy.barrier()
     model.name_or_path = model.config._name_or_path = str(start)
 
 
