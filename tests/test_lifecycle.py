@@ -352,6 +352,7 @@ def test_a_stage_length_replaces_the_defaults_length(tmp_path, small_jsonl, toke
     assert next(r for r in pipeline.runs if r.stage == "adapted").recipe.trainer.epochs == 2
 
 
+@pytest.mark.slow
 def test_an_adapter_stage_after_an_adapter_stage_keeps_its_parents_training(tmp_path, base_model, monkeypatch):
     """LoRA SFT, then a LoRA stage from it (RLHF's reward model and PPO): the child trains on the parent's
     merged weights, so its folder must name a base that holds them (OUTPUT_DIR/start). Loaded with plain

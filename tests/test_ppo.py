@@ -130,6 +130,7 @@ def test_bad_ppo_recipes_are_named_before_training(tmp_path, base_model, sums_fi
     assert "Traceback" not in result.output and not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow
 def test_check_measures_a_ppo_step(tmp_path, base_model, sums_file, reward_module):
     result = runner.invoke(app, ["check", _recipe(tmp_path, base_model, sums_file)])
     assert result.exit_code == 0, result.output
