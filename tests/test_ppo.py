@@ -103,6 +103,7 @@ def test_ppo_run_raises_the_held_out_reward_and_saves_its_value_head(tmp_path, b
     assert policy.config.model_type == "llama"
 
 
+@pytest.mark.slow
 def test_ppo_under_lora_resumes_exactly_in_the_middle_of_a_rollout(tmp_path, base_model, sums_file, reward_module):
     """Each rollout serves 4 optimizer steps (2 epochs x 2 minibatches); the checkpoint at step 3 holds the
     rollout in use and the value head, so a run resumed there ends on the same weights and value head."""
