@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import socket
 import subprocess
@@ -51,13 +53,13 @@ def chat_model(tmp_path_factory, tokenizer_dir) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(chat_model):
+@contextlib.contextmanager
+def _serving(model_dir: Path, **options):
     import uvicorn
 
     from lmforge.serve.app import Engine, build_app
 
-    engine = Engine(chat_model, default_max_tokens=16)
+    engine = Engine(model_dir, **{"default_max_tokens": 16, **options})
     port = _free_port()
     instance = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -66,9 +68,18 @@ def server(chat_model):
     while not instance.started and time.time() < deadline:
         time.sleep(0.05)
     assert instance.started
-    yield engine, f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(10)
+    try:
+        yield engine, f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(10)
+        engine.worker.close()
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    with _serving(chat_model) as served:
+        yield served
 
 
 @pytest.fixture
@@ -79,7 +90,11 @@ def client(server):
 def test_models_and_health(server, client):
     engine, url = server
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
-    assert _get(url + "/health") == (200, {"status": "ok", "model": "tiny-chat"})
+    status, health = _get(url + "/health")
+    assert status == 200 and health["status"] == "ok" and health["model"] == "tiny-chat"
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
 
 
 def test_chat_completion_is_the_models_own_greedy_reply(server, client):
@@ -157,8 +172,118 @@ def test_the_cli_serves_on_localhost(chat_model):
                 break
             except OSError:  # not listening yet
                 time.sleep(0.3)
-        assert health == {"status": "ok", "model": "tiny-chat"}, process.stdout.read() if process.poll() is not None else ""
+        assert health and health["model"] == "tiny-chat", process.stdout.read() if process.poll() is not None else ""
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}/v1" in output
+
+
+def test_every_error_has_openais_shape(server, client):
+    url = server[1]
+    status, body = _get(url + "/v1/no/such/route")
+    assert status == 404 and "no such route" in body["error"]["message"] and body["error"]["type"] == "not_found_error"
+    deep = b'{"model": "tiny-chat", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, body = _get(url + "/v1/completions", deep)
+    assert status == 400 and body["error"]["message"]
+    status, body = _get(url + "/v1/completions", json.dumps({"model": "tiny-chat", "prompt": "a", "seed": 10**30}).encode())
+    assert status == 400 and body["error"]["param"] == "seed"
+    started = time.time()
+    status, body = _get(url + "/v1/completions", json.dumps(
+        {"model": "tiny-chat", "prompt": "a", "max_tokens": 8, "stop": [f"s{i}" for i in range(20_000)]}).encode())
+    assert status == 400 and body["error"]["param"] == "stop" and time.time() - started < 10
+    with pytest.raises(openai.BadRequestError, match="needs content"):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user"}])
+    with pytest.raises(openai.BadRequestError, match="logprobs: not supported"):
+        client.completions.create(model="tiny-chat", prompt="a", logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="tiny-chat", prompt=[10**9])
+
+
+def test_empty_stop_token_prompts_and_usage_in_streams(server, client):
+    whole = client.completions.create(model="tiny-chat", prompt="The city", max_tokens=8, temperature=0)
+    assert client.completions.create(model="tiny-chat", prompt="The city", max_tokens=8, temperature=0,
+                                     stop="").choices[0].text == whole.choices[0].text  # "" stops nothing
+    ids = server[0].tokenizer("The city", add_special_tokens=False).input_ids
+    assert client.completions.create(model="tiny-chat", prompt=ids, max_tokens=8,
+                                     temperature=0).choices[0].text == whole.choices[0].text
+    events = list(client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert events[-1].choices == [] and 1 <= events[-1].usage.completion_tokens <= 5
+    assert events[-1].usage.total_tokens == events[-1].usage.prompt_tokens + events[-1].usage.completion_tokens
+
+
+def test_a_long_stream_and_48_concurrent_requests_all_finish_and_health_answers_throughout(server, client):
+    """The deadlock of the locked server: one long stream plus many waiting requests stalled it for good."""
+    url = server[1]
+    stop = threading.Event()
+    health_times: list[float] = []
+
+    def poll_health() -> None:
+        while not stop.is_set():
+            started = time.time()
+            status, _ = _get(url + "/health", timeout=5)
+            assert status == 200
+            health_times.append(time.time() - started)
+            time.sleep(0.1)
+
+    def long_stream() -> int:
+        pieces = client.completions.create(model="tiny-chat", prompt="Once", max_tokens=200, temperature=0.9, seed=1,
+                                           stream=True)
+        return sum(1 for _ in pieces)
+
+    def mixed(i: int) -> str:
+        messages = [{"role": "user", "content": f"Question {i}?"}]
+        if i % 3 == 0:
+            return "".join(e.choices[0].delta.content or "" for e in client.chat.completions.create(
+                model="tiny-chat", messages=messages, max_tokens=12, stream=True, temperature=0))
+        if i % 3 == 1:
+            return client.completions.create(model="tiny-chat", prompt=f"Number {i}", max_tokens=6 + i % 7).choices[0].text
+        return client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, seed=i).choices[0].message.content
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
+    started = time.time()
+    with ThreadPoolExecutor(49) as pool:
+        stream = pool.submit(long_stream)
+        answers = [f.result(timeout=300) for f in [pool.submit(mixed, i) for i in range(48)]]
+        chunks = stream.result(timeout=300)
+    stop.set()
+    poller.join(10)
+    assert len(answers) == 48 and all(isinstance(a, str) for a in answers) and chunks > 10
+    assert health_times and max(health_times) < 1.0, (max(health_times), time.time() - started)
+    assert _get(url + "/health")[1]["in_flight"] == 0
+
+
+def test_a_full_server_answers_503_at_once_and_a_dropped_client_frees_its_slot(chat_model):
+    with _serving(chat_model, max_batch=1, max_queue=0, default_max_tokens=200) as (engine, url):
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = json.dumps({"model": "tiny-chat", "prompt": "Once", "max_tokens": 220, "stream": True})
+        connection.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data:")
+        started = time.time()
+        status, error = _get(url + "/v1/completions", json.dumps({"model": "tiny-chat", "prompt": "x"}).encode())
+        assert status == 503 and error["error"]["code"] == "server_busy" and time.time() - started < 5
+        connection.close()  # the client goes away mid-stream
+        deadline = time.time() + 20
+        while _get(url + "/health")[1]["in_flight"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert _get(url + "/health")[1]["in_flight"] == 0
+        status, reply = _get(url + "/v1/completions", json.dumps({"model": "tiny-chat", "prompt": "x", "max_tokens": 3}).encode())
+        assert status == 200 and reply["usage"]["completion_tokens"] <= 3
+
+
+def test_a_busy_port_fails_before_the_model_loads(chat_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.time()
+        done = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", str(chat_model), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"127.0.0.1:{port} is in use" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    assert time.time() - started < 60

@@ -10,27 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers import TextStreamer
+from lmforge.eval.generate import prompt_ids
+from lmforge.generation.engine import Request, generate_many
+from lmforge.generation.limits import LimitError, Limits
 
-from lmforge.eval.generate import generate_text
-
-HELP = "type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves"
-
-
-class _Streamer(TextStreamer):
-    """transformers' streamer, writing through `write` instead of print (a test or a server can listen)."""
-
-    def __init__(self, tokenizer, write: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.write = write
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.write(text + ("\n" if stream_end else ""))
+HELP = "type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply"
 
 
 def chat_loop(model_dir: Path, ask: Callable[[str], str | None], write: Callable[[str], None], system: str | None = None,
               max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[dict]:
-    """Turns until `ask` returns None or /exit; returns the conversation (the last one, after any /reset)."""
+    """Turns until `ask` returns None or /exit; returns the conversation (the last one, after any /reset).
+    Ctrl-C during a reply stops it (what was said so far stays in the conversation); at the prompt it leaves."""
     from lmforge.models.factory import load_model
     from lmforge.pipeline import model_tokenizer
 
@@ -39,6 +29,7 @@ def chat_loop(model_dir: Path, ask: Callable[[str], str | None], write: Callable
         raise ValueError(f"{model_dir}: the tokenizer has no chat template (was the model instruction-tuned?); "
                          "`lmforge generate` continues plain text")
     model = load_model(model_dir, "causal_lm")
+    limits = Limits.of(model, max_new_tokens)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     write(f"chat: {model_dir} ({HELP})\n")
@@ -53,10 +44,21 @@ def chat_loop(model_dir: Path, ask: Callable[[str], str | None], write: Callable
             continue
         if not text.strip():
             continue
+        ids = prompt_ids(tokenizer, tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}],
+                                                                  tokenize=False, add_generation_prompt=True))
+        try:
+            budget = limits.budget(len(ids), None)
+        except LimitError:
+            write(f"(the conversation is {len(ids)} tokens, the model's whole context of {limits.context}: "
+                  "/reset to start over)\n")
+            continue
         messages.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         write("model> ")
-        reply = generate_text(model, tokenizer, prompt, max_new_tokens, temperature, None, top_p, seed + turn,
-                              streamer=_Streamer(tokenizer, write))
-        messages.append({"role": "assistant", "content": reply.strip()})
+        request = Request(ids, budget, temperature, None, top_p, seed + turn, on_text=write)
+        try:
+            generate_many(model, tokenizer, [request])
+            write("\n")
+        except KeyboardInterrupt:  # the reply stops; the chat goes on
+            write(" [stopped]\n")
+        messages.append({"role": "assistant", "content": request.text.strip()})
         turn += 1

@@ -73,7 +73,8 @@ def _guarded(fn, *args, **kwargs):
         if isinstance(exc, FileNotFoundError) and not exc.filename:
             _fail(str(exc))
         if isinstance(exc, OSError):
-            _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}")
+            where = getattr(exc, "filename", None)
+            _fail(f"{where}: {exc.strerror or exc}" if where else str(exc.strerror or exc))
         _crash(exc)
 
 
@@ -454,12 +455,17 @@ def serve(
     host: Annotated[str, typer.Option(help="The address to listen on; 0.0.0.0 opens it to other machines.")] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(help="The model's id in the API (default: the folder's name).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of a reply when a request gives no max_tokens.")] = 256,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together (continuous batching).")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond max-batch; more get 503 at once.")] = 64,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of generation (default: torch's, one per core).")] = None,
 ) -> None:
     """An OpenAI-compatible API over a model: /v1/chat/completions (streaming too), /v1/completions, /v1/models."""
+    from lmforge.serve import bind
     from lmforge.serve import serve as run_server
 
+    _guarded(lambda: bind(host, port).close())  # a busy port fails before the model loads
     folder = _model(model)
-    _guarded(run_server, folder, host, port, name, max_tokens, typer.echo)
+    _guarded(run_server, folder, host, port, name, max_tokens, typer.echo, max_batch, max_queue, threads)
 
 
 @app.command("board")

@@ -42,7 +42,7 @@ from lmforge.engine.runtime import (
     seed_everything,
 )
 from lmforge.engine.status import STATUS, write_status
-from lmforge.eval.generate import generate_text
+from lmforge.eval.generate import generate_texts
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.methods import apply_method
 from lmforge.methods.adapters import is_adapted, save_adapted
@@ -554,7 +554,7 @@ def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, tem
             raise ValueError(f"{model_dir}: the tokenizer has no chat template (was the model instruction-tuned?)")
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts]
-    return [generate_text(model, tokenizer, p, max_new_tokens, temperature, top_k, top_p, seed) for p in prompts]
+    return generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed)
 
 
 def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, PreparedCorpus]) -> dict[str, dict]:

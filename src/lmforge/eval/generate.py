@@ -1,10 +1,20 @@
-"""Sampling from a causal LM: temperature, top-k, top-p, stop strings, via `transformers`' `generate`.
-The one sampler of lmforge: `generate`, `chat`, the eval suite's samples, `predict` and `serve` use it."""
+"""Sampling from a causal LM: temperature, top-k, top-p, stop strings.
+
+The small functions every command calls; the sampling itself is the one batched engine's
+(generation/engine.py), which `generate`, `chat`, the eval suite's samples and answers, `predict` and
+`serve` share. `hf_generate_ids` is `transformers`' own `generate`: the reference the engine is tested
+against, and the path of models the engine cannot run (peft's prompt learning)."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.generation.engine import Request, generate_many
+from lmforge.generation.hf import hf_generate_ids, sample_batch
+
+__all__ = ["hf_generate_ids", "generate_ids", "generate_texts", "generate_text", "prompt_ids", "sample_batch"]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -14,62 +24,36 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 
 
-def _sampling_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                     temperature: float, top_k: int | None, top_p: float | None) -> dict:
-    sampling = temperature > 0
-    kwargs = {"do_sample": sampling, "max_new_tokens": max_new_tokens,
-              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-              "eos_token_id": tokenizer.eos_token_id}
-    if sampling:
-        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
-    if getattr(getattr(model, "active_peft_config", None), "peft_type", None) == "PREFIX_TUNING":
-        # transformers 5.x's generate hands the model a cache of its own, and the one peft builds
-        # for the prefix is then dropped: without a cache every step runs peft's own forward
-        kwargs["use_cache"] = False
-    return kwargs
-
-
-@torch.no_grad()
 def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int = 40,
                  temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-                 streamer=None, stop_strings: list[str] | None = None) -> list[int]:
-    """The new token ids after `ids`; temperature 0 means greedy decoding. Generation ends at EOS, after
-    `max_new_tokens`, or once the text holds one of `stop_strings`. `streamer`: a transformers streamer
-    that receives the text as it is generated (lmforge chat, serve)."""
-    model.eval()
-    device = next(model.parameters()).device
-    prompt = torch.tensor([ids], device=device)
-    torch.manual_seed(seed)
-    kwargs = _sampling_kwargs(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
-    if stop_strings:
-        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), streamer=streamer, **kwargs)
-    return out[0, len(ids):].tolist()
+                 on_text: Callable[[str], None] | None = None, stop_strings: list[str] | None = None) -> list[int]:
+    """The new token ids after `ids` (through the engine, one row: what `generate` gives for the same seed);
+    temperature 0 means greedy decoding. Generation ends at EOS, after `max_new_tokens`, or once the text
+    holds one of `stop_strings`. `on_text(piece)` receives the text as it is sampled (lmforge chat)."""
+    request = Request(list(ids), max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_strings or ()), on_text)
+    return generate_many(model, tokenizer, [request])[0].new_ids
 
 
-@torch.no_grad()
-def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, num_return_sequences: int = 1, max_new_tokens: int = 40,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completions of a batch of left-padded prompts (KV-cached), `num_return_sequences` per prompt
-    (prompt i's are rows i * n ... i * n + n - 1): their ids (B * n, up to max_new_tokens) and mask
-    (1 up to and including each one's EOS, 0 after). The sampler of `generate_ids`, for many prompts
-    at once: rollouts of RL objectives and evaluation of their rewards."""
-    model.eval()
-    torch.manual_seed(seed)
-    kwargs = _sampling_kwargs(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
-    out = model.generate(input_ids, attention_mask=attention_mask, num_return_sequences=num_return_sequences, **kwargs)
-    completions = out[:, input_ids.shape[1]:]
-    is_eos = completions == tokenizer.eos_token_id
-    mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to the first EOS, itself included
-    return completions, mask.long()
+def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   max_new_tokens: int = 40, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int = 0, max_batch: int = 16, desc: str | None = None,
+                   stop_strings: list[str] | None = None) -> list[str]:
+    """Each prompt's continuation as text, the prompts decoded together (batched, length-aware); every row
+    samples from its own generator seeded `seed`, so an answer does not depend on the other prompts.
+    `desc`: a progress bar with an ETA under that name."""
+    from tqdm.auto import tqdm
+
+    requests = [Request(prompt_ids(tokenizer, p), max_new_tokens, temperature, top_k, top_p, seed,
+                        tuple(stop_strings or ())) for p in prompts]
+    with tqdm(total=len(requests), desc=desc, unit="answer", disable=desc is None or len(requests) < 2,
+              dynamic_ncols=True) as bar:
+        generate_many(model, tokenizer, requests, max_batch, bar.update)
+    return [r.text for r in requests]
 
 
 def generate_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 40,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0,
-                  streamer=None) -> str:
+                  on_text: Callable[[str], None] | None = None) -> str:
     """The prompt's continuation as text (special tokens left out)."""
-    new = generate_ids(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, top_p,
-                       seed, streamer)
-    return tokenizer.decode(new, skip_special_tokens=True)
+    request = Request(prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, top_p, seed, (), on_text)
+    return generate_many(model, tokenizer, [request])[0].text

@@ -21,7 +21,7 @@ from lmforge.data.formats import DataError
 from lmforge.data.instructions import InstructionFormat, ensure_chat_template, iter_conversations
 from lmforge.data.prepare import split_items
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.eval.generate import generate_text
+from lmforge.eval.generate import generate_texts
 from lmforge.eval.intervals import bootstrap_interval
 
 
@@ -62,11 +62,9 @@ def held_out_conversations(recipe: Recipe, limit: int) -> list[list[dict]]:
 def answer_conversations(model: torch.nn.Module, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64) -> dict:
     """Greedy answers to each conversation's last user turn (chat template), scored against its last
     assistant turn; a few kept as samples."""
-    predictions, references = [], []
-    for messages in conversations:
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        predictions.append(generate_text(model, tokenizer, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None))
-        references.append(str(messages[-1]["content"]))
+    prompts = [tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in conversations]
+    predictions = generate_texts(model, tokenizer, prompts, max_new_tokens, desc="held-out answers")
+    references = [str(m[-1]["content"]) for m in conversations]
     metrics = generation_metrics(predictions, references)
     metrics["samples"] = [{"prompt": str(m[-2]["content"])[:200], "reference": r[:200], "answer": p[:200]}
                           for m, p, r in zip(conversations[:4], predictions, references, strict=False)]

@@ -20,7 +20,7 @@ import torch
 from lmforge.data.formats import DataError, detect_format, parse_rows, read_all, text_field
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.runtime import autocast, pick_device, resolve_precision
-from lmforge.eval.generate import generate_text
+from lmforge.eval.generate import generate_texts
 from lmforge.models.factory import load_model, saved_head
 from lmforge.outputs import OutputError
 
@@ -78,6 +78,7 @@ def predict(model_dir: Path, files: list[str], out: Path, column: str = "text", 
         kind = "reward score" if single else "label with probabilities"
     else:
         chat = bool(tokenizer.chat_template)
+        prompts = []
         for i, row in enumerate(rows):
             messages = row.get("messages") if isinstance(row.get("messages"), list) else None
             if messages is not None:
@@ -88,9 +89,11 @@ def predict(model_dir: Path, files: list[str], out: Path, column: str = "text", 
                 text = text_field(where, i + 1, row, column)
                 prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                        add_generation_prompt=True) if chat else text
-            with autocast(device, precision):
-                row["generated"] = generate_text(model, tokenizer, prompt, max_new_tokens, temperature=0.0,
-                                                 top_k=None, top_p=None)
+            prompts.append(prompt)
+        with autocast(device, precision):
+            answers = generate_texts(model, tokenizer, prompts, max_new_tokens, desc="answers")
+        for row, answer in zip(rows, answers, strict=True):
+            row["generated"] = answer
         kind = "greedy answer" + (" (chat template)" if chat else "")
     for row in rows:
         row[MARK] = str(model_dir)

@@ -38,7 +38,7 @@ from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
 from lmforge.eval.classification import classification_metrics
 from lmforge.eval.fewshot import balanced_shots, few_shot_baseline
-from lmforge.eval.generate import generate_text
+from lmforge.eval.generate import generate_texts
 from lmforge.eval.generation import answer_conversations
 from lmforge.eval.intervals import perplexity_interval, separated
 from lmforge.eval.perplexity import evaluate_loss
@@ -298,11 +298,9 @@ def evaluate_model(model_dir: Path | str, cfg: EvalConfig, out_dir: Path | str |
                                  _preferences(model, head, tokenizer, task, cfg, device, precision) if kind == "preferences"
                                  else _generation(model, head, tokenizer, name, task, cfg))
         result["tasks"][name]["kind"] = kind
-    for prompt in cfg.prompts:
-        if head != "causal_lm":
-            break
-        result["samples"].append({"prompt": prompt, "answer": generate_text(
-            model, tokenizer, prompt, cfg.max_new_tokens, temperature=0.0, top_k=None, top_p=None)})
+    if head == "causal_lm" and cfg.prompts:
+        answers = generate_texts(model, tokenizer, list(cfg.prompts), cfg.max_new_tokens, desc="samples")
+        result["samples"] += [{"prompt": p, "answer": a} for p, a in zip(cfg.prompts, answers, strict=True)]
     for line in _describe(result):
         log(line)
     if out is not None:

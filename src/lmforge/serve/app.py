@@ -1,78 +1,46 @@
 """An OpenAI-compatible HTTP API over one model folder, on FastAPI.
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`,
-both with `stream: true` (server-sent events, as OpenAI's clients expect) or not. A chat is rendered
-with the model's own chat template (the one training saved with it); generation stops at the
-tokenizer's EOS (which ends an assistant turn in lmforge's templates and in ChatML), at the request's
-`stop` strings, or at `max_tokens`. Sampling is lmforge's one sampler (eval/generate.py).
+Endpoints: `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions` and
+`POST /v1/completions`, both with `stream: true` (server-sent events, as OpenAI's clients expect) or not.
+A chat is rendered with the model's own chat template (the one training saved with it); generation stops
+at the tokenizer's EOS, at the request's `stop` strings, or at `max_tokens`.
 
-One model computes one request at a time: requests wait on a lock, in arrival order (a CPU gains
-nothing from running two at once, and the model's sampling state is not shared). Bad requests get a
-4xx with OpenAI's error body: an unknown model 404, empty messages or a prompt plus `max_tokens`
-beyond the model's context 400.
+Every handler is asynchronous and none computes: the model belongs to one worker thread
+(serve/worker.py) that decodes all requests in flight as one batch (continuous batching), so concurrent
+clients share each step and `/health` answers while it generates. A full server answers 503 at once;
+every limit a request can push is bounded (generation/limits.py); every error, a 500 included, has
+OpenAI's error body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.generation.engine import Request as Generation
+from lmforge.generation.limits import LimitError, Limits, check_seed, check_stops
+from lmforge.serve.schema import APIError, ChatRequest, CompletionRequest, error_response
+from lmforge.serve.worker import Worker
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI's content parts: the text parts, joined
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send more (logprobs, user, ...); what we do not use is ignored
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message]
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+MAX_BODY_BYTES = 8 * 2**20
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class Engine:
-    """The loaded model and tokenizer, and the lock that queues requests."""
+    """The served model: its tokenizer, its limits, and the worker that owns it."""
 
-    def __init__(self, model_dir: Path, name: str | None = None, default_max_tokens: int = 256):
+    def __init__(self, model_dir: Path, name: str | None = None, default_max_tokens: int = 256, max_batch: int = 16,
+                 max_queue: int = 64, threads: int | None = None, log=None):
         from lmforge.models.factory import load_model
         from lmforge.pipeline import model_tokenizer
 
@@ -81,68 +49,67 @@ class Engine:
         self.tokenizer = model_tokenizer(self.model_dir, None)
         self.model = load_model(self.model_dir, "causal_lm")
         self.model.eval()
-        self.context = getattr(self.model.config, "max_position_embeddings", None)
-        self.default_max_tokens = default_max_tokens
-        self.lock = threading.Lock()
+        self.limits = Limits.of(self.model, default_max_tokens)
+        self.context = self.limits.context
         self.created = int(time.time())
+        self.worker = Worker(self.model, self.tokenizer, max_batch, max_queue, threads, log)
 
-    def prompt_of(self, request: ChatRequest | CompletionRequest) -> str:
+    def prompt_of(self, request: ChatRequest | CompletionRequest) -> list[int]:
+        from lmforge.eval.generate import prompt_ids
+
         if isinstance(request, CompletionRequest):
-            prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            prompt = request.prompt
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return self._token_ids(prompt)
+            prompts = [prompt] if isinstance(prompt, str) else prompt
             if len(prompts) != 1:
                 raise APIError(400, "prompt: give one prompt per request", "invalid_prompt", "prompt")
-            return prompts[0]
+            if isinstance(prompts[0], list):
+                return self._token_ids(prompts[0])
+            return prompt_ids(self.tokenizer, prompts[0])
         if not request.messages:
             raise APIError(400, "messages: empty; give at least one message", "invalid_messages", "messages")
+        for i, message in enumerate(request.messages):
+            if message.role not in CHAT_ROLES:
+                raise APIError(400, f"messages[{i}].role: '{message.role}' is not one of {', '.join(CHAT_ROLES)}",
+                               "invalid_messages", f"messages.{i}.role")
+            if message.role in ("user", "system", "developer") and message.content is None:
+                raise APIError(400, f"messages[{i}].content: a {message.role} message needs content",
+                               "invalid_messages", f"messages.{i}.content")
         if not self.tokenizer.chat_template:
             raise APIError(400, f"model {self.name} has no chat template (it was not instruction-tuned); "
                            "use /v1/completions", "no_chat_template", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in request.messages]
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own checks (roles out of order, ...)
             raise APIError(400, f"messages: the model's chat template refuses them ({exc})", "invalid_messages",
                            "messages") from None
+        return prompt_ids(self.tokenizer, text)
 
-    def plan(self, request: ChatRequest | CompletionRequest) -> tuple[list[int], int]:
-        """The prompt's ids and the number of tokens to generate, checked against the context."""
-        from lmforge.eval.generate import prompt_ids
+    def _token_ids(self, ids: list[int]) -> list[int]:
+        size = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < size]
+        if bad or not ids:
+            raise APIError(400, f"prompt: token ids must be 0 ... {size - 1}" + (f" (got {bad[0]})" if bad else ""),
+                           "invalid_prompt", "prompt")
+        return list(ids)
 
+    def plan(self, request: ChatRequest | CompletionRequest) -> Generation:
+        """The request as the engine runs it, every bound checked."""
         if request.model != self.name:
             raise APIError(404, f"model '{request.model}' does not exist; this server serves '{self.name}'",
                            "model_not_found", "model")
-        ids = prompt_ids(self.tokenizer, self.prompt_of(request))
-        wanted = request.max_completion_tokens or request.max_tokens
-        if self.context and len(ids) + (wanted or 0) > self.context:
-            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has {len(ids)} and "
-                           f"max_tokens asks {wanted or 0} more", "context_length_exceeded", "max_tokens")
-        budget = wanted or self.default_max_tokens
-        if self.context:
-            budget = min(budget, self.context - len(ids))
-        return ids, budget
-
-    def generate(self, request, ids: list[int], budget: int, streamer=None) -> tuple[str, str, int]:
-        """(text, finish_reason, completion tokens), the text cut before any stop string."""
-        from lmforge.eval.generate import generate_ids
-
-        new = generate_ids(self.model, self.tokenizer, ids, budget, request.temperature, None, request.top_p,
-                           request.seed if request.seed is not None else 0, streamer, request.stops() or None)
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        cut = cut_at_stop(text, request.stops())
-        ended = bool(new) and new[-1] == self.tokenizer.eos_token_id
-        reason = "stop" if ended or cut is not None else "length" if len(new) >= budget else "stop"
-        return (text if cut is None else text[:cut]), reason, len(new)
-
-
-def cut_at_stop(text: str, stops: list[str]) -> int | None:
-    """Where the first stop string begins in `text`, or None."""
-    found = [text.find(s) for s in stops if s in text]
-    return min(found) if found else None
-
-
-def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    kind = "not_found_error" if status == 404 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+        request.refuse_unsupported()
+        try:
+            stops = check_stops(request.stops())
+            seed = check_seed(request.seed)
+            ids = self.prompt_of(request)
+            budget = self.limits.budget(len(ids), request.wanted_tokens())
+        except LimitError as exc:
+            raise APIError(400, exc.message, exc.code, exc.field) from None
+        return Generation(ids, budget, request.temperature, None, request.top_p, seed, stops)
 
 
 def _event(payload: dict | str) -> str:
@@ -152,57 +119,124 @@ def _event(payload: dict | str) -> str:
 def build_app(engine: Engine) -> FastAPI:
     app = FastAPI(title=f"lmforge serve: {engine.name}", docs_url=None, redoc_url=None)
 
+    @app.middleware("http")
+    async def _bounded_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"request body: {int(length):,} bytes; at most {MAX_BODY_BYTES:,}",
+                                  "request_too_large")
+        return await call_next(request)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.code, exc.param)
+        return error_response(exc.status, exc.message, exc.code, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return _error(400, f"{where}: {first['msg']}", "invalid_request", where or None)
+        return error_response(400, f"{where}: {first['msg']}" if where else str(first["msg"]), "invalid_request",
+                              where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"{request.method} {request.url.path}: no such route (see /v1/models, /v1/chat/completions)"
+        elif exc.status_code == 400 and "pars" in str(exc.detail):
+            message = "request body: not valid JSON (or nested too deeply)"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, "not_found" if exc.status_code == 404 else "invalid_request",
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error ({type(exc).__name__}: {exc}); a bug in lmforge serve",
+                              "internal_error")
+
+    def model_card() -> dict:
+        return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "lmforge"}
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model": engine.name}
+    async def health() -> dict:
+        return {"status": "ok", "model": engine.name, **engine.worker.stats()}
 
     @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
-                                            "owned_by": "lmforge"}]}
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
 
-    def respond(request, chat: bool):
-        ids, budget = engine.plan(request)
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != engine.name:
+            raise APIError(404, f"model '{model_id}' does not exist; this server serves '{engine.name}'",
+                           "model_not_found", "model")
+        return model_card()
+
+    async def respond(http: Request, request: ChatRequest | CompletionRequest, chat: bool):
+        generation = await asyncio.to_thread(engine.plan, request)  # tokenizing a long prompt off the event loop
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        kind = "chat.completion" if chat else "text_completion"
         if request.stream:
-            return StreamingResponse(_stream(engine, request, ids, budget, ident, chat), media_type="text/event-stream")
-        with engine.lock:
-            text, reason, used = engine.generate(request, ids, budget)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            events = _stream(engine, generation, ident, chat, include_usage)
+            await events.__anext__()  # submits (or raises 503) before the response starts
+            return StreamingResponse(events, media_type="text/event-stream")
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        generation.on_done = lambda: loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+        _submit(engine, generation)
+        try:
+            while not finished.done():
+                await asyncio.wait({finished}, timeout=0.5)
+                if not finished.done() and await http.is_disconnected():
+                    generation.cancelled = True  # the client left: its slot goes to the next request
+                    return JSONResponse({}, status_code=499)
+        finally:
+            if not generation.done.is_set():
+                generation.cancelled = True
+        _raise_failed(generation)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": generation.finish_reason}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": generation.text}
         else:
-            choice["text"] = text
-        return {"id": ident, "object": kind, "created": int(time.time()), "model": engine.name, "choices": [choice],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+            choice["text"] = generation.text
+        used = len(generation.new_ids)
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": engine.name, "choices": [choice],
+                "usage": {"prompt_tokens": len(generation.ids), "completion_tokens": used,
+                          "total_tokens": len(generation.ids) + used}}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatRequest):
-        return respond(request, chat=True)
+    async def chat_completions(http: Request, request: ChatRequest):
+        return await respond(http, request, chat=True)
 
     @app.post("/v1/completions")
-    def completions(request: CompletionRequest):
-        return respond(request, chat=False)
+    async def completions(http: Request, request: CompletionRequest):
+        return await respond(http, request, chat=False)
 
     return app
 
 
-def _stream(engine: Engine, request, ids: list[int], budget: int, ident: str, chat: bool) -> Iterator[str]:
-    """Server-sent events: a chunk per piece of text as it is sampled, then the finish reason, then [DONE].
-    Text that could be the start of a stop string is held back until it is known not to be one."""
-    from transformers import TextIteratorStreamer
+def _submit(engine: Engine, generation: Generation) -> None:
+    if not engine.worker.submit(generation):
+        raise APIError(503, f"the server is full ({engine.worker.capacity} requests in flight); retry shortly",
+                       "server_busy")
 
+
+def _raise_failed(generation: Generation) -> None:
+    if generation.finish_reason == "error":
+        raise APIError(500, f"generation failed: {generation.error}", "generation_failed")
+
+
+async def _stream(engine: Engine, generation: Generation, ident: str, chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per piece of text as it is sampled, then the finish reason, the usage
+    if asked, then [DONE]. The first `__anext__` only submits the request."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    generation.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+    generation.on_done = lambda: loop.call_soon_threadsafe(pieces.put_nowait, None)
+    _submit(engine, generation)
+    yield ""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -216,39 +250,21 @@ def _stream(engine: Engine, request, ids: list[int], budget: int, ident: str, ch
             choice = {"index": 0, "text": text or "", "finish_reason": reason}
         return _event({"id": ident, "object": kind, "created": created, "model": engine.name, "choices": [choice]})
 
-    stops = request.stops()
-    hold = max((len(s) for s in stops), default=1) - 1
-    with engine.lock:
-        streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                result["out"] = engine.generate(request, ids, budget, streamer)
-            except Exception as exc:  # reported in the stream, the server lives on
-                result["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
+    try:
         yield chunk(None, first=True)
-        text, sent = "", 0
-        for piece in streamer:
-            text += piece
-            cut = cut_at_stop(text, stops)
-            end = cut if cut is not None else max(sent, len(text) - hold)
-            if end > sent:
-                yield chunk(text[sent:end])
-                sent = end
-            if cut is not None:
-                break
-        worker.join()
-    if "error" in result:
-        yield _event({"error": {"message": f"generation failed: {result['error']}", "type": "server_error"}})
+        while (piece := await pieces.get()) is not None:
+            yield chunk(piece)
+        if generation.finish_reason == "error":
+            yield _event({"error": {"message": f"generation failed: {generation.error}", "type": "server_error",
+                                    "param": None, "code": "generation_failed"}})
+        else:
+            yield chunk(None, generation.finish_reason)
+            if include_usage:
+                used = len(generation.new_ids)
+                yield _event({"id": ident, "object": kind, "created": created, "model": engine.name, "choices": [],
+                              "usage": {"prompt_tokens": len(generation.ids), "completion_tokens": used,
+                                        "total_tokens": len(generation.ids) + used}})
         yield _event("[DONE]")
-        return
-    final, reason, _ = result["out"]
-    if len(final) > sent:
-        yield chunk(final[sent:])
-    yield chunk(None, reason)
-    yield _event("[DONE]")
+    finally:
+        if not generation.done.is_set():
+            generation.cancelled = True  # the client went away mid-stream: its row leaves the batch
