@@ -107,7 +107,7 @@ def test_a_run_into_a_folder_of_user_files_of_its_names_is_refused(tmp_path, tok
     (out / "final" / "weights.bin").write_text("someone's model")
     before = _contents(out)
     _refused("train", _pretrain(tmp_path, tokenizer_dir, prepared.directory),
-             pattern=r"holds recipe.yaml, final, not written by lmforge")
+             pattern=r"holds final, not written by lmforge")  # a user's recipe.yaml is no clash: see round 3
     assert _contents(out) == before
 
 
@@ -135,7 +135,7 @@ def _other_values(annotation, value):
         # defaults are empty (training the same as none), so one with a term
         sections = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         candidates += [{"terms": [{"kind": "numeric_match"}]} if s.__name__ == "RewardConfig" else {} for s in sections]
-        candidates += [2, 0.5, "x", ["x"], True, 1]
+        candidates += [2, 0.5, "x", ["x"], True, 1, "{{ messages }}"]
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
         candidates.insert(0, [value[0] / 2, value[1]])  # betas
     return candidates
@@ -216,8 +216,8 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_force_moves_them_aside
                                                    r"trainer.lr: 0.001 -> 0.0005")
     assert _contents(checkpoints) == kept
     output = _ok("train", other, "--force")
-    aside = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoints.replaced-")]
-    assert len(aside) == 1 and _contents(aside[0]) == kept and str(aside[0]) in output
+    aside = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and _contents(aside[0] / "checkpoints") == kept and str(aside[0]) in output
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
 
 

@@ -469,13 +469,13 @@ def test_chat_keeps_the_conversation_streams_replies_and_resets(tmp_path, base_m
     ensure_chat_template(tok, None)
     tok.save_pretrained(model)
     prompts = []
-    real = chat_module.generate_text
+    real = chat_module.generate_many
 
-    def spy(m, t, prompt, *args, **kwargs):
-        prompts.append(prompt)
-        return real(m, t, prompt, *args, **kwargs)
+    def spy(m, t, requests, *args, **kwargs):
+        prompts.append(t.decode(requests[0].ids))
+        return real(m, t, requests, *args, **kwargs)
 
-    monkeypatch.setattr(chat_module, "generate_text", spy)
+    monkeypatch.setattr(chat_module, "generate_many", spy)
     result = CliRunner().invoke(app, ["chat", str(model), "--system", "Be brief.", "--max-new-tokens", "3"],
                                 input="first question\nsecond question\n/reset\nthird question\n")
     assert result.exit_code == 0, result.output

@@ -13,11 +13,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from lmforge.data.chat_templates import name_problem  # a table that imports nothing: the schema's layer
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the file and key."""
+
+
+def _chat_template(value: str | None) -> str | None:
+    problem = name_problem(value) if value is not None else None
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class Section(BaseModel):
@@ -106,7 +123,7 @@ class DataConfig(Section):
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     system_prompt: str | None = None
-    chat_template: str | None = None
+    chat_template: Annotated[str | None, AfterValidator(_chat_template)] = None  # Jinja, or lmforge / chatml
     long_examples: Literal["drop", "truncate", "error"] = "drop"  # examples longer than packing.seq_len
     multitask: MultitaskConfig | None = None  # instruction rows of several tasks (sft)
 
@@ -196,9 +213,12 @@ class ObjectiveConfig(Section):
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     kl_estimator: Literal["k1", "k3"] = "k1"
     missing_eos_penalty: float | None = Field(None, ge=0.0)
-    # grpo, ppo: a run whose mean KL to the reference (over a log window) exceeds this stops with an error
-    # naming its last good checkpoint (unset: no bound; a run whose completions are all empty always stops)
-    max_kl: float | None = Field(None, gt=0.0)
+    # grpo, ppo run health: a run whose mean KL to the reference (over a log window) exceeds max_kl, or
+    # (grpo) whose every group of completions got equal rewards for max_flat_steps steps in a row (nothing
+    # to learn from), stops with an error naming its last good checkpoint; null switches a verdict off.
+    # A run whose completions are all empty always stops.
+    max_kl: float | None = Field(5.0, gt=0.0)
+    max_flat_steps: int | None = Field(20, gt=0)
     # extractive_qa: the longest answer predicted, in tokens, and the overlap of the windows a long
     # context is cut into (tokens shared by neighbouring windows; unset: a quarter of packing.seq_len)
     max_answer_tokens: int = Field(30, gt=0)
@@ -492,7 +512,7 @@ class EvalTaskConfig(Section):
     chosen_column: str = "chosen"  # preference pairs: the better answer
     rejected_column: str = "rejected"
     system_prompt: str | None = None
-    chat_template: str | None = None
+    chat_template: Annotated[str | None, AfterValidator(_chat_template)] = None  # Jinja, or lmforge / chatml
     # where in-context examples come from; unset: the first rows of `files` (then not scored)
     shots_files: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, gt=0)  # score at most this many rows
@@ -809,6 +829,9 @@ def is_pipeline(raw: Any) -> bool:
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     raw: Any = read_yaml(path) if path is not None else {}
     source = str(path) if path else "recipe"
+    if path is not None and raw in (None, {}) and not overrides:
+        raise ConfigError(f"{source}: the recipe is empty; `lmforge recipes` lists bundled ones, "
+                          "`lmforge recipes quickstart --copy my.yaml` starts one")
     if is_pipeline(raw):
         raise ConfigError(f"{source}: a pipeline (it lists stages:); run it with `lmforge run {source}`")
     if not isinstance(raw, dict):
@@ -835,5 +858,11 @@ def _with_packages(node: Any) -> Any:
     return _PACKAGE.sub(lambda m: str(package_dir(m.group(1))), node)
 
 
-def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+def dump_recipe(recipe: Recipe, folder: Path) -> Path:
+    """The resolved recipe of a run, in its folder (outputs.recipe_dump_path: never over a user's own
+    recipe.yaml); its first line marks it as lmforge's."""
+    from lmforge.outputs import RECIPE_DUMP_HEADER, recipe_dump_path
+
+    path = recipe_dump_path(Path(folder))
+    path.write_text(RECIPE_DUMP_HEADER + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return path

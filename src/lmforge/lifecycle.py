@@ -199,6 +199,14 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     raw = read_yaml(path)
     if not is_pipeline(raw):
         raise ConfigError(f"{source}: not a pipeline (no stages:)")
+    for item in overrides or []:  # an override names a stage that exists: a typo must not make a new one
+        parts = item.partition("=")[0].strip().split(".")
+        if len(parts) > 2 and parts[0] == "stages" and isinstance(raw.get("stages"), dict) and parts[1] not in raw["stages"]:
+            import difflib
+
+            near = difflib.get_close_matches(parts[1], [str(s) for s in raw["stages"]], n=1)
+            raise ConfigError(f"override '{item}': the pipeline has no stage '{parts[1]}' (stages: "
+                              f"{', '.join(map(str, raw['stages']))})" + (f"; did you mean '{near[0]}'?" if near else ""))
     raw = apply_overrides(raw, overrides or [])
     unknown = set(raw) - PIPELINE_KEYS
     if unknown:

@@ -43,9 +43,46 @@ def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}"
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
+WRITTEN = ".lmforge-written"  # in every folder `replace_dir` puts in place: the names lmforge wrote there
+
+# What lmforge wrote in a folder from before the record above: files of these names are replaced, any
+# other entry is the user's and kept.
+_LEGACY_OURS = ("*.safetensors", "*.bin", "*.docs", "*.gguf", "*.pt", "*.json", "*.jinja", "merges.txt", "vocab.txt",
+                "spiece.model", "tokenizer.model", "Modelfile", "base", "quantized", "tensorboard")
+
+
+def _written_by_us(folder: Path) -> Callable[[str], bool]:
+    try:
+        names = set(json.loads((folder / WRITTEN).read_text()))
+        return lambda name: name in names or name == WRITTEN
+    except (OSError, ValueError, TypeError):
+        import fnmatch
+
+        return lambda name: name == WRITTEN or any(fnmatch.fnmatch(name, p) for p in _LEGACY_OURS)
+
+
+def _carry_user_entries(old: Path, new: Path) -> list[str]:
+    """Move what the user added to `old` (a folder lmforge wrote before) into `new`: lmforge replaces
+    only its own files. A user's file whose name lmforge now writes too is kept as NAME.user."""
+    ours = _written_by_us(old)
+    kept = []
+    for entry in sorted(old.iterdir()):
+        if ours(entry.name):
+            continue
+        target = new / entry.name
+        while target.exists():
+            target = target.with_name(target.name + ".user")
+        os.replace(entry, target)
+        kept.append(target.name)
+    return kept
+
+
+def replace_dir(tmp: Path, out: Path, log: Callable[[str], None] = print) -> list[str]:
     """Put the finished folder `tmp` at `out`; an old `out` (already checked replaceable) is renamed
-    aside first and removed only once the new one is in place, so `out` is never half one, half the other."""
+    aside first and removed only once the new one is in place, so `out` is never half one, half the other.
+    Entries of the old folder that lmforge did not write (a user's NOTES.txt) move into the new one, and
+    are named in the log; their names are returned."""
+    (tmp / WRITTEN).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
     old = None
     if out.exists():
         old = temporary_sibling(out, "old")
@@ -56,8 +93,13 @@ def replace_dir(tmp: Path, out: Path) -> None:
         if old is not None:
             os.replace(old, out)
         raise
+    kept: list[str] = []
     if old is not None:
+        kept = _carry_user_entries(old, out)
         shutil.rmtree(old, ignore_errors=True)
+    if kept:
+        log(f"{out}: replaced what lmforge wrote there; kept {', '.join(kept)} (not lmforge's)")
+    return kept
 
 
 def pid_alive(pid: int) -> bool:
@@ -87,6 +129,11 @@ def remove_stale_temporaries(folder: Path, prefixes: list[str], log: Callable[[s
         pid = entry.name.rsplit("-", 1)[-1] if prefix else ""  # the writer's pid ends the name
         if not (entry.is_dir() and pid.isdigit()) or (int(pid) != os.getpid() and pid_alive(int(pid))):
             continue
+        home = folder / entry.name[1:].rsplit(".", 1)[0]  # .NAME.old-PID was NAME
+        if prefix.endswith(".old-") and home.is_dir():  # killed between the swap and the move of the user's files
+            kept = _carry_user_entries(entry, home)
+            if kept:
+                log(f"cleanup: moved {', '.join(kept)} back into {home} (a user's files, set aside by an interrupted run)")
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     if removed:
@@ -215,14 +262,43 @@ def _json(path: Path):
         return None
 
 
+RECIPE_DUMP = "recipe.yaml"  # the resolved recipe a run writes in its folder
+RECIPE_DUMP_ASIDE = "recipe.lmforge.yaml"  # where it goes when recipe.yaml there is the user's own
+RECIPE_DUMP_HEADER = "# lmforge: the resolved recipe of this run (written by lmforge at its start; edit a copy)\n"
+
+
 def _dumped_recipe(path: Path) -> bool:
+    """A recipe dump lmforge wrote: marked by its first line, or (before the mark) YAML exactly as
+    lmforge dumps it, every section present. A user's recipe.yaml is neither, and is never overwritten."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith(RECIPE_DUMP_HEADER):
+        return True
     try:
         import yaml
 
-        recipe = yaml.safe_load(path.read_text())
-    except Exception:  # unreadable, or not YAML: not ours
+        recipe = yaml.safe_load(text)
+    except Exception:  # not YAML: not ours
         return False
-    return isinstance(recipe, dict) and {"output_dir", "trainer", "model"} <= recipe.keys()
+    sections = {"output_dir", "seed", "tokenizer", "model", "data", "packing", "objective", "method", "trainer"}
+    return isinstance(recipe, dict) and sections <= recipe.keys() and yaml.safe_dump(recipe, sort_keys=False) == text
+
+
+def recipe_dump_path(folder: Path) -> Path:
+    """Where a run in `folder` writes its resolved recipe: recipe.yaml, unless a recipe.yaml there is not
+    lmforge's (`output_dir: .` beside the user's own recipe.yaml), then recipe.lmforge.yaml."""
+    path = folder / RECIPE_DUMP
+    return path if not path.exists() or _dumped_recipe(path) else folder / RECIPE_DUMP_ASIDE
+
+
+def run_recipe_file(folder: Path) -> Path | None:
+    """The resolved recipe of the run in `folder` (for the board and the report), or None."""
+    for name in (RECIPE_DUMP_ASIDE, RECIPE_DUMP):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def is_metrics_log(path: Path) -> bool:
@@ -251,7 +327,7 @@ def _prepared_corpus(path: Path) -> bool:
 
 
 RUN_FILES: dict[str, Callable[[Path], bool]] = {
-    "recipe.yaml": _dumped_recipe,
+    RECIPE_DUMP_ASIDE: _dumped_recipe,
     "metrics.jsonl": is_metrics_log,
     "summary.json": _summary,
     "tensorboard": lambda p: p.is_dir() and all(f.name.startswith("events.out.tfevents") for f in p.iterdir()),
@@ -260,6 +336,30 @@ RUN_FILES: dict[str, Callable[[Path], bool]] = {
     "data": _prepared_corpus,
     "checkpoints": lambda p: p.is_dir() and all(f.name.startswith(("step_", ".tmp-step_")) for f in p.iterdir()),
 }
+
+
+# Everything one training run writes at the top of its output_dir (the tokenizer and data it prepared
+# are inputs, kept; `start`, the merged parent an adapter stage records, is written before training).
+PREVIOUS_RUN = (RECIPE_DUMP_ASIDE, RECIPE_DUMP, "metrics.jsonl", "summary.json", "status.json", "train.log", "tensorboard",
+                "final", "quantized", "checkpoints", "check.txt", "eval.json")
+
+
+def move_run_aside(folder: Path) -> Path | None:
+    """--force on a folder holding a run: every file of that run (only what lmforge wrote) moves together
+    into FOLDER/replaced-TIMESTAMP/, so the folder never pairs the old final/ with the new recipe."""
+    checks = {**RUN_FILES, RECIPE_DUMP: _dumped_recipe}
+    present = [name for name in PREVIOUS_RUN if (folder / name).exists() and checks.get(name, lambda p: True)(folder / name)]
+    if not present:
+        return None
+    target = folder / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while target.exists():
+        target = folder / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    target.mkdir()
+    for name in present:
+        os.replace(folder / name, target / name)
+    return target
 
 
 def ensure_run_folder(folder: Path) -> None:
@@ -281,7 +381,12 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
     text = str(exc)
+    if isinstance(exc, RuntimeError) and any(m in text for m in _TORCH_WRITE_FAILED):
+        return True  # torch.save reports a full disk only as its zip writer's failure
     return "code: 28" in text or "StorageFull" in text or "No space left on device" in text
+
+
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
 
 
 def content_hash(obj) -> str:

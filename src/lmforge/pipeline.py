@@ -42,8 +42,9 @@ from lmforge.engine.runtime import (
     seed_everything,
 )
 from lmforge.engine.status import STATUS, write_status
-from lmforge.eval.generate import generate_texts
+from lmforge.eval.generate import generate_texts, prompt_ids
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
+from lmforge.generation.limits import LimitError, Limits
 from lmforge.methods import apply_method
 from lmforge.methods.adapters import is_adapted, save_adapted
 from lmforge.methods.peft import link_labelled_base
@@ -69,7 +70,7 @@ from lmforge.outputs import (
     ensure_replaceable,
     ensure_run_folder,
     has_stamp,
-    move_aside,
+    move_run_aside,
     read_stamp,
     remove_stale_temporaries,
     replace_dir,
@@ -383,10 +384,7 @@ def _claim_checkpoints(recipe: Recipe, key: str, force: bool) -> None:
     """A run folder belongs to one run: a fresh run refuses a folder holding checkpoints (another run's,
     or an earlier attempt of this one), or with --force moves them aside (never deletes them)."""
     found = list_checkpoints(recipe.checkpoint_dir)
-    if not found:
-        return
-    if force:
-        say(f"train: --force: moved the earlier checkpoints aside to {move_aside(recipe.checkpoint_dir)}")
+    if not found or force:  # --force moves the whole earlier run aside once this one starts (see _train)
         return
     try:
         saved = verify_checkpoint(found[-1])
@@ -417,11 +415,11 @@ def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dic
             if not resume:
                 _claim_checkpoints(recipe, key, force)
         strategy.barrier()
-        return _train(recipe, tokenizer, corpora, identity, key, resume, lock)
+        return _train(recipe, tokenizer, corpora, identity, key, resume, lock, force)
 
 
 def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus], identity: dict,
-           key: str, resume: bool, lock: RunLock | None) -> TrainOutcome:
+           key: str, resume: bool, lock: RunLock | None, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
     configure_threads(recipe.trainer.num_threads)
     seed_everything(recipe.seed, recipe.trainer.deterministic)
@@ -446,7 +444,9 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
     def started() -> None:
         if lock is not None:
             lock.keep = True  # the folder is this run's now: the lock file stays as its mark
-        dump_recipe(recipe, out_dir / "recipe.yaml")
+        if force and not resume and (aside := move_run_aside(out_dir)) is not None:
+            say(f"train: --force: the earlier run's files (recipe, metrics, checkpoints, final model) moved to {aside}")
+        dump_recipe(recipe, out_dir)
         from lmforge.check import PRELAUNCH_REPORTS
 
         report = PRELAUNCH_REPORTS.get(str(out_dir.absolute()))
@@ -554,6 +554,12 @@ def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, tem
             raise ValueError(f"{model_dir}: the tokenizer has no chat template (was the model instruction-tuned?)")
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts]
+    limits = Limits.of(model, max_new_tokens)  # the bounds serve and chat apply
+    for prompt in prompts:
+        try:
+            limits.budget(len(prompt_ids(tokenizer, prompt)), max_new_tokens)
+        except LimitError as exc:
+            raise ValueError(f"--max-new-tokens / --prompt: {exc.message.split(': ', 1)[1]}") from None
     return generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed)
 
 

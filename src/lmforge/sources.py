@@ -267,6 +267,7 @@ def _prompt_source(recipe: Recipe, objective, tokenizer, model: torch.nn.Module,
     say(f"data: {len(sets.train)} prompts x {rollout_cfg.num_generations} completions, {len(sets.val)} held out{skipped}; "
         f"reward: {' + '.join(f'{t.weight:g} {n}' for n, t, _ in reward.terms)}"
         + (f"; each rollout serves {parts // tcfg.grad_accum} optimizer steps" if parts > tcfg.grad_accum else ""))
+    say(objective.health_rules())
 
     def batches(start: int):
         first, part = divmod(start, parts)

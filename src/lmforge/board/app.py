@@ -114,12 +114,16 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
         request = ChatRequest(model=turns.run, messages=turns.messages, max_tokens=turns.max_tokens,
                               temperature=turns.temperature)
         try:
-            ids, budget = engine.plan(request)
+            generation = engine.plan(request)
         except APIError as exc:
             return _error(exc.status, exc.message)
-        with engine.lock:
-            text, reason, used = engine.generate(request, ids, budget)
-        return {"reply": text, "finish_reason": reason, "completion_tokens": used}
+        if not engine.worker.submit(generation):
+            return _error(503, "the model is busy with other chats; try again shortly")
+        generation.done.wait()  # the engine's worker answers (batched with any other chat)
+        if generation.finish_reason == "error":
+            return _error(500, f"generation failed: {generation.error}")
+        return {"reply": generation.text, "finish_reason": generation.finish_reason,
+                "completion_tokens": len(generation.new_ids)}
 
     def recipe_choices() -> list[str]:
         found = sorted(str(p.relative_to(root)) for p in root.glob("*.yaml"))

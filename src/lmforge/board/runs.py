@@ -16,6 +16,7 @@ import yaml
 
 from lmforge.engine.metrics import read_metrics
 from lmforge.engine.status import LOG, read_status, run_state
+from lmforge.outputs import run_recipe_file
 
 SKIP = {"checkpoints", "final", "tensorboard", "mlartifacts", "base"}
 MAX_DEPTH = 5
@@ -26,7 +27,7 @@ class BoardError(ValueError):
 
 
 def _is_run(folder: Path) -> bool:
-    return (folder / "recipe.yaml").is_file() and any((folder / n).is_file() for n in ("metrics.jsonl", "status.json", "summary.json"))
+    return run_recipe_file(folder) is not None and any((folder / n).is_file() for n in ("metrics.jsonl", "status.json", "summary.json"))
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -73,8 +74,8 @@ def _finite(value) -> float | None:
 
 def _recipe(folder: Path) -> dict:
     try:
-        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        recipe = yaml.safe_load(run_recipe_file(folder).read_text())
+    except (OSError, AttributeError, yaml.YAMLError):
         return {}
     return recipe if isinstance(recipe, dict) else {}
 
@@ -154,7 +155,7 @@ def run_detail(root: Path, folder: Path, log_lines: int = 40) -> dict:
     tail = log.read_text().splitlines()[-log_lines:] if log.is_file() else []
     summary = _json(folder / "summary.json")
     return {**run_row(root, folder), "series": series, "log": tail,
-            "recipe_text": (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else "",
+            "recipe_text": recipe_file.read_text() if (recipe_file := run_recipe_file(folder)) else "",
             "check": (folder / "check.txt").read_text() if (folder / "check.txt").is_file() else None,
             "samples": summary.get("samples") or {}, "model": str(folder / "final") if _model_saved(folder / "final") else None}
 

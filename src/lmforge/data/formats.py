@@ -37,6 +37,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         if not matches:
             raise DataError(f"{pattern}: no file matches this pattern")
         for match in matches:
+            if Path(match).is_dir():
+                raise DataError(f"{match}: a folder, not a file; name its files (e.g. {match.rstrip('/')}/*.jsonl)")
             if not Path(match).is_file():
                 raise DataError(f"{match}: no such file")
             if match not in out:
@@ -140,6 +142,11 @@ def scan_jsonl_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[in
             yield exc
 
 
+# Python's csv module stops at a field over 131,072 characters (a real e-mail has more), and every row
+# after it would be lost: lmforge reads fields of any length.
+csv.field_size_limit(2**31 - 1)
+
+
 def scan_csv_rows(path: str, max_rows: int | None = None) -> Iterator[tuple[int, dict] | DataError]:
     """Every CSV record (after the header) as (line number, {column: text}), or as the error that ends the file."""
     try:
@@ -226,7 +233,7 @@ def read_csv(path: str, column: str) -> Iterator[str]:
             if column not in reader.fieldnames:
                 raise DataError(f"{path}:1: no column '{column}' (columns: {', '.join(reader.fieldnames)})")
             for row in reader:
-                yield row[column] or ""
+                yield row[column] or ""  # an empty document is skipped, as in JSONL and Parquet
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
         except csv.Error as exc:

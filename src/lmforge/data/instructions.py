@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmforge.data import chat_templates
 from lmforge.data.formats import DataError, parse_rows
 from lmforge.data.packing import document_positions
 from lmforge.data.prepare import read_split
@@ -32,11 +33,7 @@ from lmforge.data.prepare import read_split
 IGNORE = -100
 
 # Plain-text role markers: works with any tokenizer (no new special tokens), ends each answer in EOS.
-BUILTIN_CHAT_TEMPLATE = (  # newlines as expressions: HF's jinja trims the one after a block tag
-    "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
-    "{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}"
-)
+BUILTIN_CHAT_TEMPLATE = chat_templates.LMFORGE
 
 
 @dataclass(frozen=True)
@@ -108,6 +105,10 @@ def row_messages(path: str, lineno: int, row: dict, fmt: InstructionFormat) -> l
                                 f"{type(message['content']).__name__}, not text")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant turn to learn")
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if not any(m["role"] in ("user", "tool") for m in messages[:first]):
+            raise DataError(f"{where}: the conversation's first assistant turn answers no user turn (assistant-only "
+                            "text is pretraining data: give it to a clm stage, or add the user's turn)")
         return messages
     missing = [c for c in [*fmt.fields(), fmt.response_column] if c not in row]
     if missing:
@@ -128,9 +129,17 @@ def iter_conversations(files: list[str], fmt: InstructionFormat,
 
 
 def ensure_chat_template(tokenizer, template: str | None) -> None:
-    """The recipe's template, else the tokenizer's own, else the built-in one; set on the tokenizer so it is saved."""
+    """The recipe's template (a Jinja template, or a name of data/chat_templates.py), else the tokenizer's
+    own, else the built-in one; set on the tokenizer so it is saved."""
     if template is not None:
-        tokenizer.chat_template = template
+        problem = chat_templates.name_problem(template)
+        if problem:
+            raise DataError(f"data.chat_template: {problem}")
+        if template == "chatml" and tokenizer.eos_token != "<|im_end|>":
+            raise DataError(f"data.chat_template: chatml ends each turn with <|im_end|>, but this tokenizer's EOS is "
+                            f"{tokenizer.eos_token!r}, so generation would not stop at a turn's end; use 'lmforge' "
+                            "or a template of your own that ends assistant turns with {{ eos_token }}")
+        tokenizer.chat_template = chat_templates.NAMED.get(template, template)
     elif not tokenizer.chat_template:
         tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
 

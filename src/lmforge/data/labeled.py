@@ -43,8 +43,12 @@ def iter_labeled(files: list[str], column: str, label_column: str, labels: list[
 
     def parse(path: str, lineno: int, row: dict) -> tuple[str, str]:
         text = text_field(path, lineno, row, column)
+        if not text.strip():
+            raise DataError(f"{path}:{lineno}: column '{column}' is empty; a labelled row needs its text (drop the row)")
         if label_column not in row:
             raise DataError(f"{path}:{lineno}: no label column '{label_column}' (columns: {', '.join(row)})")
+        if row[label_column] is None or row[label_column] == "":
+            raise DataError(f"{path}:{lineno}: label column '{label_column}' is empty")
         label = str(row[label_column])
         if allowed is not None and label not in allowed:
             raise DataError(f"{path}:{lineno}: label '{label}' is not in the label set {sorted(allowed)} (data.labels)")

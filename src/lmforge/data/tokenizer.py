@@ -77,6 +77,10 @@ def train_tokenizer(
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     if sentinels:
         wrapped.add_special_tokens({"additional_special_tokens": sentinels})
+    if len(wrapped) < vocab_size:  # the text ran out of pairs to merge (or of pieces) before the size asked
+        print(f"tokenizer: {len(wrapped):,} tokens, not the {vocab_size:,} asked: the training text holds no more "
+              f"{'merges' if kind == 'bpe' else 'pieces'} seen at least min_frequency ({min_frequency}) times; "
+              "more text, or a smaller vocab_size")
     save_tokenizer(wrapped, out_dir)
     return wrapped
 
@@ -122,7 +126,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
             if base and Path(base).is_dir():
                 return load_tokenizer(base, trust_remote_code)
         raise FileNotFoundError(f"{path}: no tokenizer here (expected tokenizer.json)")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    vocab_files = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+    if not any((path / name).is_file() for name in vocab_files):  # else transformers asks for sentencepiece
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing; tokenizer_config.json alone is no tokenizer "
+                                "(copy the whole tokenizer folder again)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a damaged file surfaces as a JSON, Rust or sentencepiece error
+        damaged = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path
+        raise ValueError(f"{damaged}: cannot be read as a tokenizer ({type(exc).__name__}: {exc}); the file is damaged "
+                         "or truncated: copy it again, or train the tokenizer again") from None
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

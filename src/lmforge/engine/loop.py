@@ -141,6 +141,7 @@ class LogWindow:
     steps: torch.Tensor  # how many were not skipped
     mix: torch.Tensor  # rows drawn from each mixture source
     tokens: int = 0
+    taken: int = 0  # optimizer steps in the window, skipped ones included
     start: float = field(default_factory=time.perf_counter)
     # the objective's own health measures (objective.train_metrics: an RL run's reward, KL, ...), summed
     # over the micro-batches of the window
@@ -154,8 +155,11 @@ class LogWindow:
 
     def record(self, state: TrainState, lr: float, grad_norm: torch.Tensor, source_names: list[str] | None) -> dict:
         now = time.perf_counter()
+        kept = int(self.steps)
         record = {
-            "loss": (self.loss / self.steps.clamp(min=1)).item(),
+            # a window whose every step was skipped (non-finite loss or gradient) has no loss: null, not 0.0
+            "loss": (self.loss / max(kept, 1)).item() if kept else None,
+            "skipped_steps": self.taken - kept,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": self.tokens / max(now - self.start, 1e-9),
@@ -168,7 +172,7 @@ class LogWindow:
         record.update({f"mix_{n}": c / total for n, c in zip(source_names or [], self.mix.tolist(), strict=True)})
         self.loss.zero_()
         self.steps.zero_()
-        self.tokens, self.start = 0, now
+        self.tokens, self.taken, self.start = 0, 0, now
         return record
 
 
@@ -322,6 +326,7 @@ def train(
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
 
     def save(step: int) -> Path:
+        metrics.start()  # a checkpoint before the first metrics record: the run has started all the same
         path = checkpoints / f"step_{step:08d}"
         ensure_finite_weights(trainable, strategy, step, last_saved)
         full = strategy.full_state(model, optimizer)  # FSDP: every rank takes part in gathering
@@ -402,6 +407,7 @@ def train(
                 _step_scheduler(scheduler)
                 window.loss += torch.where(skipped.bool(), 0.0, step_loss)  # not NaN * 0
                 window.steps += 1 - skipped
+                window.taken += 1
                 state.step += 1
                 state.tokens_seen += tokens
                 window.tokens += tokens
@@ -417,11 +423,13 @@ def train(
                     window.mix.zero_()
                     metrics.log(state.step, record)
                     # an RL objective's verdict on its run (rank 0's: every rank stops together)
-                    problem = strategy.same_on_all(objective.unhealthy(record)) if hasattr(objective, "unhealthy") else None
+                    problem = (strategy.same_on_all(objective.unhealthy(record, state.step))
+                               if hasattr(objective, "unhealthy") else None)
                     if problem:  # an RL run gone wrong: stop, keep what was saved before
                         raise TrainingDiverged(f"step {state.step}: {problem}; last good checkpoint: {last_saved or 'none'}")
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    result.train_loss = record["loss"]
+                    bar.set_postfix(loss="skipped" if record["loss"] is None else f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if record["loss"] is not None:
+                        result.train_loss = record["loss"]
                 stop_early = False
                 if evaluate is not None and (state.step % eval_every == 0 or last):
                     result.val = run_eval(state.step)

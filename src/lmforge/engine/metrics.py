@@ -27,6 +27,11 @@ class MetricsLogger:
         self._started = False
         self._tb = None
 
+    def start(self) -> None:
+        """Mark the run started (its folder becomes this run's) if no record has done so yet."""
+        if not self._started:
+            self._start()
+
     def _start(self) -> None:
         self._started = True
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +79,9 @@ class MetricsLogger:
 
 class NullMetrics:
     """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
+
+    def start(self) -> None:
+        pass
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
         pass

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.generation.engine import Request, generate_many
 from lmforge.generation.hf import hf_generate_ids, sample_batch
+from lmforge.generation.limits import Limits
 
 __all__ = ["hf_generate_ids", "generate_ids", "generate_texts", "generate_text", "prompt_ids", "sample_batch"]
 
@@ -43,8 +44,16 @@ def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     `desc`: a progress bar with an ETA under that name."""
     from tqdm.auto import tqdm
 
-    requests = [Request(prompt_ids(tokenizer, p), max_new_tokens, temperature, top_k, top_p, seed,
-                        tuple(stop_strings or ())) for p in prompts]
+    context = Limits.of(model).context
+    requests = []
+    for p in prompts:  # an answer never runs past the model's positions; a prompt that fills them gets none
+        ids = prompt_ids(tokenizer, p)
+        requests.append(Request(ids, min(max_new_tokens, context - len(ids)), temperature, top_k, top_p, seed,
+                                tuple(stop_strings or ())))
+    too_long = sum(r.max_new_tokens < 1 for r in requests)
+    if too_long:
+        print(f"generate: {too_long} of {len(requests)} prompts fill the model's context of {context} tokens; "
+              "they get no answer")
     with tqdm(total=len(requests), desc=desc, unit="answer", disable=desc is None or len(requests) < 2,
               dynamic_ncols=True) as bar:
         generate_many(model, tokenizer, requests, max_batch, bar.update)

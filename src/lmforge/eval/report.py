@@ -23,6 +23,7 @@ import yaml
 from lmforge.config import flatten
 from lmforge.engine.metrics import read_metrics
 from lmforge.eval.intervals import excludes_zero, mean_difference, separated
+from lmforge.outputs import run_recipe_file
 
 
 class ReportError(ValueError):
@@ -51,7 +52,8 @@ def _json(path: Path) -> dict:
 
 
 def run_view(folder: Path, label: str, stage: str, seed: int | None = None, parent: str | None = None) -> RunView:
-    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
+    recipe_file = run_recipe_file(folder)
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file else {}
     metrics = folder / "metrics.jsonl"
     records = read_metrics(metrics) if metrics.is_file() else []
     summary = _json(folder / "summary.json")
@@ -76,7 +78,7 @@ def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
                                         _json(folder / s["folder"] / "eval.json"), kind="eval"))
                 elif (folder / s["folder"] / "summary.json").is_file():
                     runs.append(run_view(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"], parent))
-        elif (folder / "recipe.yaml").is_file() or (folder / "summary.json").is_file():
+        elif run_recipe_file(folder) or (folder / "summary.json").is_file():
             names.append(folder.name)
             runs.append(run_view(folder, folder.name, folder.name))
         elif _json(folder / "eval.json").get("writer") == "lmforge":
@@ -202,6 +204,11 @@ def _cards(runs: list[RunView]) -> str:
         params, trainable = t.get("parameters"), t.get("trainable")
         best = _task(r) or r.summary.get("eval") or {}
         shown = ", ".join(f"{k} {_fmt(best[k])}" for k in ("accuracy", "macro_f1", "ppl", "loss") if k in best)
+        if r.objective in ("grpo", "ppo"):  # the verdicts the run was held to (objectives/policy.py)
+            rules = [f"{k} {r.settings.get(f'objective.{k}')}" for k in ("max_kl", "max_flat_steps")
+                     if r.objective == "grpo" or k == "max_kl"]
+            shown += ("; " if shown else "") + "run health: " + ", ".join(
+                rule.replace(" None", " off") for rule in rules)
         rows.append([html.escape(r.label), html.escape(r.parent or "–"), html.escape(r.objective), html.escape(r.method),
                      _fmt(params), f"{trainable / params:.1%}" if params and trainable else "–", _fmt(t.get("tokens")),
                      _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")),

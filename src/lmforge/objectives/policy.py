@@ -74,6 +74,9 @@ class PolicyObjective(ObjectiveBase):
         super().__init__(cfg, tokenizer)
         self.beta = cfg.beta if cfg is not None else 0.0
         self.max_kl = cfg.max_kl if cfg is not None else None
+        self.max_flat_steps = cfg.max_flat_steps if cfg is not None else None
+        self._flat_from: int | None = None  # the step since which every group's rewards were equal
+        self._last_logged = 0
         self.rollout: Rollout | None = None
         self.reference: nn.Module | None = None  # a frozen copy under full fine-tuning
         self.buffer = RolloutBuffer()
@@ -95,14 +98,37 @@ class PolicyObjective(ObjectiveBase):
         names = rollout.reward.names
         self.train_metrics = type(self).train_metrics + (tuple(f"reward_{n}" for n in names) if len(names) > 1 else ())
 
-    def unhealthy(self, record: dict) -> str | None:
-        """Why the run must stop, from a log record (window means), or None: the policy has run away
-        from the reference, or every completion is empty (EOS at once: nothing left to reward)."""
+    def health_rules(self) -> str:
+        """The verdicts `unhealthy` applies, as the log states them when training starts."""
+        rules = [f"the mean KL to the reference exceeds {self.max_kl:g} (objective.max_kl)" if self.max_kl
+                 else "no KL bound (objective.max_kl: null)"]
+        if "zero_sd_groups" in self.train_metrics:
+            rules.append(f"every group's rewards are equal for {self.max_flat_steps} steps in a row "
+                         "(objective.max_flat_steps)" if self.max_flat_steps else
+                         "never for equal rewards (objective.max_flat_steps: null)")
+        return "run health: the run stops when " + "; or ".join(rules) + "; or the completions are all empty"
+
+    def unhealthy(self, record: dict, step: int | None = None) -> str | None:
+        """Why the run must stop, from a log record (window means) at `step`, or None: the policy has run
+        away from the reference, every completion is empty (EOS at once: nothing left to reward), or for
+        max_flat_steps every group's completions got one reward (no advantage: nothing to learn)."""
         if self.max_kl is not None and record.get("kl", 0.0) > self.max_kl:
             return (f"the mean KL to the reference {record['kl']:.3g} exceeds objective.max_kl {self.max_kl:g} (raise "
                     "objective.beta or lower trainer.lr)")
         if record.get("completion_length", 2.0) <= 1.0:
             return "the completions collapsed to empty (EOS at once); lower trainer.lr or check the reward"
+        if step is not None and "zero_sd_groups" in record:
+            flat = record["zero_sd_groups"] >= 1.0
+            if flat and self._flat_from is None:
+                self._flat_from = self._last_logged
+            elif not flat:
+                self._flat_from = None
+            self._last_logged = step
+            if flat and self.max_flat_steps is not None and step - self._flat_from >= self.max_flat_steps:
+                return (f"for {step - self._flat_from} steps every group's completions got the same reward, so no "
+                        "completion was better than another and nothing was learned (objective.max_flat_steps "
+                        f"{self.max_flat_steps}); make the reward tell answers apart, raise rollout.temperature or "
+                        "rollout.num_generations")
         return None
 
     @property

