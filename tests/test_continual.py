@@ -124,12 +124,17 @@ def test_tokenizer_extension_with_mean_initialised_embeddings(tmp_path, general_
     # and the whole continual-pretraining run with an extended tokenizer
     cpt = _cpt_recipe(tmp_path, general_dir, str(domain), extend_files=[str(domain)], extend_count=20,
                       extend_min_frequency=3)
-    # the general corpus was prepared with the old tokenizer, so this run trains on the domain alone
-    cpt["data"]["mixture"] = cpt["data"]["mixture"][:1]
+    # the replayed general corpus was prepared with the old tokenizer: the run prepares it again from
+    # its recorded source files (it stopped with a tokenizer mismatch before)
     cpt["trainer"]["max_steps"] = 10
     (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cpt))
     result = CliRunner().invoke(app, ["run", str(tmp_path / "ext.yaml")])
     assert result.exit_code == 0, result.output
     assert "added 20 domain tokens" in result.output
+    assert "was tokenized with another tokenizer" in result.output and "data mix seen: python_docs" in result.output
+    replay = json.loads((tmp_path / "domain" / "retokenized_general" / "manifest.json").read_text())
+    original = json.loads((general_dir / "data" / "manifest.json").read_text())
+    assert replay["splits"]["val"]["docs"] == original["splits"]["val"]["docs"]  # the same documents held out
+    assert replay["tokenizer_fingerprint"] != original["tokenizer_fingerprint"]
     final = load_tokenizer(tmp_path / "domain" / "final")
     assert len(final) == len(base) + 20

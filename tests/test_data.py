@@ -48,8 +48,11 @@ def test_jsonl_gzip_csv_parquet_text(tmp_path):
             w.writerow([i, d])
     pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
     (tmp_path / "a.txt").write_text("\n\n".join(docs) + "\n")
-    for name in ("a.jsonl", "a.jsonl.gz", "a.csv", "a.parquet", "a.txt"):
+    for name in ("a.jsonl", "a.jsonl.gz", "a.csv", "a.parquet"):
         assert list(read_documents(str(tmp_path / name), "body")) == docs, name
+    # a text file is one document; data.format paragraphs splits it at blank lines
+    assert list(read_documents(str(tmp_path / "a.txt"))) == ["\n\n".join(docs)]
+    assert list(read_documents(str(tmp_path / "a.txt"), fmt="paragraphs")) == docs
 
 
 def test_globs_and_max_docs(tmp_path):

@@ -130,6 +130,51 @@ def test_classify_page_runs(tmp_path, monkeypatch):
     assert "accuracy" in evaluate and "check: OK" in check
 
 
+def _schema_has(path: str) -> bool:
+    """Whether `a.b.c` names a key of the recipe schema (below a free-form mapping anything goes)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from lmforge.config import Recipe
+
+    model: type[BaseModel] | None = Recipe
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if model is None:
+            return True
+        if part not in model.model_fields:
+            return False
+        annotation = model.model_fields[part].annotation
+        stack, model = [annotation], None
+        while stack:
+            arg = stack.pop()
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+                break
+            stack += list(typing.get_args(arg))
+        if model is None and i < len(parts) - 1:
+            return "dict" in str(annotation)
+    return True
+
+
+def test_every_recipe_key_the_docs_name_exists():
+    """A key named in the docs (`trainer.lr`, `reward.terms[].kind`) is a key of the schema: docs/continual.md
+    named tokenizer.extend_with, which never existed."""
+    from lmforge.config import Recipe
+
+    files = ("safetensors", "json", "jsonl", "yaml", "py", "md", "txt", "gguf")
+    wrong = []
+    for page in [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for match in re.finditer(r"`([a-z_]+(?:\[\])?(?:\.[a-z_0-9]+(?:\[\])?)+)(\(?)", line):
+                key = match.group(1).replace("[]", "")
+                if key.split(".")[0] in Recipe.model_fields and key.split(".")[-1] not in files and not match.group(2) \
+                        and not _schema_has(key):
+                    wrong.append(f"{page.name}:{number}: {key}")
+    assert not wrong, wrong
+
+
 @pytest.mark.slow
 def test_sft_page_runs(tmp_path, monkeypatch):
     import importlib.util

@@ -163,7 +163,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path, base_model, gqa_llama):
     first = runner.invoke(app, ["export", str(gqa_llama), "-o", str(tmp_path / "z"), "--format", "gguf", "--dtype", "f16"])
     second = runner.invoke(app, ["export", str(gqa_llama), "-o", str(tmp_path / "z"), "--format", "gguf", "--dtype", "q8_0"])
     assert first.exit_code == 0 and second.exit_code == 0, second.output
-    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == sorted(["Modelfile", f"{gqa_llama.name}.q8_0.gguf", "export.json"])
+    assert sorted(p.name for p in (tmp_path / "z").iterdir() if not p.name.startswith(".")) == sorted(
+        ["Modelfile", f"{gqa_llama.name}.q8_0.gguf", "export.json"])
 
 
 def test_gguf_export_refuses_an_encoder(tmp_path, tokenizer_dir):

@@ -287,3 +287,17 @@ def test_a_busy_port_fails_before_the_model_loads(chat_model):
     assert done.returncode == 2 and f"127.0.0.1:{port} is in use" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
     assert time.time() - started < 60
+
+
+def test_a_failure_inside_the_server_is_a_500_in_openais_shape(server, monkeypatch):
+    engine, url = server
+
+    def broken(request):
+        raise RuntimeError("something lmforge did not expect")
+
+    monkeypatch.setattr(engine, "plan", broken)
+    status, body = _get(url + "/v1/completions", json.dumps({"model": "tiny-chat", "prompt": "x"}).encode())
+    assert status == 500 and body["error"]["type"] == "server_error"
+    assert "something lmforge did not expect" in body["error"]["message"]
+    monkeypatch.undo()
+    assert _get(url + "/health")[0] == 200  # and it serves on

@@ -72,7 +72,8 @@ class CheckReport:
             width = max(self.histogram.values())
             for bucket, count in self.histogram.items():
                 lines.append(f"  {bucket:>13} {count:>8,} {'#' * max(1, round(30 * count / width)) if count else ''}")
-            lines.append(f"documents longer than seq_len ({self.long_fate}): {self.longer_than_seq:,}")
+            share = self.longer_than_seq / max(sum(self.histogram.values()), 1)
+            lines.append(f"documents longer than seq_len ({self.long_fate}): {self.longer_than_seq:,} ({share:.0%})")
         if self.step_seconds is not None:
             lines.append(f"measured: {self.step_seconds:.3f} s/step, {self.tokens_per_second:,.0f} tokens/s, "
                          f"peak RSS {self.peak_rss_mb:,.0f} MB")
@@ -203,20 +204,30 @@ def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
         report.length_unit = "tokens, estimated as characters/4 (tokenizer not trained yet)"
     report.histogram = _histogram(lengths)
     report.longer_than_seq = sum(n > recipe.packing.seq_len for n in lengths)
-    from lmforge.objectives import objective_data
+    from lmforge.objectives import OBJECTIVES, objective_data
 
+    report.long_fate = OBJECTIVES[recipe.objective.name].long_inputs  # the objective's own data handling says
     if objective_data(recipe.objective) in ("instructions", "preferences"):  # examples are never split: see data.long_examples
         report.long_fate = f"data.long_examples: {recipe.data.long_examples}"
-    elif objective_data(recipe.objective) == "prompts":
-        report.long_fate = "prompts with no room for rollout.max_new_tokens are dropped"
     if tokenizer is not None:
-        try:
-            manifest = read_manifest(recipe.prepared_dir) if recipe.prepared_dir.is_dir() else None
-        except DataError as exc:
-            report.errors.append(str(exc))
-            return tokenizer
-        if manifest and not recipe.data.train_files and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-            report.errors.append(f"{recipe.prepared_dir}/manifest.json: prepared with another tokenizer; prepare it again")
+        prepared = [] if recipe.data.train_files else [recipe.prepared_dir]
+        prepared += [Path(m.prepared_dir) for m in recipe.data.mixture if m.prepared_dir and not m.train_files]
+        for folder in prepared:
+            try:
+                manifest = read_manifest(folder) if folder.is_dir() else None
+            except DataError as exc:
+                report.errors.append(str(exc))
+                continue
+            if not manifest or manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer):
+                continue
+            sources = [i["path"] for i in manifest.get("inputs") or []]
+            gone = [p for p in sources if not p.startswith("hf:") and not Path(p).is_file()]
+            if sources and not gone:  # data/prepare.retokenized prepares it again at run time
+                report.notes.append(f"{folder}: prepared with another tokenizer; the run prepares it again from its "
+                                    f"{len(sources)} source file(s)")
+            else:
+                report.errors.append(f"{folder}/manifest.json: prepared with another tokenizer and its source files are "
+                                     f"gone ({', '.join(gone) or 'none recorded'}); prepare it again with this tokenizer")
     return tokenizer
 
 

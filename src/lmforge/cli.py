@@ -101,6 +101,20 @@ def _model(spec: Path | str) -> Path:
     return _guarded(locate_model, str(spec))
 
 
+def _trained_defaults(model: Path, fallback_seq_len: int = 256, **given):
+    """Each option the user left unset, from the data settings the model trained with (its stamp), else
+    the usual default; said once, so the user knows which inputs are scored."""
+    from lmforge.outputs import trained_with
+
+    trained = trained_with(model)
+    fallback = {"column": "text", "label_column": "label", "seq_len": fallback_seq_len}
+    taken = {k: trained[k] for k, v in given.items() if v is None and trained.get(k) is not None}
+    if taken:
+        typer.echo(f"note: {', '.join(f'{k} {v!r}' for k, v in taken.items())} as {model} was trained")
+    values = [v if v is not None else taken.get(k, fallback[k]) for k, v in given.items()]
+    return values if len(values) > 1 else values[0]
+
+
 def _recipe(path: Path | None, overrides: list[str] | None):
     from lmforge.config import load_recipe
 
@@ -175,7 +189,7 @@ def prepare(
     tokenizer: Annotated[Path, typer.Option("--tokenizer", "-t", help="Tokenizer directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for shards and manifest.")],
     column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    fmt: Annotated[str, typer.Option("--format", help="auto, text, jsonl, csv, parquet or hf.")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="auto, text (a file is one document), paragraphs (split at blank lines), jsonl, csv, parquet or hf.")] = "auto",
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Fraction of documents held out for validation.")] = 0.02,
     max_docs: Annotated[int | None, typer.Option(min=1, help="Stop after this many documents.")] = None,
 ) -> None:
@@ -222,13 +236,13 @@ def evaluate(
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="[NAME=]FILE: a held-out labelled (classification) or conversation (generation) file (repeatable).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A YAML of the suite (corpora, tasks, prompts, ...), as an eval stage's eval: section.")] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt to answer greedily, as a sample (repeatable).")] = None,
-    column: Annotated[str, typer.Option(help="Text column of corpora and task files.")] = "text",
-    label_column: Annotated[str, typer.Option(help="Label column of classification task files.")] = "label",
+    column: Annotated[str | None, typer.Option(help="Text column of corpora and task files (default: the one the model trained on, else text).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column of classification task files (default: the model's, else label).")] = None,
     few_shot: Annotated[int, typer.Option(min=0, help="In-context examples for a model without a classifier head (per class for prototypes).")] = 8,
     baseline: Annotated[Path | None, typer.Option(help="An untuned model scored few-shot on the same rows.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for eval.json and metrics.jsonl.")] = None,
     objective: Annotated[str, typer.Option(help="--data: the objective whose loss to measure.")] = "clm",
-    seq_len: Annotated[int, typer.Option(min=2, help="Sequence length.")] = 256,
+    seq_len: Annotated[int | None, typer.Option(min=2, help="Sequence length (default: the model's training seq_len, else 256).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
     max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many batches per corpus.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="--data: tokenizer directory, when the model folder has none.")] = None,
@@ -236,6 +250,7 @@ def evaluate(
     """Evaluate a model folder: perplexity on named corpora, held-out task files (classification with
     scikit-learn metrics, generation with exact match / ROUGE-L / chrF), a few-shot baseline, samples."""
     model = _model(model)
+    column, label_column, seq_len = _trained_defaults(model, column=column, label_column=label_column, seq_len=seq_len)
     baseline = _model(baseline) if baseline is not None else None
     if data is not None and data.is_file():  # your own file: the metric follows from its columns and the model
         task = [*(task or []), str(data)]
@@ -288,15 +303,16 @@ def predict(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model: a classifier, a reward model, a causal LM (or their adapters), a .gguf, a hub id.")],
     data: Annotated[list[str], typer.Option("--data", "-d", help="JSONL or CSV file(s) of rows to predict (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions: .jsonl or .csv (the input rows plus the prediction).")],
-    column: Annotated[str, typer.Option(help="The text column (a causal LM also reads a messages column).")] = "text",
+    column: Annotated[str | None, typer.Option(help="The text column (a causal LM also reads a messages column; default: the model's, else text).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch (classifiers, reward models).")] = 16,
-    max_len: Annotated[int, typer.Option(min=2, help="Tokens of each text kept (classifiers, reward models).")] = 512,
+    max_len: Annotated[int | None, typer.Option(min=2, help="Tokens of each text kept (classifiers, reward models; default: the model's training seq_len, else 512).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens of each answer (causal LMs).")] = 64,
 ) -> None:
     """Predictions on your own file: labels with probabilities, reward scores, or greedy answers."""
     from lmforge.eval.predict import predict as run_predict
 
     model = _model(model)
+    column, max_len = _trained_defaults(model, column=column, seq_len=max_len, fallback_seq_len=512)
     result = _guarded(run_predict, model, data, out, column, batch_size, max_len, max_new_tokens)
     typer.echo(f"predict: {result['rows']} rows ({result['kind']}) written to {out}")
 
@@ -363,7 +379,7 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Pipeline: print the plan (with estimated times) and stop.")] = False,
 ) -> None:
     """Run a whole recipe (tokenizer -> prepare -> train -> eval -> generate), or a pipeline of stages."""
-    from lmforge.pipeline import run_recipe
+    from lmforge.lifecycle import run_single
 
     pipeline = _pipeline_or_none(recipe, overrides)
     if pipeline is not None:
@@ -373,7 +389,7 @@ def run(
         _fail(f"{recipe}: --only, --from and --dry-run are for pipelines (a recipe with stages:)")
     cfg = _recipe(recipe, overrides)
     _precheck(cfg)
-    summary = _guarded(run_recipe, cfg, resume, force)
+    summary = _guarded(run_single, cfg, resume, force, typer.echo)
     if summary.get("interrupted"):
         raise typer.Exit(code=130)
 
@@ -455,7 +471,7 @@ def serve(
     host: Annotated[str, typer.Option(help="The address to listen on; 0.0.0.0 opens it to other machines.")] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(help="The model's id in the API (default: the folder's name).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of a reply when a request gives no max_tokens.")] = 256,
-    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together (continuous batching).")] = 16,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together (continuous batching).")] = 32,
     max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond max-batch; more get 503 at once.")] = 64,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of generation (default: torch's, one per core).")] = None,
 ) -> None:

@@ -107,7 +107,9 @@ class DataConfig(Section):
     question_column: str = "question"
     context_column: str = "context"
     answer_column: str = "answers"
-    format: Literal["auto", "text", "jsonl", "csv", "parquet", "hf"] = "auto"
+    # auto: by the file's suffix; a .txt (or any other) file is one document, `paragraphs` splits plain
+    # text at blank lines
+    format: Literal["auto", "text", "paragraphs", "jsonl", "csv", "parquet", "hf"] = "auto"
     prepared_dir: str | None = None
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     max_docs: int | None = Field(None, gt=0)

@@ -94,6 +94,7 @@ class Pipeline:
     general: list[str] = field(default_factory=list)  # prepared corpora probed for forgetting (default: see forgetting)
     eval_batches: int = 50  # general-corpus batches measured before and after every stage
     generation_examples: int = 48  # held-out prompts an instruction-tuned stage answers, before and after
+    forgetting_probes: bool = True  # general corpora measured at every stage (a single run has no other stage)
 
     def select(self, only: str | None = None, start: str | None = None) -> list[StageRun]:
         """The instances `--only STAGE` or `--from STAGE` (it and what starts from it or needs it) run; all by default."""
@@ -414,7 +415,9 @@ def plan(pipeline: Pipeline, selected: list[StageRun], resume: bool = False, for
         elif parent is not None and id(parent) in changing:
             action, reason = "train", f"its parent {parent.label} will change"
         elif is_built(run) and _recorded_key(run) == plan_key(run):
-            action, reason = "skip", "up to date"
+            # trained; its evaluation (eval.json) is made now if an earlier run stopped before writing it
+            action, reason = "skip", ("up to date" if (run.folder / "eval.json").is_file()
+                                      else "trained; its evaluation is missing and runs now")
         elif checkpoints and resume:
             action, reason = "resume", "interrupted earlier (--resume)"
         else:
@@ -537,3 +540,20 @@ def run_pipeline(pipeline: Pipeline, steps: list[Step], force: bool = False, log
         (run.folder / STAGE_FILE).write_text(json.dumps({"writer": "lmforge", "label": run.label, "plan_key": key}))
         results[run.label] = evaluate_stage(pipeline, run, key, force=step.action != "skip")
     return results
+
+
+def run_single(recipe: Recipe, resume: bool = False, force: bool = False, log=print) -> dict:
+    """`lmforge run RECIPE` of a recipe without stages: the recipe trained as one stage, then measured by
+    the pipeline's own evaluation (eval.json: task metrics with intervals, the few-shot baseline of the
+    untuned model, held-out answers), so a plain run and a pipeline stage are evaluated one way."""
+    from lmforge.eval.forgetting import evaluate_stage
+    from lmforge.pipeline import run_recipe
+
+    summary = run_recipe(recipe, resume=resume, force=force)
+    if summary.get("interrupted") or not summary:  # interrupted, or under torchrun a rank other than 0
+        return summary
+    run = StageRun(recipe.name or Path(recipe.output_dir).name, None, recipe)
+    pipeline = Pipeline(run.stage, Path(recipe.output_dir), str(recipe.output_dir), [run], forgetting_probes=False)
+    summary["evaluation"] = evaluate_stage(pipeline, run, plan_key(run), force=True)
+    return summary
+

@@ -250,6 +250,12 @@ def stamp_matches(directory: Path, key: str) -> bool:
     return read_stamp(directory).get("key") == key
 
 
+def trained_with(model_dir: Path) -> dict:
+    """The data settings a model lmforge trained was trained with (its stamp's `data`), or {}."""
+    data = read_stamp(model_dir).get("data")
+    return data if isinstance(data, dict) else {}
+
+
 def write_stamp(directory: Path, key: str | None, **info) -> None:
     (Path(directory) / STAMP).write_text(json.dumps({"key": key, **info}, indent=1))
 

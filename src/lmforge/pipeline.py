@@ -20,7 +20,7 @@ from lmforge.config import ADAPTER_METHODS, ObjectiveConfig, Recipe, dump_recipe
 from lmforge.data.formats import expand_inputs, file_fingerprints, iter_corpus
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows, iterate_batches
-from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus
+from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus, retokenized
 from lmforge.data.tagged import iter_tagged
 from lmforge.data.tokenizer import (
     domain_tokens,
@@ -100,13 +100,27 @@ def flat_settings(recipe: Recipe) -> dict:
     return flatten(recipe.model_dump(mode="json"), whole=("overrides",))
 
 
+# Settings outside the key that decide the weights all the same under another setting: with early
+# stopping, when and on how much the run evaluates chooses the step whose weights become the final model.
+DECIDE_WEIGHTS_WHEN = {"trainer.eval_every": "trainer.early_stopping", "trainer.eval_batches": "trainer.early_stopping",
+                       "trainer.eval_at_start": "trainer.early_stopping"}
+
+
 def train_settings(recipe: Recipe) -> dict:
-    """The settings that decide the trained weights: all but NOT_IN_TRAIN_KEY. Unset ones (None, empty)
-    are left out: a key that lmforge adds later, unset by default, then leaves every earlier output's
-    train key as it was (an unset key and an absent one train the same weights), while any value set
-    still changes it."""
-    return {k: v for k, v in flat_settings(recipe).items()
-            if not _excluded(k, NOT_IN_TRAIN_KEY) and v is not None and v != [] and v != {}}
+    """The settings that decide the trained weights: all but NOT_IN_TRAIN_KEY (less those that
+    DECIDE_WEIGHTS_WHEN their condition is set). Unset ones (None, empty) are left out: a key that lmforge
+    adds later, unset by default, then leaves every earlier output's train key as it was (an unset key and
+    an absent one train the same weights), while any value set still changes it."""
+    flat = flat_settings(recipe)
+
+    def decides(key: str) -> bool:
+        condition = DECIDE_WEIGHTS_WHEN.get(key)
+        if condition is not None and any(k == condition or k.startswith(condition + ".") for k, v in flat.items()
+                                         if v is not None):
+            return True
+        return not _excluded(key, NOT_IN_TRAIN_KEY)
+
+    return {k: v for k, v in flat.items() if decides(k) and v is not None and v != [] and v != {}}
 
 
 def _excluded(key: str, excluded: frozenset[str]) -> bool:
@@ -184,10 +198,11 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 # ---------------------------------------------------------------- prepare
 def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: Path, label: str,
-                 val_files: list[str] | None = None) -> PreparedCorpus:
+                 val_files: list[str] | None = None, name: str = "main") -> PreparedCorpus:
     cfg = recipe.data
-    if not files:
-        return load_prepared(out, tokenizer)
+    if not files:  # a prepared corpus (another stage's); prepared again if its tokenizer is not the run's
+        return retokenized(out, tokenizer, Path(recipe.output_dir).absolute() / f"retokenized_{name}",
+                           recipe.trainer.progress, say)
     corpus = prepare_corpus(files, tokenizer, out, column, cfg.format, cfg.val_fraction, cfg.max_docs,
                             cfg.shard_tokens, progress=recipe.trainer.progress,
                             val_files=val_files)
@@ -206,7 +221,8 @@ def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[st
         return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "", cfg.val_files)}
     return {
         m.name: _prepare_one(recipe, tokenizer, m.train_files, m.column,
-                             Path(m.prepared_dir or Path(recipe.output_dir) / f"data_{m.name}"), f" [{m.name}]")
+                             Path(m.prepared_dir or Path(recipe.output_dir) / f"data_{m.name}"), f" [{m.name}]",
+                             name=m.name)
         for m in cfg.mixture
     }
 
@@ -342,6 +358,14 @@ def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def trained_data_settings(recipe: Recipe) -> dict:
+    """How the model read its data: stamped in its folder, the defaults of `eval` and `predict` on it
+    (so they score the inputs its own held-out evaluation did)."""
+    d = recipe.data
+    return {"column": d.column, "label_column": d.label_column, "labels": d.labels, "seq_len": recipe.packing.seq_len,
+            "objective": recipe.objective.name}
+
+
 def _save_merged_start(recipe: Recipe, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """An adapter trained on a model that is itself an adapter merged into its base (LoRA SFT, then a LoRA
     reward model or PPO) records its base by path, and no folder holds those merged weights: without one
@@ -468,6 +492,7 @@ def _train(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str
         result.flops_per_token = flops_per_token(model, recipe.packing.seq_len)
         alongside = getattr(objective, "save_alongside", None)
         save_final(model, tokenizer, recipe.final_model_dir, result.full_weights, key=key, steps=result.state.step,
+                   data=trained_data_settings(recipe),
                    alongside=alongside and (lambda folder: alongside(folder, model, recipe.packing.seq_len)))
         if recipe.qat is not None:
             _write_quantized(recipe, model, tokenizer)
@@ -585,6 +610,14 @@ def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, Prepa
     return evals
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def inputs_stage(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, dict[str, PreparedCorpus]]:
     """Tokenizer and corpora; under torchrun rank 0 builds them while the other ranks wait."""
     ensure_run_folder(Path(recipe.output_dir))  # before any stage writes into it
@@ -629,5 +662,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
                                     mfu=outcome.result.tokens_per_second * outcome.result.flops_per_token / (peak * 1e9))
         if outcome.result.first_eval:
             summary["eval_before"] = outcome.result.first_eval
+    else:  # training was up to date: how it trained (time, tokens, memory) is still the earlier summary's
+        earlier = _read_json(Path(recipe.output_dir) / "summary.json")
+        summary.update({k: earlier[k] for k in ("train", "eval_before") if k in earlier})
     (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

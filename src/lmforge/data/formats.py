@@ -212,7 +212,15 @@ def scan_jsonl(path: str, column: str, max_rows: int | None = None) -> Iterator[
 
 
 def read_text(path: str) -> Iterator[str]:
-    """Plain text: documents are separated by one or more blank lines."""
+    """Plain text: the whole file is one document (a page of prose is not dozens of documents, and a
+    held-out split by document never holds out paragraphs of a page that trains)."""
+    text = "".join(line for _, line in _lines(path)).strip("\n")
+    if text:
+        yield text
+
+
+def read_paragraphs(path: str) -> Iterator[str]:
+    """Plain text, `data.format: paragraphs`: documents are separated by one or more blank lines."""
     buffer: list[str] = []
     for _, line in _lines(path):
         if line.strip():
@@ -311,6 +319,7 @@ def read_documents(path: str, column: str = "text", fmt: str = "auto") -> Iterat
     readers = {
         "jsonl": lambda: read_jsonl(path, column),
         "text": lambda: read_text(path),
+        "paragraphs": lambda: read_paragraphs(path),
         "csv": lambda: read_csv(path, column),
         "parquet": lambda: read_parquet(path, column),
         "hf": lambda: read_hf(path, column),

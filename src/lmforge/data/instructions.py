@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -248,6 +248,9 @@ class InstructionSets:
     val: Examples
     dropped: int  # examples longer than seq_len (long_examples: drop)
     truncated: int
+    # the held-out rows behind `val`, as conversations: what answer scoring asks the model (the same rows
+    # the held-out loss is computed on, after max_docs, seq_len and long_examples)
+    val_conversations: list[list[dict]] = field(default_factory=list)
 
 
 def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_len: int, val_fraction: float,
@@ -261,6 +264,7 @@ def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_l
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets = {"train": ([], []), "val": ([], [])}
     dropped = truncated = 0
+    val_conversations = []
     for i, (ids, labels) in enumerate(encode_conversations(tokenizer, rows)):
         fitted = fit_length(ids, labels, seq_len, long_examples, rows[i][0])
         if fitted is None:
@@ -270,9 +274,12 @@ def load_instructions(files: list[str], tokenizer, fmt: InstructionFormat, seq_l
         split = sets["val" if held_out[i] else "train"]
         split[0].append(fitted[0])
         split[1].append(fitted[1])
+        if held_out[i] and len(fitted[0]) == len(ids) and rows[i][1][-1]["role"] == "assistant":
+            val_conversations.append(rows[i][1])  # whole (not truncated) and ending in the answer to score
     if not sets["train"][0]:
         raise DataError(f"{', '.join(files)}: no training example fits packing.seq_len={seq_len} ({dropped} dropped)")
-    return InstructionSets(Examples(*sets["train"], pad, group_size), Examples(*sets["val"], pad, group_size), dropped, truncated)
+    return InstructionSets(Examples(*sets["train"], pad, group_size), Examples(*sets["val"], pad, group_size), dropped,
+                           truncated, val_conversations)
 
 
 def encode_conversations(tokenizer, rows: list[tuple[str, list[dict]]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -101,6 +102,34 @@ def load_prepared(directory: str | Path, tokenizer: PreTrainedTokenizerBase | No
             f"but the run uses {tokenizer_fingerprint(tokenizer)}; prepare the corpus again with this tokenizer"
         )
     return PreparedCorpus(directory, manifest)
+
+
+def retokenized(directory: str | Path, tokenizer: PreTrainedTokenizerBase, out: Path, progress: bool = True,
+                log=print) -> PreparedCorpus:
+    """The corpus at `directory` as `tokenizer` reads it: itself if it was prepared with it, else prepared
+    again from the source files its manifest records (same settings, so the same documents are held out)
+    into `out`. A corpus knows its tokenizer: replaying a base's corpus after a vocabulary extension works."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise DataError(f"{directory}: not a prepared corpus (no {MANIFEST}); run `lmforge prepare` first")
+    new = tokenizer_fingerprint(tokenizer)
+    if manifest["tokenizer_fingerprint"] == new:
+        return PreparedCorpus(directory, manifest)
+    inputs = [i["path"] for i in manifest.get("inputs") or []]
+    gone = [p for p in inputs if not p.startswith("hf:") and not Path(p).is_file()]
+    if not inputs or gone:
+        raise DataError(f"{directory}/{MANIFEST}: prepared with tokenizer {manifest['tokenizer_fingerprint']}, but the run "
+                        f"uses {new}, and its source files are gone ({', '.join(gone) or 'none recorded'}); prepare the "
+                        "corpus again with this tokenizer, or give its files as train_files")
+    settings = manifest.get("settings") or {}
+    val_files = [os.path.abspath(v) for v in settings.get("val_files") or []]
+    train = [p for p in inputs if os.path.abspath(p) not in val_files]
+    log(f"data: {directory} was tokenized with another tokenizer ({manifest['tokenizer_fingerprint']} -> {new}); "
+        f"preparing it again from its {len(inputs)} source file(s) into {out}")
+    return prepare_corpus(train, tokenizer, out, settings.get("column", "text"), settings.get("format", "auto"),
+                          settings.get("val_fraction", 0.02), settings.get("max_docs"), progress=progress,
+                          val_files=val_files or None)
 
 
 def is_validation(doc_index: int, val_fraction: float) -> bool:

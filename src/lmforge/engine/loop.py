@@ -49,6 +49,8 @@ class TrainState:
     best_step: int | None = None
     best_val: dict = field(default_factory=dict)
     evals_since_best: int = 0
+    # wall seconds of training over every part of the run (a resumed run continues the count)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -327,6 +329,7 @@ def train(
 
     def save(step: int) -> Path:
         metrics.start()  # a checkpoint before the first metrics record: the run has started all the same
+        state.seconds = seconds_before + time.perf_counter() - run_start  # the time trained, as of this checkpoint
         path = checkpoints / f"step_{step:08d}"
         ensure_finite_weights(trainable, strategy, step, last_saved)
         full = strategy.full_state(model, optimizer)  # FSDP: every rank takes part in gathering
@@ -370,7 +373,7 @@ def train(
                        torch.zeros(len(source_names or []), dtype=torch.long))
     guard = StepGuard(optimizer, device, cfg.max_bad_steps, state)
     total_mix = window.mix.clone()
-    run_start, start_tokens = time.perf_counter(), state.tokens_seen
+    run_start, start_tokens, seconds_before = time.perf_counter(), state.tokens_seen, state.seconds
     result = TrainResult(state, total_steps, None, is_main=strategy.is_main)
     last_saved: Path | None = None
     stopper = None
@@ -468,8 +471,10 @@ def train(
                 f"(val_{cfg.early_stopping.metric} {state.best_val.get(cfg.early_stopping.metric, float('nan')):.4g})")
         if strategy.is_main:
             result.val = dict(state.best_val)
-    result.seconds = time.perf_counter() - run_start
-    result.tokens_per_second = (state.tokens_seen - start_tokens) / max(result.seconds, 1e-9)
+    part = time.perf_counter() - run_start
+    state.seconds = seconds_before + part
+    result.seconds = state.seconds  # every part of a resumed run
+    result.tokens_per_second = (state.tokens_seen - start_tokens) / max(part, 1e-9)  # this part's pace
     result.checkpoint = last_saved
     result.tokens, result.precision = state.tokens_seen, precision
     result.parameters = sum(p.numel() for p in model.parameters())

@@ -24,13 +24,20 @@ from lmforge.config import ObjectiveConfig
 from lmforge.data.formats import DataError
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.packing import PackedRows
-from lmforge.data.prepare import load_prepared, split_items
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.prepare import retokenized, split_items
+from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
 from lmforge.eval.fewshot import recipe_baseline
 from lmforge.eval.generation import held_out_answers
-from lmforge.eval.intervals import accuracy_change, perplexity_change, perplexity_interval, separated
+from lmforge.eval.intervals import (
+    accuracy_change,
+    bits_per_byte,
+    bits_per_byte_change,
+    perplexity_change,
+    perplexity_interval,
+    separated,
+)
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.suite import EVAL_FILE, log_evaluation, read_evaluation
 from lmforge.models.factory import load_model, saved_config
@@ -47,6 +54,8 @@ TASK_DATA = ("labeled", "instructions", "preferences")
 def probes(pipeline: Pipeline) -> list[dict]:
     """The general corpora measured at every stage: `general:` folders, else the first pretraining
     stage's main corpus, with that stage's objective and row length."""
+    if not pipeline.forgetting_probes:
+        return []
     first = next((r for r in pipeline.runs if r.evaluation is None and objective_data(r.recipe.objective) == "packed"
                   and objective_head(r.recipe.objective) in LM_HEADS), None)
     if first is None:
@@ -93,8 +102,8 @@ def model_for_head(run: StageRun, head: str) -> torch.nn.Module | None:
 
 def _probe(run: StageRun, probe: dict, device: torch.device, precision: str) -> dict:
     tokenizer = load_tokenizer(_final(run))
-    try:
-        corpus = load_prepared(probe["corpus"], tokenizer)
+    try:  # a stage whose tokenizer differs (a vocabulary extension) reads the probe's text in its own tokens
+        corpus = retokenized(probe["corpus"], tokenizer, run.folder.absolute() / f"probe_{probe['name']}", False, say)
     except DataError as exc:
         return {"skipped": str(exc)}
     objective = get_objective(ObjectiveConfig.model_validate(probe["objective"]), tokenizer)
@@ -107,6 +116,12 @@ def _probe(run: StageRun, probe: dict, device: torch.device, precision: str) -> 
     metrics = evaluate_loss(model, objective, rows, probe["batch_size"], probe["batches"], device, precision, parts=parts)
     metrics["ppl_ci"] = perplexity_interval(parts)
     metrics["parts"] = parts
+    size = probe["batch_size"]
+    metrics["bytes"] = [sum(len(tokenizer.decode(row).encode("utf-8"))
+                            for row in rows.batch(list(range(b * size, min((b + 1) * size, len(rows)))))["input_ids"].tolist())
+                        for b in range(len(parts))]
+    metrics["bits_per_byte"] = bits_per_byte(parts, metrics["bytes"])
+    metrics["tokenizer"] = tokenizer_fingerprint(tokenizer)
     return metrics
 
 
@@ -175,13 +190,22 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
         after = _probe(run, spec, device, precision)
         entry = {"after": after}
         before = parent_eval.get("probes", {}).get(spec["name"], {}).get("after")
+        if "skipped" in after:
+            say(f"forgetting [{run.label}]: {spec['name']} not measured: {after['skipped']}")
         if before and "parts" in before and "parts" in after:
             entry["before"] = before
-            entry["change"] = perplexity_change(before["parts"], after["parts"])
+            if before.get("tokenizer") == after.get("tokenizer"):
+                entry["change"] = perplexity_change(before["parts"], after["parts"])
+                shown = f"perplexity {before['ppl']:.1f} -> {after['ppl']:.1f}"
+            else:  # per token means another thing under another tokenizer: per byte of the same text
+                entry["change"] = bits_per_byte_change(before["parts"], before.get("bytes") or [], after["parts"],
+                                                       after["bytes"]) if before.get("bytes") else {}
+                shown = (f"bits/byte {before['bits_per_byte']:.3f} -> {after['bits_per_byte']:.3f} (tokenizers differ)"
+                         if "bits_per_byte" in before else "")
             change = entry["change"]
-            say(f"forgetting [{run.label}]: {spec['name']} perplexity {before['ppl']:.1f} -> {after['ppl']:.1f} "
-                f"({change['relative_change']:+.1%}" + (f", 95% CI {change['ci'][0]:+.1%}..{change['ci'][1]:+.1%}"
-                                                       if change.get("ci") else "") + ")")
+            if change:
+                say(f"forgetting [{run.label}]: {spec['name']} {shown} ({change['relative_change']:+.1%}"
+                    + (f", 95% CI {change['ci'][0]:+.1%}..{change['ci'][1]:+.1%}" if change.get("ci") else "") + ")")
         out["probes"][spec["name"]] = entry
     lineage = [run, *run.ancestors()]
     for task in lineage:

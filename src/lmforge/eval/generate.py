@@ -37,7 +37,7 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids
 
 def generate_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                    max_new_tokens: int = 40, temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int = 0, max_batch: int = 16, desc: str | None = None,
+                   top_p: float | None = None, seed: int = 0, max_batch: int = 32, desc: str | None = None,
                    stop_strings: list[str] | None = None) -> list[str]:
     """Each prompt's continuation as text, the prompts decoded together (batched, length-aware); every row
     samples from its own generator seeded `seed`, so an answer does not depend on the other prompts.

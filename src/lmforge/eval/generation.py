@@ -17,9 +17,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from lmforge.config import Recipe
-from lmforge.data.formats import DataError
-from lmforge.data.instructions import InstructionFormat, ensure_chat_template, iter_conversations
-from lmforge.data.prepare import split_items
+from lmforge.data.instructions import InstructionFormat, ensure_chat_template, load_instructions
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.eval.generate import generate_texts
 from lmforge.eval.intervals import bootstrap_interval
@@ -41,21 +39,13 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
             "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score), "examples": len(predictions)}
 
 
-def held_out_conversations(recipe: Recipe, limit: int) -> list[list[dict]]:
-    """The first `limit` held-out conversations of an instruction recipe (the split training used)."""
+def held_out_conversations(recipe: Recipe, tokenizer, limit: int) -> list[list[dict]]:
+    """The first `limit` held-out conversations of an instruction recipe: the rows whose answer loss
+    training evaluated (load_instructions, after max_docs, seq_len and long_examples), not others."""
     cfg = recipe.data
-    out = []
-    fmt = InstructionFormat.of(cfg)
-    for held_out, item in split_items(lambda group: iter_conversations(group, fmt), cfg.train_files, cfg.val_files,
-                                      cfg.val_fraction):
-        if isinstance(item, DataError) or not held_out:
-            continue
-        messages = item[1]
-        if messages and messages[-1]["role"] == "assistant":
-            out.append(messages)
-        if len(out) == limit:
-            break
-    return out
+    sets = load_instructions(cfg.train_files, tokenizer, InstructionFormat.of(cfg), recipe.packing.seq_len,
+                             cfg.val_fraction, cfg.long_examples, recipe.packing.group_size, cfg.max_docs, cfg.val_files)
+    return sets.val_conversations[:limit]
 
 
 @torch.no_grad()
@@ -78,7 +68,7 @@ def held_out_answers(recipe: Recipe, model_dir: Path, device: torch.device, limi
 
     tokenizer = load_tokenizer(model_dir)
     ensure_chat_template(tokenizer, recipe.data.chat_template)
-    conversations = held_out_conversations(recipe, limit)
+    conversations = held_out_conversations(recipe, tokenizer, limit)
     if not conversations:
         return {}
     model = load_model(model_dir, "causal_lm").to(device).eval()

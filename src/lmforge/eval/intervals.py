@@ -48,6 +48,32 @@ def perplexity_change(before: Sequence[tuple[float, int]], after: Sequence[tuple
     return {"relative_change": change(b_sum, b_n, a_sum, a_n), "ci": bootstrap_interval((b_sum, b_n, a_sum, a_n), change)}
 
 
+def bits_per_byte(parts: Sequence[tuple[float, int]], byte_counts: Sequence[int]) -> float:
+    """Bits per byte of text: the summed loss (nats) over the bytes the batches' tokens spell. Unlike
+    perplexity per token it compares models whose tokenizers differ."""
+    return sum(p[0] for p in parts) / math.log(2) / max(sum(byte_counts), 1)
+
+
+def bits_per_byte_change(before: Sequence[tuple[float, int]], before_bytes: Sequence[int],
+                         after: Sequence[tuple[float, int]], after_bytes: Sequence[int]) -> dict:
+    """Relative change of bits per byte, after/before - 1, between two measurements that do not share
+    batches (another tokenizer cuts the same text into other tokens): an unpaired bootstrap over each
+    one's batches."""
+    if len(before) < 2 or len(after) < 2:
+        return {}
+    b_loss, a_loss = (np.array([p[0] for p in x], dtype=float) for x in (before, after))
+    b_bytes, a_bytes = np.array(before_bytes, dtype=float), np.array(after_bytes, dtype=float)
+
+    def change(bi, ai):
+        return (a_loss[ai].sum() / a_bytes[ai].sum()) / (b_loss[bi].sum() / b_bytes[bi].sum()) - 1.0
+
+    result = bootstrap((np.arange(len(before)), np.arange(len(after))), change, paired=False, vectorized=False,
+                       n_resamples=RESAMPLES, confidence_level=0.95, method="percentile", rng=np.random.default_rng(0))
+    low, high = result.confidence_interval
+    return {"relative_change": float(change(np.arange(len(before)), np.arange(len(after)))),
+            "ci": [float(low), float(high)], "measure": "bits per byte (the tokenizers differ)"}
+
+
 def classification_intervals(actual: Sequence[int], predicted: Sequence[int], classes: list[int]) -> dict:
     """Intervals of accuracy and macro-F1 over the held-out examples."""
     y, p = np.asarray(actual), np.asarray(predicted)

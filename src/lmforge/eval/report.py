@@ -249,8 +249,10 @@ def _forgetting_table(runs: list[RunView]) -> str:
                              html.escape(after["skipped"])])
                 continue
             rel = change.get("relative_change")
-            rows.append([html.escape(r.label), html.escape(f"{name} perplexity"), _fmt(before.get("ppl"), 1),
-                         _fmt(after.get("ppl"), 1),
+            per_byte = "bits per byte" in change.get("measure", "")  # the tokenizers differ: per byte, not token
+            unit, key, digits = ("bits/byte", "bits_per_byte", 3) if per_byte else ("perplexity", "ppl", 1)
+            rows.append([html.escape(r.label), html.escape(f"{name} {unit}"), _fmt(before.get(key), digits),
+                         _fmt(after.get(key), digits),
                          (f"{rel:+.1%}" if rel is not None else "–")
                          + (f" <span class=ci>[{change['ci'][0]:+.1%}, {change['ci'][1]:+.1%}]</span>" if change.get("ci") else ""),
                          "beyond the interval" if excludes_zero(change.get("ci")) else ("within the interval" if change else "")])

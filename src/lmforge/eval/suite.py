@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from lmforge.data.prepare import load_prepared, prepare_corpus
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
+from lmforge.engine.status import LOG, append_log
 from lmforge.eval.classification import classification_metrics
 from lmforge.eval.fewshot import balanced_shots, few_shot_baseline
 from lmforge.eval.generate import generate_texts
@@ -326,3 +328,6 @@ def log_evaluation(folder: Path, result: dict, extra: dict) -> None:
         return  # someone else's file: never appended to
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+    if (folder / LOG).is_file():  # a run's log (the board's log box) says it was evaluated, as metrics.jsonl does
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
+        append_log(folder, f"{time.strftime('%H:%M:%S')} evaluated: {shown or 'nothing to score'}")

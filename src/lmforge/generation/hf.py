@@ -57,3 +57,4 @@ def sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     is_eos = completions == tokenizer.eos_token_id
     mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # up to the first EOS, itself included
     return completions, mask.long()
+

@@ -27,6 +27,8 @@ class ObjectiveBase:
     the model's input. Objectives override what differs (span corruption's longer raw rows, ...)."""
 
     data_kind = "packed"
+    # what its data handling does with an input longer than packing.seq_len (as `check` reports it)
+    long_inputs = "split across packed rows"
 
     def __init__(self, cfg=None, tokenizer=None):
         self.cfg = cfg

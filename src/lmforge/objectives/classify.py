@@ -12,6 +12,7 @@ class SequenceClassification(ObjectiveBase):
     name = "classify"
     head = "classifier"
     data_kind = "labeled"
+    long_inputs = "truncated: the text past seq_len is never seen"
     per_token_loss = False  # one loss per example (pair): no perplexity
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

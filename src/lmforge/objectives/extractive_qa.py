@@ -18,6 +18,7 @@ class ExtractiveQA(ObjectiveBase):
     name = "extractive_qa"
     head = "question_answering"
     data_kind = "spans"
+    long_inputs = "cut into overlapping windows (objective.doc_stride)"
     per_token_loss = False  # a loss over span boundaries, not a language model's: no perplexity
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,7 @@ class PolicyObjective(ObjectiveBase):
 
     head = "causal_lm"
     data_kind = "prompts"
+    long_inputs = "dropped when they leave no room for rollout.max_new_tokens"
     per_token_loss = False
     train_metrics: tuple[str, ...] = ()
     default_epochs = 1  # passes over each rollout when rollout.epochs is unset

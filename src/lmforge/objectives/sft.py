@@ -17,6 +17,7 @@ class SupervisedFineTuning(ObjectiveBase):
     name = "sft"
     head = "causal_lm"
     data_kind = "instructions"
+    long_inputs = "handled as data.long_examples says (drop, truncate or error)"
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, count = causal_lm_loss(model, batch, labelled_only=True)

@@ -16,6 +16,7 @@ class TokenClassification(ObjectiveBase):
     name = "token_classify"
     head = "token_classifier"
     data_kind = "tagged"
+    long_inputs = "truncated: the words past seq_len are neither trained nor scored"
     per_token_loss = False  # a loss over tags, not a language model's: no perplexity
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -28,7 +28,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          max_tokens: int = 256, say=print, max_batch: int = 16, max_queue: int = 64, threads: int | None = None) -> None:
+          max_tokens: int = 256, say=print, max_batch: int = 32, max_queue: int = 64, threads: int | None = None) -> None:
     import uvicorn
 
     from lmforge.serve.app import Engine, build_app

@@ -39,7 +39,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 class Engine:
     """The served model: its tokenizer, its limits, and the worker that owns it."""
 
-    def __init__(self, model_dir: Path, name: str | None = None, default_max_tokens: int = 256, max_batch: int = 16,
+    def __init__(self, model_dir: Path, name: str | None = None, default_max_tokens: int = 256, max_batch: int = 32,
                  max_queue: int = 64, threads: int | None = None, log=None):
         from lmforge.models.factory import load_model
         from lmforge.pipeline import model_tokenizer

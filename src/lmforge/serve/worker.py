@@ -21,7 +21,7 @@ from lmforge.generation.engine import BatchedGenerator, Request
 
 
 class Worker:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 16,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 32,
                  max_queue: int = 64, threads: int | None = None, log: Callable[[str], None] | None = None):
         self.engine = BatchedGenerator(model, tokenizer, max_batch)
         self.capacity = max_batch + max_queue

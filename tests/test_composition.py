@@ -1,0 +1,169 @@
+"""Features that work alone work together (issue 31): one data contract, keys that follow what decides
+the weights, one evaluation path, a model that remembers how it read its data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.config import validate_recipe
+
+from .conftest import REPO
+
+runner = CliRunner()
+INSTRUCTIONS = REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"
+
+
+def test_an_sft_stage_scores_answers_only_on_its_own_held_out_rows(tokenizer):
+    """max_docs, seq_len and long_examples decide the held-out rows: answer scoring asks exactly those
+    (before: 48 prompts drawn from all 1,123 rows, some longer than seq_len)."""
+    from lmforge.data.instructions import InstructionFormat, ensure_chat_template, load_instructions
+    from lmforge.eval.generation import held_out_conversations
+
+    ensure_chat_template(tokenizer, None)
+    recipe = validate_recipe({"objective": {"name": "sft"}, "packing": {"seq_len": 96},
+                              "data": {"train_files": [str(INSTRUCTIONS)], "max_docs": 200, "val_fraction": 0.1}})
+    conversations = held_out_conversations(recipe, tokenizer, 48)
+    sets = load_instructions([str(INSTRUCTIONS)], tokenizer, InstructionFormat(), 96, 0.1, "drop", 128, 200)
+    assert len(conversations) == len(sets.val) < 20  # the handful the stage held out, not 48 of 1,123
+    with gzip.open(INSTRUCTIONS, "rt") as handle:
+        first_200 = [json.loads(line)["prompt"] for _, line in zip(range(200), handle, strict=False)]
+    for messages in conversations:
+        assert messages[0]["content"] in first_200
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        assert len(ids["input_ids"] if isinstance(ids, dict) else ids) <= 96
+
+
+def test_with_early_stopping_when_the_run_evaluates_is_part_of_its_key(tmp_path, tokenizer):
+    from lmforge.pipeline import run_identity, train_key
+
+    def key(**trainer) -> str:
+        recipe = validate_recipe({"output_dir": str(tmp_path / "o"), "trainer": trainer})
+        return train_key(run_identity(recipe, tokenizer, {}))
+
+    assert key(eval_every=2) == key(eval_every=4)  # no early stopping: the weights do not depend on it
+    stopping = {"early_stopping": {"patience": 2}}
+    assert key(eval_every=2, **stopping) != key(eval_every=4, **stopping)
+    assert key(eval_batches=2, **stopping) != key(eval_batches=4, **stopping)
+
+
+def _classify_recipe(tmp_path: Path, base_model: Path, genre_file: Path, **trainer) -> Path:
+    recipe = {"output_dir": str(tmp_path / "out"), "tokenizer": {"path": str(base_model)}, "model": {"path": str(base_model)},
+              "data": {"train_files": [str(genre_file)], "column": "text", "label_column": "genre",
+                       "labels": ["fiction", "news"], "val_fraction": 0.25},
+              "objective": {"name": "classify"}, "packing": {"seq_len": 48},
+              "trainer": {"max_steps": 4, "batch_size": 8, "eval_every": 100, "progress": False, "precision": "fp32",
+                          **trainer}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_a_plain_run_is_evaluated_like_a_stage_and_its_model_remembers_its_data(tmp_path, base_model, genre_file):
+    recipe = _classify_recipe(tmp_path, base_model, genre_file)
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((tmp_path / "out" / "eval.json").read_text())
+    task = next(iter(evaluation["tasks"].values()))["after"]
+    assert 0 <= task["accuracy"] <= 1 and task["accuracy_ci"]
+    assert evaluation["baseline"]["shots"] >= 1  # the untuned model few-shot, on the same rows
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 4
+    # a rerun of the up-to-date run keeps how it trained (the report's wall time, tokens, memory)
+    assert runner.invoke(app, ["run", str(recipe)]).exit_code == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["train"] == summary["train"]
+    # eval and predict take the model's own column and seq_len: a file with only a `text` column would be
+    # read as another input; its training column is what they read by default
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"words {i}", "genre": "news"}) + "\n" for i in range(4)))
+    result = runner.invoke(app, ["predict", "-m", str(tmp_path / "out" / "final"), "-d", str(rows), "-o",
+                                 str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "seq_len 48" in result.output and "column 'text'" in result.output
+    result = runner.invoke(app, ["eval", "-m", str(tmp_path / "out" / "final"), "--task", str(rows), "--few-shot", "0"])
+    assert result.exit_code == 0, result.output
+    assert "label_column 'genre'" in result.output
+
+
+def test_a_resumed_run_counts_every_part_of_its_time(tmp_path, tokenizer_dir, prepared):
+    recipe = {"output_dir": str(tmp_path / "out"), "tokenizer": {"path": str(tokenizer_dir)},
+              "data": {"prepared_dir": str(prepared.directory)},
+              "model": {"family": "llama", "preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_layers": 2,
+                                                                           "num_attention_heads": 2, "num_key_value_heads": 2,
+                                                                           "intermediate_size": 128}},
+              "packing": {"seq_len": 32},
+              "trainer": {"max_steps": 4, "batch_size": 4, "progress": False, "precision": "fp32", "eval_every": 100,
+                          "save_every": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert runner.invoke(app, ["train", str(path), "trainer.max_steps=2"]).exit_code == 0
+    state_file = tmp_path / "out" / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["train_state"]["seconds"] > 0  # the checkpoint knows how long training took
+    state["train_state"]["seconds"] = 1000.0  # as if the first part had run for 1,000 s
+    state_file.write_text(json.dumps(state))
+    result = runner.invoke(app, ["run", str(path), "--resume"])
+    assert result.exit_code == 0, result.output
+    total = json.loads((tmp_path / "out" / "summary.json").read_text())["train"]["seconds"]
+    assert 1000 < total < 1200  # both parts, not the last one alone
+
+
+def test_a_text_file_is_one_document_unless_paragraphs_are_asked(tmp_path):
+    from lmforge.data.formats import read_documents
+
+    page = tmp_path / "page.txt"
+    page.write_text("A title\n\nFirst paragraph.\n\nSecond paragraph.\n")
+    assert list(read_documents(str(page))) == ["A title\n\nFirst paragraph.\n\nSecond paragraph."]
+    assert list(read_documents(str(page), fmt="paragraphs")) == ["A title", "First paragraph.", "Second paragraph."]
+    assert validate_recipe({"data": {"format": "paragraphs"}}).data.format == "paragraphs"
+
+
+def test_check_says_what_the_objective_does_with_long_inputs(tmp_path, base_model, genre_file):
+    recipe = _classify_recipe(tmp_path, base_model, genre_file)
+    result = runner.invoke(app, ["check", str(recipe), "--no-measure"])
+    assert "documents longer than seq_len (truncated: the text past seq_len is never seen):" in result.output, result.output
+    assert "split across packed rows" not in result.output
+
+
+@pytest.mark.slow
+def test_vocabulary_extension_with_replay_and_forgetting_across_tokenizers(tmp_path, small_jsonl):
+    """The documented replay pattern (`prepared_dir: ${stages.pretrain}/data`) with tokenizer.extend_count:
+    `check` says OK and `run` stopped after pretraining (tokenizer mismatch); forgetting was skipped in
+    silence. Now the replay is prepared again in the stage's tokens, and forgetting is measured per byte."""
+    domain = tmp_path / "domain.jsonl"
+    with gzip.open(REPO / "assets" / "corpora" / "pydocs_excerpt.jsonl.gz", "rt") as handle:
+        domain.write_text("".join(line for _, line in zip(range(15), handle, strict=False)))
+    tiny = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "intermediate_size": 128}
+    spec = {"name": "chain", "output_dir": str(tmp_path / "runs"),
+            "defaults": {"packing": {"seq_len": 64},
+                         "trainer": {"batch_size": 8, "max_steps": 10, "lr": 2e-3, "progress": False, "precision": "fp32"}},
+            "stages": {
+                "pretrain": {"tokenizer": {"train_files": [str(small_jsonl)], "vocab_size": 400},
+                             "model": {"family": "llama", "preset": "tiny", "overrides": tiny},
+                             "data": {"train_files": [str(small_jsonl)], "val_fraction": 0.1}},
+                "continual": {"after": "pretrain",
+                              "tokenizer": {"extend_files": [str(domain)], "extend_count": 20, "extend_min_frequency": 3},
+                              "data": {"val_fraction": 0.15, "mixture": [
+                                  {"name": "docs", "train_files": [str(domain)], "weight": 0.8},
+                                  {"name": "replay", "prepared_dir": "${stages.pretrain}/data", "weight": 0.2}]}}}}
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    checked = runner.invoke(app, ["check", str(path), "--no-measure"])
+    assert checked.exit_code == 0, checked.output
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "preparing it again from its 1 source file(s)" in result.output
+    probe = json.loads((tmp_path / "runs" / "continual" / "eval.json").read_text())["probes"]["general"]
+    assert "skipped" not in probe["after"]
+    assert probe["before"]["tokenizer"] != probe["after"]["tokenizer"]
+    assert probe["change"]["measure"].startswith("bits per byte") and probe["change"]["ci"]
+    assert 0 < probe["after"]["bits_per_byte"] < 8
+    assert "bits/byte" in result.output and "(tokenizers differ)" in result.output
