@@ -379,7 +379,7 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Pipeline: print the plan (with estimated times) and stop.")] = False,
 ) -> None:
     """Run a whole recipe (tokenizer -> prepare -> train -> eval -> generate), or a pipeline of stages."""
-    from lmforge.lifecycle import run_single
+    from lmforge.pipeline import run_recipe
 
     pipeline = _pipeline_or_none(recipe, overrides)
     if pipeline is not None:
@@ -389,7 +389,7 @@ def run(
         _fail(f"{recipe}: --only, --from and --dry-run are for pipelines (a recipe with stages:)")
     cfg = _recipe(recipe, overrides)
     _precheck(cfg)
-    summary = _guarded(run_single, cfg, resume, force, typer.echo)
+    summary = _guarded(run_recipe, cfg, resume, force)
     if summary.get("interrupted"):
         raise typer.Exit(code=130)
 
