@@ -112,6 +112,19 @@ def _other_tokenizer(tmp_path: Path, small_jsonl: Path) -> str:
     return str(out)
 
 
+def _orphan_corpus(tmp_path: Path, small_jsonl: Path) -> str:
+    """A corpus prepared with another tokenizer from a file that is gone since: it cannot be prepared again."""
+    from lmforge.data.prepare import prepare_corpus
+    from lmforge.data.tokenizer import load_tokenizer
+
+    source = tmp_path / "gone.jsonl"
+    source.write_text(small_jsonl.read_text())
+    out = tmp_path / "orphan"
+    prepare_corpus([str(source)], load_tokenizer(_other_tokenizer(tmp_path, small_jsonl)), out, progress=False)
+    source.unlink()
+    return str(out)
+
+
 RECIPE_CASES = [
     ("unknown-key", lambda t, s: {"trainer": {"warmup": 3}}, r"unknown key 'trainer.warmup'; did you mean 'trainer.warmup_steps'"),
     ("unknown-section", lambda t, s: {"trainr": {}}, r"unknown key 'trainr'; did you mean 'trainer'"),
@@ -126,7 +139,9 @@ RECIPE_CASES = [
     ("other-architecture-checkpoint", lambda t, s: {"model": {"path": _write_bert(t)}}, r"objective 'clm'\): a 'bert' checkpoint cannot be trained with a causal-LM objective"),
     ("family-objective-mismatch", lambda t, s: {"model": {"family": "bert", "overrides": {}}}, r"model.family: 'bert' is a masked_lm model"),
     ("model-path-not-a-model", lambda t, s: {"model": {"path": str(t)}}, r"model.path: .* \(no config.json\)"),
-    ("tokenizer-mismatch", lambda t, s: {"tokenizer": {"path": _other_tokenizer(t, s)}}, r"prepared with another tokenizer"),
+    # a corpus of another tokenizer is prepared again from its sources (tests/test_continual.py); without them, refused
+    ("tokenizer-mismatch", lambda t, s: {"data": {"prepared_dir": _orphan_corpus(t, s)}},
+     r"prepared with another tokenizer and its source files are gone"),
     ("tokenizer-missing", lambda t, s: {"tokenizer": {"path": str(t / "no-tok")}}, r"no-tok: no such folder"),
     ("model-path-mistyped", lambda t, s: {"model": {"path": str(t / "no-model")}}, r"model.path: .*no-model: no such folder"),
     ("output-dir-is-a-file", lambda t, s: {"output_dir": str(t / "out" / "earlier.txt")}, r"output_dir: .*earlier.txt exists and is a file"),
