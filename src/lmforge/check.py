@@ -32,7 +32,7 @@ from lmforge.data.instructions import InstructionFormat, iter_conversations
 from lmforge.data.labeled import iter_labeled
 from lmforge.data.multitask import iter_task_conversations
 from lmforge.data.preferences import iter_preference_rows, iter_unpaired_rows
-from lmforge.data.prepare import read_manifest
+from lmforge.data.prepare import read_manifest, recorded_sources
 from lmforge.data.prompts import prompt_row
 from lmforge.data.spans import iter_span_questions
 from lmforge.data.tagged import iter_tagged
@@ -220,8 +220,7 @@ def _check_lengths(recipe: Recipe, report: CheckReport, sample: list[str]):
                 continue
             if not manifest or manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer):
                 continue
-            sources = [i["path"] for i in manifest.get("inputs") or []]
-            gone = [p for p in sources if not p.startswith("hf:") and not Path(p).is_file()]
+            sources, gone = recorded_sources(manifest)
             if sources and not gone:  # data/prepare.retokenized prepares it again at run time
                 report.notes.append(f"{folder}: prepared with another tokenizer; the run prepares it again from its "
                                     f"{len(sources)} source file(s)")

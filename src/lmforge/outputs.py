@@ -219,17 +219,6 @@ class RunLock:
         self._handle = None
 
 
-def move_aside(path: Path) -> Path:
-    """Rename `path` to `PATH.replaced-TIMESTAMP` (never deleted): `--force` keeps what it displaces."""
-    target = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
-    os.replace(path, target)
-    return target
-
-
 # ---------------------------------------------------------------- stage stamps
 STAMP = "lmforge_stage.json"  # in every tokenizer and model folder lmforge writes: its key, and that it is ours
 

@@ -104,6 +104,12 @@ def load_prepared(directory: str | Path, tokenizer: PreTrainedTokenizerBase | No
     return PreparedCorpus(directory, manifest)
 
 
+def recorded_sources(manifest: dict) -> tuple[list[str], list[str]]:
+    """(the source files a prepared corpus's manifest records, those of them that are gone)."""
+    inputs = [i["path"] for i in manifest.get("inputs") or []]
+    return inputs, [p for p in inputs if not p.startswith("hf:") and not Path(p).is_file()]
+
+
 def retokenized(directory: str | Path, tokenizer: PreTrainedTokenizerBase, out: Path, progress: bool = True,
                 log=print) -> PreparedCorpus:
     """The corpus at `directory` as `tokenizer` reads it: itself if it was prepared with it, else prepared
@@ -116,8 +122,7 @@ def retokenized(directory: str | Path, tokenizer: PreTrainedTokenizerBase, out: 
     new = tokenizer_fingerprint(tokenizer)
     if manifest["tokenizer_fingerprint"] == new:
         return PreparedCorpus(directory, manifest)
-    inputs = [i["path"] for i in manifest.get("inputs") or []]
-    gone = [p for p in inputs if not p.startswith("hf:") and not Path(p).is_file()]
+    inputs, gone = recorded_sources(manifest)
     if not inputs or gone:
         raise DataError(f"{directory}/{MANIFEST}: prepared with tokenizer {manifest['tokenizer_fingerprint']}, but the run "
                         f"uses {new}, and its source files are gone ({', '.join(gone) or 'none recorded'}); prepare the "
