@@ -8,8 +8,10 @@
 - serve_concurrency: `lmforge serve` in its own process; 32 requests (the same held-out prompts, greedy)
   sent by 1, 8 and 32 concurrent clients (urllib, loopback), at two answer lengths: max_tokens 32 (the
   prompts, 52 to 714 tokens, cost more than the answers: prefill is bound by compute and gains nothing
-  from batching) and 128 (a chat's answer longer than its question). Tokens/s at each, the ratio
-  against one client (requests served one at a time), the server's peak RSS.
+  from batching) and 128 (a chat's answer longer than its question; most still end at EOS after about 50),
+  and 128 with `ignore_eos` (every answer 128 tokens: the fixed-length, decode-bound case of vLLM's
+  benchmark_serving, where batching shows what it gives). Tokens/s at each, the ratio against one client
+  (requests served one at a time), the server's peak RSS.
 
 Results go to bench/results/generation-latest.json with the machine's measured fp32/bf16 GEMM speeds.
 A benchmark, not a test: nothing here asserts speed.
@@ -90,7 +92,7 @@ def _server_peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def serve_concurrency(requests: int, max_tokens: int, clients: list[int]) -> dict:
+def serve_concurrency(requests: int, max_tokens: int, clients: list[int], ignore_eos: bool = False) -> dict:
     folder = model_dir()
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -110,11 +112,13 @@ def serve_concurrency(requests: int, max_tokens: int, clients: list[int]) -> dic
 
         def ask(row: dict) -> int:
             reply = _post(url + "/v1/chat/completions", {"model": name, "max_tokens": max_tokens, "temperature": 0,
+                                                         "ignore_eos": ignore_eos,
                                                          "messages": [{"role": "user", "content": row["prompt"]}]})
             return reply["usage"]["completion_tokens"]
 
         ask(rows[0])  # warm-up
-        out: dict = {"model": folder.name, "requests": requests, "max_tokens": max_tokens, "clients": {}}
+        out: dict = {"model": folder.name, "requests": requests, "max_tokens": max_tokens, "ignore_eos": ignore_eos,
+                     "clients": {}}
         for n in clients:
             start = time.perf_counter()
             with ThreadPoolExecutor(n) as pool:
@@ -130,12 +134,16 @@ def serve_concurrency(requests: int, max_tokens: int, clients: list[int]) -> dic
         server.wait(30)
 
 
+SERVE_CASES = {"serve_concurrency": (32, False), "serve_concurrency_128": (128, False),
+               "serve_concurrency_128_fixed": (128, True)}  # name: (max_tokens, ignore_eos)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--only", choices=["generate_batch", "serve_concurrency"])
+    parser.add_argument("--only", choices=["generate_batch", *SERVE_CASES])
     args = parser.parse_args()
     import torch
 
@@ -149,11 +157,11 @@ def main() -> None:
               f"lmforge {case['lmforge_tokens_per_s']:.1f} tok/s vs one generate per prompt "
               f"{case['generate_tokens_per_s']:.1f} tok/s = {case['speedup']:.2f}x; identical texts "
               f"{case['identical_texts']}/{case['prompts']}")
-    if args.only in (None, "serve_concurrency"):
-        for max_tokens in (32, 128):
-            name = "serve_concurrency" if max_tokens == 32 else f"serve_concurrency_{max_tokens}"
-            cases[name] = case = serve_concurrency(args.requests, max_tokens, [1, 8, 32])
-            print(f"{name} ({case['model']}, {case['requests']} requests x {case['max_tokens']} tokens): "
+    for name, (max_tokens, ignore_eos) in SERVE_CASES.items():
+        if args.only in (None, name):
+            cases[name] = case = serve_concurrency(args.requests, max_tokens, [1, 8, 32], ignore_eos)
+            print(f"{name} ({case['model']}, {case['requests']} requests x {case['max_tokens']} tokens"
+                  f"{', ignore_eos' if ignore_eos else ''}): "
                   + ", ".join(f"{n} clients {v['tokens_per_s']:.1f} tok/s ({case['speedup'][n]:.2f}x)"
                               for n, v in case["clients"].items())
                   + f"; server peak RSS {case['server_peak_rss_mb']:,.0f} MB")

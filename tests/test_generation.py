@@ -63,6 +63,21 @@ def test_stop_strings_streaming_and_cancel(tiny, tokenizer):
     assert engine.cache is None and not engine.active
 
 
+def test_ignore_eos_runs_to_the_budget(tiny, tokenizer):
+    """vLLM's `ignore_eos` (the fixed-length answers of serving benchmarks): EOS ends an answer only without it."""
+    from lmforge.generation.engine import BatchedGenerator, Request
+
+    ids = _prompts(tokenizer)[2]
+    plain = BatchedGenerator(tiny, tokenizer).run([Request(ids, 8, temperature=1.0, seed=1)])[0].new_ids
+    k = next(i for i in range(1, len(plain)) if plain[i] not in plain[:i])
+    engine = BatchedGenerator(tiny, tokenizer)
+    engine.eos = plain[k]  # the model's sampled answer reaches this "EOS" at token k
+    stopped, ignored = engine.run([Request(ids, 8, temperature=1.0, seed=1),
+                                   Request(ids, 8, temperature=1.0, seed=1, ignore_eos=True)])
+    assert stopped.new_ids == plain[:k + 1] and stopped.finish_reason == "stop"
+    assert ignored.new_ids == plain and ignored.finish_reason == "length"
+
+
 def test_streamed_chinese_never_splits_a_character(tiny, tokenizer):
     """A byte-level tokenizer samples a Chinese character in pieces; the stream waits for the whole one."""
     from lmforge.generation.engine import BatchedGenerator, Request

@@ -122,6 +122,15 @@ def test_streaming_gives_the_same_text_as_one_reply(client):
     assert reasons[-1] == whole.choices[0].finish_reason and not any(reasons[:-1])
 
 
+def test_ignore_eos_reaches_the_engine(server):
+    from lmforge.serve.schema import CompletionRequest
+
+    engine, _ = server
+    asked = {"model": "tiny-chat", "prompt": "The city", "max_tokens": 5}
+    assert engine.plan(CompletionRequest(**asked, ignore_eos=True)).ignore_eos
+    assert not engine.plan(CompletionRequest(**asked)).ignore_eos
+
+
 def test_completions_with_a_stop_string(client):
     whole = client.completions.create(model="tiny-chat", prompt="The city", max_tokens=12, temperature=0)
     text = whole.choices[0].text

@@ -43,6 +43,7 @@ class Request:
     top_p: float | None = None
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's option: the answer runs to max_new_tokens (fixed-length benchmarks)
     on_text: Callable[[str], None] | None = None
     on_done: Callable[[], None] | None = None  # called once the result is final (from the engine's thread)
     cancelled: bool = False  # set by any thread: the row leaves the batch at the next step
@@ -230,7 +231,7 @@ class BatchedGenerator:
     def _advance(self, request: Request, token: int) -> bool:
         """Append `token`; stream what is certain; True when the request is finished."""
         request.new_ids.append(token)
-        if token == self.eos:
+        if token == self.eos and not request.ignore_eos:
             self._finish(request, "stop")
             return True
         if request.stop_strings or request.on_text is not None:
@@ -322,11 +323,11 @@ def generate_many(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, re
     for request in requests:  # one by one: batched, peft's prompt learning without a cache ran slower still
         request.new_ids = [] if request.max_new_tokens < 1 else hf_generate_ids(
             model, tokenizer, request.ids, request.max_new_tokens, request.temperature, request.top_k, request.top_p,
-            request.seed, None, list(request.stop_strings) or None)
+            request.seed, None, list(request.stop_strings) or None, request.ignore_eos)
         text = tokenizer.decode(request.new_ids, skip_special_tokens=True)
         cut = first_stop(text, request.stop_strings)
         request.text = text if cut is None else text[:cut]
-        ended = bool(request.new_ids) and request.new_ids[-1] == tokenizer.eos_token_id
+        ended = bool(request.new_ids) and request.new_ids[-1] == tokenizer.eos_token_id and not request.ignore_eos
         request.finish_reason = "stop" if ended or cut is not None else "length"
         if request.on_text is not None:
             request.on_text(request.text)

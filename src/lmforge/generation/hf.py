@@ -25,15 +25,18 @@ def sampling_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 @torch.no_grad()
 def hf_generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int],
                     max_new_tokens: int = 40, temperature: float = 0.8, top_k: int | None = 50,
-                    top_p: float | None = 0.95, seed: int = 0, streamer=None, stop_strings: list[str] | None = None) -> list[int]:
+                    top_p: float | None = 0.95, seed: int = 0, streamer=None, stop_strings: list[str] | None = None,
+                    ignore_eos: bool = False) -> list[int]:
     """The new token ids after `ids`; temperature 0 means greedy decoding. Generation ends at EOS, after
-    `max_new_tokens`, or once the text holds one of `stop_strings`. `streamer`: a transformers streamer
+    `max_new_tokens` (only then with `ignore_eos`), or once the text holds one of `stop_strings`. `streamer`: a transformers streamer
     that receives the text as it is generated."""
     model.eval()
     device = next(model.parameters()).device
     prompt = torch.tensor([ids], device=device)
     torch.manual_seed(seed)
     kwargs = sampling_kwargs(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    if ignore_eos:
+        kwargs["min_new_tokens"] = max_new_tokens  # generate's way: EOS is masked until the budget is spent
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), streamer=streamer, **kwargs)

@@ -109,7 +109,7 @@ class Engine:
             budget = self.limits.budget(len(ids), request.wanted_tokens())
         except LimitError as exc:
             raise APIError(400, exc.message, exc.code, exc.field) from None
-        return Generation(ids, budget, request.temperature, None, request.top_p, seed, stops)
+        return Generation(ids, budget, request.temperature, None, request.top_p, seed, stops, request.ignore_eos)
 
 
 def _event(payload: dict | str) -> str:

@@ -54,6 +54,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
     logprobs: bool | int | None = None
+    ignore_eos: bool = False  # vLLM's extension (openai client: extra_body): answer max_tokens tokens, EOS or not
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
