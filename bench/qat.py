@@ -57,11 +57,11 @@ def main() -> None:
 
     import torch
 
-    from lmforge.config import load_recipe
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.engine.runtime import matmul_peak_gflops
     from lmforge.models.factory import load_model
     from lmforge.objectives import get_objective
+    from lmforge.recipe_files import load_recipe
     from lmforge.sources import training_source
 
     recipe = load_recipe(out / "float" / "recipe.yaml")

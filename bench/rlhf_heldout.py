@@ -19,13 +19,14 @@ HERE = Path(__file__).parent
 
 
 def main(pipeline: Path) -> None:
-    from lmforge.config import RewardConfig, RewardTermConfig, load_recipe
+    from lmforge.config import RewardConfig, RewardTermConfig
     from lmforge.data.instructions import InstructionFormat
     from lmforge.data.prompts import load_prompts
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.eval.generate import sample_batch
     from lmforge.eval.intervals import bootstrap_interval
     from lmforge.models.factory import load_model
+    from lmforge.recipe_files import load_recipe
     from lmforge.rewards import Reward
 
     recipe = load_recipe(pipeline / "ppo" / "recipe.yaml")

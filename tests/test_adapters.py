@@ -15,8 +15,8 @@ from lmforge.cli import app
 from lmforge.config import AdapterConfig, MethodConfig
 from lmforge.engine.metrics import read_metrics
 from lmforge.methods import apply_method
-from lmforge.methods.adapters import Bottleneck, load_adapted
-from lmforge.models.factory import build_model, load_model, preset_config
+from lmforge.models.bottleneck import Bottleneck
+from lmforge.models.factory import build_model, load_adapted, load_model, preset_config
 
 from .conftest import assert_cli_resume_is_exact
 
@@ -137,7 +137,7 @@ def test_adapters_refuse_a_random_base_and_an_unknown_architecture(tokenizer):
     model = build_model(preset_config("llama", "tiny", (len(tokenizer) + 63) // 64 * 64, 64), "causal_lm", tokenizer)
     with pytest.raises(ValueError, match="adapters adapt a pretrained model"):
         apply_method(model, MethodConfig(name="adapter"), 0.0)
-    from lmforge.methods.adapters import placements
+    from lmforge.models.bottleneck import placements
 
     with pytest.raises(ValueError, match="found no attention / feed-forward output projection"):
         placements(torch.nn.Sequential(torch.nn.Linear(4, 4)), "houlsby")

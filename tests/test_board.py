@@ -137,7 +137,7 @@ def test_compare_is_the_report_of_the_runs(board, runs):
 def test_chat_goes_through_the_servers_engine(board, runs):
     from lmforge.eval.generate import generate_text
     from lmforge.models.factory import load_model
-    from lmforge.pipeline import model_tokenizer
+    from lmforge.stage_inputs import model_tokenizer
 
     status, models = _call(board + "/api/models")
     assert {m["id"] for m in models["models"]} == {"clm_a/run", "clm_b/run", "sft/run"}

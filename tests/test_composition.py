@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.config import validate_recipe
+from lmforge.recipe_files import validate_recipe
 
 from .conftest import REPO
 
@@ -41,7 +41,7 @@ def test_an_sft_stage_scores_answers_only_on_its_own_held_out_rows(tokenizer):
 
 
 def test_with_early_stopping_when_the_run_evaluates_is_part_of_its_key(tmp_path, tokenizer):
-    from lmforge.pipeline import run_identity, train_key
+    from lmforge.run_keys import run_identity, train_key
 
     def key(**trainer) -> str:
         recipe = validate_recipe({"output_dir": str(tmp_path / "o"), "trainer": trainer})
@@ -90,8 +90,8 @@ def test_a_rerun_keeps_the_summary_and_the_model_remembers_its_data(tmp_path, ba
 def test_run_single_evaluates_a_plain_run_like_a_stage(tmp_path, base_model, genre_file):
     """lifecycle.run_single: a recipe trained as one stage and measured by the stage evaluation (eval.json,
     the untuned model's few-shot baseline). Not yet what `lmforge run` calls: it costs every plain run."""
-    from lmforge.config import load_recipe
     from lmforge.lifecycle import run_single
+    from lmforge.recipe_files import load_recipe
 
     summary = run_single(load_recipe(_classify_recipe(tmp_path, base_model, genre_file)))
     evaluation = json.loads((tmp_path / "out" / "eval.json").read_text())
@@ -174,3 +174,44 @@ def test_vocabulary_extension_with_replay_and_forgetting_across_tokenizers(tmp_p
     assert probe["change"]["measure"].startswith("bits per byte") and probe["change"]["ci"]
     assert 0 < probe["after"]["bits_per_byte"] < 8
     assert "bits/byte" in result.output and "(tokenizers differ)" in result.output
+
+
+@pytest.mark.slow
+def test_the_shipped_chain_runs_every_stage_with_forgetting_and_one_report(tmp_path, monkeypatch):
+    """recipes/lifecycle_chain.yaml as shipped, each stage shortened on the command line: tokenizer ->
+    pretrain -> continual (vocabulary extension + replay) -> SFT -> DPO -> eval, forgetting in every stage."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "chain"
+    recipe = str(REPO / "recipes" / "lifecycle_chain.yaml")
+    short = [f"output_dir={out}", "defaults.trainer.progress=false", "eval_batches=2", "generation_examples=2",
+             "stages.pretrain.tokenizer.max_docs=60", "stages.pretrain.tokenizer.vocab_size=800",
+             "stages.pretrain.data.max_docs=60", "stages.pretrain.trainer.max_steps=6",
+             "stages.continual.tokenizer.extend_count=12", "stages.continual.data.max_docs=40",
+             "stages.continual.trainer.max_steps=4", "stages.continual.trainer.eval_every=4",
+             "stages.sft.data.max_docs=40", "stages.sft.trainer.max_steps=3",
+             "stages.dpo.data.max_docs=40", "stages.dpo.trainer.max_steps=3",
+             "stages.measure.eval.max_batches=2", "stages.measure.eval.max_new_tokens=4"]
+    checked = runner.invoke(app, ["check", recipe, *short, "--no-measure"])
+    assert checked.exit_code == 0, checked.output
+    result = runner.invoke(app, ["run", recipe, *short])
+    assert result.exit_code == 0, result.output
+    for stage in ("pretrain", "continual", "sft", "dpo"):
+        assert (out / stage / "final" / "config.json").is_file(), stage
+    for stage in ("continual", "sft", "dpo"):  # each later stage measured on the general corpus, before and after
+        probe = json.loads((out / stage / "eval.json").read_text())["probes"]["general"]
+        assert "skipped" not in probe["after"] and "skipped" not in probe["before"], stage
+        assert probe["change"]["ci"], stage
+    across = json.loads((out / "continual" / "eval.json").read_text())["probes"]["general"]
+    assert across["change"]["measure"].startswith("bits per byte")  # the tokenizer changed in this stage
+    assert json.loads((out / "sft" / "eval.json").read_text())["probes"]["general"]["before"]["tokenizer"] == \
+        across["after"]["tokenizer"]
+    measured = json.loads((out / "measure" / "eval.json").read_text())
+    assert set(measured["probes"]) == {"general", "domain"} and len(measured["samples"]) == 2
+    for stage in ("sft", "dpo"):  # the instruction-tuned stages answered held-out prompts before and after
+        answers = json.loads((out / stage / "eval.json").read_text())["generation"]
+        assert answers["before"]["examples"] == answers["after"]["examples"] == 2, stage
+    page = tmp_path / "chain.html"
+    report = runner.invoke(app, ["report", str(out), "-o", str(page)])
+    assert report.exit_code == 0, report.output
+    html = page.read_text()
+    assert all(stage in html for stage in ("pretrain", "continual", "sft", "dpo", "measure"))

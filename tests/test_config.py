@@ -1,6 +1,7 @@
 import pytest
 
-from lmforge.config import ConfigError, Recipe, apply_overrides, load_recipe, validate_recipe
+from lmforge.config import ConfigError, Recipe, apply_overrides
+from lmforge.recipe_files import load_recipe, validate_recipe
 
 
 def test_defaults_validate():
@@ -79,7 +80,8 @@ def test_a_length_override_replaces_the_recipes_length_in_another_unit(tmp_path)
 
 
 def test_hugging_face_names_point_to_lmforge_keys():
-    from lmforge.config import ConfigError, validate_recipe
+    from lmforge.config import ConfigError
+    from lmforge.recipe_files import validate_recipe
 
     for body, hint in (({"trainer": {"learning_rate": 1e-4}}, "lmforge calls it 'trainer.lr'"),
                        ({"trainer": {"num_train_epochs": 3}}, "lmforge calls it 'trainer.epochs'"),

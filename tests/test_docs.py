@@ -19,7 +19,7 @@ from lmforge.cli import app
 from .conftest import REPO
 
 # pages of reference and measurements, no workflow to run: the others each have a test here
-REFERENCE_PAGES = ("performance.md", "recipe-keys.md", "architecture.md", "training.md")
+REFERENCE_PAGES = ("performance.md", "recipe-keys.md", "recipe-sections.md", "results.md", "architecture.md", "training.md")
 FENCE = re.compile(r"^```(\w+)(?: (\S+))?\n(.*?)^```", re.S | re.M)
 
 

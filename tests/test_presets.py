@@ -7,9 +7,10 @@ import yaml
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.config import ConfigError, load_recipe
+from lmforge.config import ConfigError
 from lmforge.data.formats import read_all
 from lmforge.data.instructions import InstructionFormat, iter_conversations
+from lmforge.recipe_files import load_recipe
 
 
 def _jsonl(path, rows):

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.config import validate_recipe
+from lmforge.recipe_files import validate_recipe
 
 from .conftest import write_recipe
 

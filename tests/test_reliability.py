@@ -222,8 +222,8 @@ def test_check_lists_bad_rows_with_lines_and_measures(tmp_path, tokenizer_dir, p
 
 def test_check_measures_steps_with_the_runs_activation_checkpointing(tmp_path, tokenizer_dir, prepared, llama_mlp_calls):
     from lmforge.check import measure_steps
-    from lmforge.config import load_recipe
     from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.recipe_files import load_recipe
 
     calls = llama_mlp_calls
     counts = []

@@ -174,9 +174,10 @@ def test_a_full_disk_reported_by_torch_save_is_a_full_disk(tmp_path, tokenizer_d
 
 
 def test_named_chat_templates_work_or_are_refused(tmp_path, tokenizer):
-    from lmforge.config import ConfigError, validate_recipe
+    from lmforge.config import ConfigError
     from lmforge.data.formats import DataError
     from lmforge.data.instructions import ensure_chat_template
+    from lmforge.recipe_files import validate_recipe
 
     with pytest.raises(ConfigError, match=r"data.chat_template.*'chat-ml' is neither a named template \(lmforge, chatml\)"):
         validate_recipe({"data": {"chat_template": "chat-ml"}}, "r.yaml")

@@ -437,9 +437,10 @@ def test_prompt_learning_trains_virtual_tokens_only_and_loads_with_plain_peft(tm
 
 
 def test_sharegpt_conversations_map_their_speakers_to_chat_roles(tmp_path):
-    from lmforge.config import ConfigError, validate_recipe
+    from lmforge.config import ConfigError
     from lmforge.data.formats import DataError
     from lmforge.data.instructions import InstructionFormat, iter_conversations
+    from lmforge.recipe_files import validate_recipe
 
     path = tmp_path / "chats.jsonl"
     rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},

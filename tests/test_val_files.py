@@ -8,13 +8,13 @@ import yaml
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.config import load_recipe
 from lmforge.data.instructions import InstructionFormat
 from lmforge.data.labeled import load_labeled
 from lmforge.data.pairs import load_pairs
 from lmforge.data.preferences import load_preferences
 from lmforge.data.prepare import prepare_corpus
 from lmforge.engine.metrics import read_metrics
+from lmforge.recipe_files import load_recipe
 
 
 def _jsonl(path, rows: list[dict]):

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lmforge.eval.generate import prompt_ids
 from lmforge.generation.engine import Request, generate_many
 from lmforge.generation.limits import LimitError, Limits
+from lmforge.generation.prompt import prompt_ids
 
 HELP = "type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops a reply"
 
@@ -22,7 +22,7 @@ def chat_loop(model_dir: Path, ask: Callable[[str], str | None], write: Callable
     """Turns until `ask` returns None or /exit; returns the conversation (the last one, after any /reset).
     Ctrl-C during a reply stops it (what was said so far stays in the conversation); at the prompt it leaves."""
     from lmforge.models.factory import load_model
-    from lmforge.pipeline import model_tokenizer
+    from lmforge.stage_inputs import model_tokenizer
 
     tokenizer = model_tokenizer(model_dir, None)
     if not tokenizer.chat_template:

@@ -288,7 +288,7 @@ def measure_steps(recipe: Recipe, tokenizer, steps: int = 3, stand_in: bool = Fa
     from lmforge.engine.runtime import autocast, checkpoint_activations, pick_device, resolve_precision
     from lmforge.methods import apply_method
     from lmforge.objectives import get_objective, objective_data
-    from lmforge.pipeline import model_stage
+    from lmforge.stage_inputs import model_stage
 
     objective = get_objective(recipe.objective, tokenizer)
     model = model_stage(recipe, tokenizer, objective.head)

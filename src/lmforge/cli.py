@@ -116,7 +116,7 @@ def _trained_defaults(model: Path, fallback_seq_len: int = 256, **given):
 
 
 def _recipe(path: Path | None, overrides: list[str] | None):
-    from lmforge.config import load_recipe
+    from lmforge.recipe_files import load_recipe
 
     return _guarded(load_recipe, path, overrides or [])
 
@@ -215,12 +215,13 @@ def train(
 ) -> None:
     """Train the recipe's model (training the tokenizer and preparing data first if needed)."""
     from lmforge import pipeline
+    from lmforge.stage_inputs import inputs_stage
 
     cfg = _recipe(recipe, overrides)
     _precheck(cfg)
 
     def run():
-        tok, corpora = pipeline.inputs_stage(cfg)
+        tok, corpora = inputs_stage(cfg)
         return pipeline.train_stage(cfg, tok, corpora, resume=resume, force=force)
 
     outcome = _guarded(run)

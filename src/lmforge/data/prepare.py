@@ -27,14 +27,15 @@ from lmforge.data.formats import DataError, expand_inputs, file_fingerprints, re
 from lmforge.data.shards import Shard, ShardWriter, open_shards, token_dtype
 from lmforge.data.tokenizer import tokenizer_fingerprint
 from lmforge.outputs import (
+    MANIFEST,
     ensure_replaceable,
+    is_prepared_corpus,
     remove_stale_temporaries,
     replace_dir,
     temporaries_of,
     temporary_sibling,
 )
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 BATCH_DOCS = 4096
 # 1 MB of text: ~70 book-length documents (Brown's), enough for the encoder's threads to share the
@@ -78,16 +79,6 @@ def read_manifest(directory: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: corrupt manifest ({exc.msg}); delete the folder and prepare again") from None
-
-
-def is_prepared_corpus(directory: Path) -> bool:
-    """A folder lmforge prepared (its manifest says so; manifests before the `writer` field have its keys)."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and (manifest.get("writer") == "lmforge"
-                                           or {"fingerprint", "tokenizer_fingerprint", "splits"} <= manifest.keys())
 
 
 def load_prepared(directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedCorpus:

@@ -19,7 +19,7 @@ import torch
 from lmforge.data.formats import DataError, parse_rows
 from lmforge.data.instructions import InstructionFormat, row_messages
 from lmforge.data.prepare import read_split
-from lmforge.eval.generate import prompt_ids
+from lmforge.generation.prompt import prompt_ids
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 from lmforge.config import RolloutConfig
 from lmforge.data.prompts import PromptSet
 from lmforge.engine.runtime import autocast
-from lmforge.eval.generate import sample_batch
+from lmforge.generation.hf import sample_batch
 from lmforge.rewards import Reward
 
 

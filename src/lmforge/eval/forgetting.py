@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,9 +42,7 @@ from lmforge.eval.suite import EVAL_FILE, log_evaluation, read_evaluation
 from lmforge.models.factory import load_model, saved_config
 from lmforge.objectives import get_objective, objective_data, objective_head
 from lmforge.outputs import content_hash
-
-if TYPE_CHECKING:
-    from lmforge.lifecycle import Pipeline, StageRun
+from lmforge.pipeline_types import Pipeline, StageRun
 
 LM_HEADS = ("causal_lm", "masked_lm")
 TASK_DATA = ("labeled", "instructions", "preferences")

@@ -14,15 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmforge.generation.engine import Request, generate_many
 from lmforge.generation.hf import hf_generate_ids, sample_batch
 from lmforge.generation.limits import Limits
+from lmforge.generation.prompt import prompt_ids
 
 __all__ = ["hf_generate_ids", "generate_ids", "generate_texts", "generate_text", "prompt_ids", "sample_batch"]
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The prompt's ids as generation sees them (no special tokens added: a chat template writes its own);
-    an empty prompt starts from BOS (or EOS)."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 
 
 def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int = 40,

@@ -24,6 +24,7 @@ from lmforge.config import flatten
 from lmforge.engine.metrics import read_metrics
 from lmforge.eval.intervals import excludes_zero, mean_difference, separated
 from lmforge.outputs import run_recipe_file
+from lmforge.run_keys import naming_keys
 
 
 class ReportError(ValueError):
@@ -366,8 +367,9 @@ def _suites(suites: list[RunView]) -> str:
 
 def _config_diff(runs: list[RunView]) -> str:
     keys = sorted({k for r in runs for k in r.settings})
+    naming = naming_keys()  # the run's name and folder differ by design
     varying = [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True, default=str) for r in runs}) > 1
-               and k not in ("output_dir", "name")]
+               and k not in naming]
     if not varying:
         return "<p>All runs share one configuration.</p>"
     rows = [[html.escape(k)] + [_fmt(r.settings.get(k)) for r in runs] for k in varying]

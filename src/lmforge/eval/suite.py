@@ -198,7 +198,7 @@ def _preferences(model, head: str, tokenizer, task: EvalTaskConfig, cfg: EvalCon
 def check_evaluation(cfg: EvalConfig, pending: list[Path] = (), limit: int = 20) -> list[str]:
     """What is wrong with an evaluation's inputs, found before anything runs (each file and line named).
     Paths inside `pending` folders (what earlier stages will write) are not there yet, and pass."""
-    from lmforge.data.prepare import is_prepared_corpus
+    from lmforge.outputs import is_prepared_corpus
 
     def later(path: str) -> bool:
         return any(Path(path).absolute().is_relative_to(Path(p).absolute()) for p in pending)

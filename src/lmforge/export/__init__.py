@@ -47,9 +47,9 @@ class Source:
 
 def load_source(path: Path) -> Source:
     """The trained model at `path` in fp32; an adapter is run unmerged for the reference, then merged."""
-    from lmforge.methods.adapters import is_adapted
+    from lmforge.models.bottleneck import is_adapted
     from lmforge.models.factory import load_model, saved_head
-    from lmforge.pipeline import model_tokenizer
+    from lmforge.stage_inputs import model_tokenizer
 
     path = Path(path)
     head = saved_head(path)

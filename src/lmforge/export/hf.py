@@ -22,7 +22,8 @@ def write_hf(source, folder: Path, dtype: str, say: Callable[[str], None]) -> tu
     model = source.model.to(TORCH_DTYPES[dtype])
     model.config.dtype = TORCH_DTYPES[dtype]
     if source.adapter == "bottleneck":
-        from lmforge.methods.adapters import load_adapted, save_adapted
+        from lmforge.methods.adapters import save_adapted
+        from lmforge.models.factory import load_adapted
 
         save_adapted(model, folder, standalone=True)
     else:

@@ -29,6 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from lmforge.generation.cache import GrowingCache
+
 
 @dataclass(eq=False)
 class Request:
@@ -177,7 +179,7 @@ class BatchedGenerator:
             ids[row, length - len(request.ids):] = torch.tensor(request.ids, device=self.device)
             mask[row, length - len(request.ids):] = 1
             request._generator = None if request.greedy else torch.Generator(self.device).manual_seed(request.seed)
-        cache = DynamicCache()
+        cache = GrowingCache()
         logits = self._forward(ids, mask, cache)
         self._merge(group, cache, mask)
         return logits
@@ -200,7 +202,7 @@ class BatchedGenerator:
         layers = [(torch.cat([pad(a.keys, old_len), pad(b.keys, new_len)]),
                    torch.cat([pad(a.values, old_len), pad(b.values, new_len)]))
                   for a, b in zip(self.cache.layers, cache.layers, strict=True)]
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = GrowingCache(layers)
         self.mask = torch.cat([pad(self.mask, old_len), pad(mask, new_len)])
         self.active = self.active + list(group)
 

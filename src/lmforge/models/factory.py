@@ -28,6 +28,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from lmforge.models import bottleneck
+
 # Our own bars show progress; transformers' per-load bars would only clutter the logs.
 hf_logging.disable_progress_bar()
 
@@ -165,6 +167,17 @@ def ensure_safe_weights(path: Path) -> None:
                          "`model.save_pretrained(DIR, safe_serialization=True)` where you trust it" if pickles else ""))
 
 
+def load_adapted(folder: str | Path, head: str | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A saved bottleneck-adapter folder (methods/adapters.py) as a model with its adapters in place, for
+    inference (eval mode)."""
+    folder = Path(folder)
+    meta, base = bottleneck.read_meta(folder)
+    if not (base / "config.json").is_file():
+        raise ModelError(f"{folder}: an adapter folder without its base/ (config.json missing there)")
+    model = load_model(base, head or saved_head(base), dtype=dtype, report_missing=False)
+    return bottleneck.load_into(model, folder, meta, base, ModelError)
+
+
 def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
                merge_adapter: bool = True, report_missing: bool = True, **config_overrides: Any) -> PreTrainedModel:
     """Load a local checkpoint directory (never the hub), refusing an architecture the head cannot use.
@@ -173,9 +186,7 @@ def load_model(path: str | Path, head: str, trust_remote_code: bool = False, dty
     merged model with the unmerged one). A bottleneck-adapter folder comes with its adapters in place
     (they cannot be merged). `report_missing`: say which weights start newly initialised."""
     path = Path(path)
-    if (path / BOTTLENECK_CONFIG).is_file():
-        from lmforge.methods.adapters import load_adapted
-
+    if (path / bottleneck.CONFIG_FILE).is_file():
         return load_adapted(path, head, dtype)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return _load_adapter(path, head, trust_remote_code, dtype, merge_adapter, **config_overrides)
@@ -215,18 +226,15 @@ ARCHITECTURE_HEADS = (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm")
                       ("ForConditionalGeneration", "seq2seq"))
 
 
-BOTTLENECK_CONFIG = "bottleneck_adapter.json"  # a folder of methods/adapters.py: its base/ holds the config
-
-
 def is_model_folder(path: str | Path) -> bool:
     """A full model, a peft adapter, or a bottleneck-adapter folder."""
-    return any((Path(path) / name).is_file() for name in ("config.json", "adapter_config.json", BOTTLENECK_CONFIG))
+    return any((Path(path) / name).is_file() for name in ("config.json", "adapter_config.json", bottleneck.CONFIG_FILE))
 
 
 def saved_config(path: str | Path) -> PretrainedConfig:
     """The config of a saved model folder; an adapter folder without one: its base model's."""
     path = Path(path)
-    if (path / BOTTLENECK_CONFIG).is_file():
+    if (path / bottleneck.CONFIG_FILE).is_file():
         return saved_config(path / "base")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return saved_config(json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
@@ -239,7 +247,7 @@ def saved_head(path: str | Path) -> str:
     """The head a saved model folder carries: from its config's architecture (an adapter folder: its task
     type, else its base model's); a bare architecture is an encoder, or a causal LM for a decoder family."""
     path = Path(path)
-    if (path / BOTTLENECK_CONFIG).is_file():
+    if (path / bottleneck.CONFIG_FILE).is_file():
         return saved_head(path / "base")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())

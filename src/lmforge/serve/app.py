@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, model_dir: Path, name: str | None = None, default_max_tokens: int = 256, max_batch: int = 32,
                  max_queue: int = 64, threads: int | None = None, log=None):
         from lmforge.models.factory import load_model
-        from lmforge.pipeline import model_tokenizer
+        from lmforge.stage_inputs import model_tokenizer
 
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.absolute().name
@@ -55,7 +55,7 @@ class Engine:
         self.worker = Worker(self.model, self.tokenizer, max_batch, max_queue, threads, log)
 
     def prompt_of(self, request: ChatRequest | CompletionRequest) -> list[int]:
-        from lmforge.eval.generate import prompt_ids
+        from lmforge.generation.prompt import prompt_ids
 
         if isinstance(request, CompletionRequest):
             prompt = request.prompt
