@@ -207,9 +207,8 @@ def test_the_shipped_chain_runs_every_stage_with_forgetting_and_one_report(tmp_p
         across["after"]["tokenizer"]
     measured = json.loads((out / "measure" / "eval.json").read_text())
     assert set(measured["probes"]) == {"general", "domain"} and len(measured["samples"]) == 2
-    for stage in ("sft", "dpo"):  # the instruction-tuned stages answered held-out prompts before and after
-        answers = json.loads((out / stage / "eval.json").read_text())["generation"]
-        assert answers["before"]["examples"] == answers["after"]["examples"] == 2, stage
+    answers = json.loads((out / "sft" / "eval.json").read_text())["generation"]  # held-out prompts, before and after
+    assert answers["before"]["examples"] == answers["after"]["examples"] == 2
     page = tmp_path / "chain.html"
     report = runner.invoke(app, ["report", str(out), "-o", str(page)])
     assert report.exit_code == 0, report.output
