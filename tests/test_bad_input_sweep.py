@@ -160,12 +160,26 @@ def test_an_unexpected_exception_is_one_line_with_the_traceback_in_a_file(tmp_pa
     assert "Traceback" in Path(match.group(1)).read_text()
 
 
-def test_warmup_longer_than_the_run_is_warned_of(tmp_path, tokenizer_dir, prepared):
+def test_warmup_over_half_the_run_is_warned_of_and_a_fraction_follows_the_length(tmp_path, tokenizer_dir, prepared):
+    """A fixed warm-up copied into a short run (20 of 24 steps once left a classifier predicting one class)
+    is said before a step; warmup_fraction scales with the run, and an override of one replaces the other."""
     path = _recipe(tmp_path, tokenizer_dir, prepared.directory, trainer={"warmup_steps": 10, "log_every": 50})
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
-    assert "warning: trainer.warmup_steps 10 >= the run's 2 steps" in result.output
+    assert "warning: trainer.warmup_steps 10 is 500% of the run's 2 steps" in result.output
     assert "trainer.log_every 50 > the run's 2 steps" in result.output
+    result = runner.invoke(app, ["train", str(path), "trainer.warmup_fraction=0.5", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "train: 2 steps (1 of warm-up)" in result.output and "warning: trainer.warmup" not in result.output
+
+
+def test_a_warmup_fraction_is_a_share_of_the_steps():
+    from lmforge.engine.optimizer import warmup_steps_of
+
+    assert warmup_steps_of(0, 0.1, 240) == (24, None) and warmup_steps_of(0, 0.1, 24) == (2, None)
+    assert warmup_steps_of(20, None, 400) == (20, None)
+    steps, warning = warmup_steps_of(20, None, 24)
+    assert steps == 20 and "83% of the run's 24 steps" in warning
 
 
 def test_csv_and_jsonl_and_parquet_skip_empty_texts_alike(tmp_path, tokenizer):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.data.formats import DataError
-from lmforge.data.labeled import iter_labeled, load_labeled
+from lmforge.data.labeled import iter_labeled, labeled_split, load_labeled
 from lmforge.engine.metrics import read_metrics
 
 TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
@@ -108,3 +108,37 @@ def test_a_lora_classifier_loads_with_plain_peft_with_its_labels(tmp_path, genre
         torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits)
     # the base's weights are linked, not copied: the folder stays adapter-sized on one file system
     assert Path("out/final/base/model.safetensors").stat().st_ino == (base_model / "model.safetensors").stat().st_ino
+
+
+def test_a_label_budget_keeps_the_held_out_rows_and_nests_the_training_rows(genre_file):
+    """data.max_docs on labelled data: that many training rows (smaller budgets inside larger ones, both
+    classes), the held-out rows those of the whole file: a label-budget curve scores every run on one set."""
+    whole_train, whole_val, _ = labeled_split([str(genre_file)], "text", "genre", None, 0.25)
+    small, small_val, _ = labeled_split([str(genre_file)], "text", "genre", None, 0.25, max_rows=16)
+    large, large_val, _ = labeled_split([str(genre_file)], "text", "genre", None, 0.25, max_rows=40)
+    assert small_val == large_val == whole_val and len(whole_val) > 0
+    assert len(small) == 16 and len(large) == 40 < len(whole_train)
+    assert set(small) <= set(large) <= set(whole_train)
+    assert {label for _, label in small} == {"fiction", "news"}
+
+
+def test_the_few_shot_baseline_draws_the_same_shots_for_every_seed(monkeypatch, genre_file, base_model):
+    """Each seed once drew its own 8 shots, so the baseline ranged 0.25-0.50 across seeds: they are fixed."""
+    from lmforge.eval import fewshot
+    from lmforge.recipe_files import validate_recipe
+
+    drawn = []
+    monkeypatch.setattr(fewshot, "few_shot_baseline", lambda _m, shots, *a, **k: drawn.append(shots) or {})
+
+    def baseline(seed: int, budget: int | None = None) -> dict:
+        recipe = validate_recipe({"seed": seed, "objective": {"name": "classify"},
+                                  "data": {"train_files": [str(genre_file)], "column": "text", "label_column": "genre",
+                                           "val_fraction": 0.25, "max_docs": budget}})
+        return fewshot.recipe_baseline(recipe, base_model, torch.device("cpu"))
+
+    assert baseline(0)["shot_seed"] == baseline(7)["shot_seed"] == fewshot.SHOT_SEED
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 8
+    baseline(0, budget=16)  # shots come from the rows the stage could train on
+    budget_rows, _, _ = labeled_split(
+        [str(genre_file)], "text", "genre", None, 0.25, max_rows=16)
+    assert {text for text, _ in drawn[2]} <= {text for text, _ in budget_rows}

@@ -65,6 +65,8 @@ def _classify_recipe(tmp_path: Path, base_model: Path, genre_file: Path, **train
     return path
 
 
+# slow: a plain run's evaluation (few-shot baseline, held-out answers) costs it ~40 s here; CI runs it
+@pytest.mark.slow
 def test_a_rerun_keeps_the_summary_and_the_model_remembers_its_data(tmp_path, base_model, genre_file):
     recipe = _classify_recipe(tmp_path, base_model, genre_file)
     result = runner.invoke(app, ["run", str(recipe)])
@@ -87,16 +89,19 @@ def test_a_rerun_keeps_the_summary_and_the_model_remembers_its_data(tmp_path, ba
 
 
 @pytest.mark.slow
-def test_run_single_evaluates_a_plain_run_like_a_stage(tmp_path, base_model, genre_file):
-    """lifecycle.run_single: a recipe trained as one stage and measured by the stage evaluation (eval.json,
-    the untuned model's few-shot baseline). Not yet what `lmforge run` calls: it costs every plain run."""
-    from lmforge.lifecycle import run_single
-    from lmforge.recipe_files import load_recipe
-
-    summary = run_single(load_recipe(_classify_recipe(tmp_path, base_model, genre_file)))
+def test_lmforge_run_evaluates_a_plain_run_like_a_stage(tmp_path, base_model, genre_file):
+    """`lmforge run` of a recipe without stages measures it by the stage evaluation (eval.json with
+    intervals, the untuned model's few-shot baseline), as docs/classify.md says; a rerun reuses it."""
+    recipe = _classify_recipe(tmp_path, base_model, genre_file)
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
     evaluation = json.loads((tmp_path / "out" / "eval.json").read_text())
     task = next(iter(evaluation["tasks"].values()))["after"]
-    assert 0 <= task["accuracy"] <= 1 and task["accuracy_ci"] and summary["evaluation"]["baseline"]["shots"] >= 1
+    assert 0 <= task["accuracy"] <= 1 and task["accuracy_ci"] and evaluation["baseline"]["shots"] >= 1
+    assert "-shot baseline of the untuned model" in result.output
+    stamp = (tmp_path / "out" / "eval.json").stat().st_mtime_ns
+    assert runner.invoke(app, ["run", str(recipe)]).exit_code == 0
+    assert (tmp_path / "out" / "eval.json").stat().st_mtime_ns == stamp  # nothing changed: not measured again
 
 
 def test_a_resumed_run_counts_every_part_of_its_time(tmp_path, tokenizer_dir, prepared):
@@ -209,8 +214,42 @@ def test_the_shipped_chain_runs_every_stage_with_forgetting_and_one_report(tmp_p
     assert set(measured["probes"]) == {"general", "domain"} and len(measured["samples"]) == 2
     answers = json.loads((out / "sft" / "eval.json").read_text())["generation"]  # held-out prompts, before and after
     assert answers["before"]["examples"] == answers["after"]["examples"] == 2
+    preferred = json.loads((out / "dpo" / "eval.json").read_text())["generation"]  # DPO: against chosen vs rejected
+    assert preferred["before"]["examples"] == preferred["after"]["examples"] == 2
+    assert 0 <= preferred["after"]["closer_to_chosen"] <= 1 and preferred["after"]["closer_to_chosen_ci"]
     page = tmp_path / "chain.html"
     report = runner.invoke(app, ["report", str(out), "-o", str(page)])
     assert report.exit_code == 0, report.output
     html = page.read_text()
     assert all(stage in html for stage in ("pretrain", "continual", "sft", "dpo", "measure"))
+
+
+# slow: a plain run's evaluation (few-shot baseline, held-out answers) costs it ~40 s here; CI runs it
+@pytest.mark.slow
+def test_a_classifier_that_answers_one_class_for_every_row_gets_a_run_health_verdict(tmp_path, base_model, genre_file):
+    """Trained on one class only, the model gives that class to every held-out row of two: the log and the
+    report say so (before: an accuracy of the majority share, without a word)."""
+    rows = [json.loads(line) for line in genre_file.read_text().splitlines()]
+    train, held_out = tmp_path / "news.jsonl", tmp_path / "both.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["genre"] == "news"))
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[::3]))
+    recipe = yaml.safe_load(_classify_recipe(tmp_path, base_model, genre_file, lr=1e-3).read_text())
+    recipe["data"].update(train_files=[str(train)], val_files=[str(held_out)])
+    del recipe["data"]["val_fraction"]
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "the classifier predicts 'news' for every one of the" in result.output
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["health"]
+    page = tmp_path / "report.html"
+    assert runner.invoke(app, ["report", str(tmp_path / "out"), "-o", str(page)]).exit_code == 0
+    assert "run health: predicts &#x27;news&#x27; for every one" in page.read_text()
+
+
+def test_the_verdict_needs_one_class_over_several():
+    from lmforge.eval.classification import one_class_verdict
+
+    assert one_class_verdict({"predicted": [1, 1, 1], "actual": [0, 1, 1]}, ["a", "b"]).startswith("predicts 'b'")
+    assert one_class_verdict({"predicted": [1, 0, 1], "actual": [0, 1, 1]}, ["a", "b"]) is None
+    assert one_class_verdict({"predicted": [1, 1], "actual": [1, 1]}, ["a", "b"]) is None  # one class held out

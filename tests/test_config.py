@@ -62,7 +62,7 @@ def test_shipped_recipes_validate():
     from pathlib import Path
 
     from lmforge.config import is_pipeline, read_yaml
-    from lmforge.lifecycle import load_pipeline
+    from lmforge.pipeline_recipe import load_pipeline
 
     for path in (Path(__file__).parents[1] / "recipes").glob("*.yaml"):
         if is_pipeline(read_yaml(path)):

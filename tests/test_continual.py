@@ -130,7 +130,7 @@ def test_tokenizer_extension_with_mean_initialised_embeddings(tmp_path, general_
     (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cpt))
     result = CliRunner().invoke(app, ["run", str(tmp_path / "ext.yaml")])
     assert result.exit_code == 0, result.output
-    assert "added 20 domain tokens" in result.output
+    assert "tokenizer: 20 domain tokens added to" in result.output and "tokens per character of held-out domain text" in result.output
     assert "was tokenized with another tokenizer" in result.output and "data mix seen: python_docs" in result.output
     replay = json.loads((tmp_path / "domain" / "retokenized_general" / "manifest.json").read_text())
     original = json.loads((general_dir / "data" / "manifest.json").read_text())

@@ -271,7 +271,7 @@ def test_distributed_page_runs(tmp_path, monkeypatch):
 
     ddp, fsdp = run_page("distributed.md", tmp_path, monkeypatch)
     for name, output in (("ddp", ddp), ("fsdp", fsdp)):
-        assert output.count("train: 100 steps, 1024 tokens/step") == 1, output  # rank 0 alone speaks
+        assert output.count("train: 100 steps") == 1 and "1024 tokens/step" in output, output  # rank 0 alone speaks
         assert output.count("model saved to") == 1
         val = read_metrics(tmp_path / "runs" / name / "metrics.jsonl", "val")
         assert val[-1]["loss"] < 7.0 and (tmp_path / "runs" / name / "final" / "model.safetensors").is_file()
@@ -291,7 +291,7 @@ def test_every_docs_page_has_a_test(page):
 
 
 def test_the_recipe_key_reference_is_current():
-    """docs/recipe-keys.md is generated from config.py's models: a key added, renamed or re-commented
+    """docs/recipe-keys.md is generated from config/'s models: a key added, renamed or re-commented
     without regenerating it fails here (python -m lmforge.recipe_reference > docs/recipe-keys.md)."""
     from lmforge.config import DataConfig, Recipe
     from lmforge.recipe_reference import reference

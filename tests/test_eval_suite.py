@@ -274,7 +274,7 @@ def test_eval_stages_measure_their_parent_and_a_decoder_classifier_is_compared_w
 
 def test_eval_stage_mistakes_are_named_before_anything_runs(tmp_path, small_jsonl, tokenizer_dir):
     from lmforge.config import ConfigError
-    from lmforge.lifecycle import load_pipeline
+    from lmforge.pipeline_recipe import load_pipeline
 
     base = {"output_dir": str(tmp_path / "runs"), "stages": {
         "pretrain": {"tokenizer": {"path": str(tokenizer_dir)}, "model": {"family": "llama", "preset": "tiny"},

@@ -26,7 +26,7 @@ from lmforge.eval.intervals import (
     excludes_zero,
     perplexity_interval,
 )
-from lmforge.lifecycle import load_pipeline
+from lmforge.pipeline_recipe import load_pipeline
 
 from .conftest import REPO
 
@@ -167,6 +167,11 @@ def test_the_report_renders_in_a_browser_with_the_runs_numbers(ran, tmp_path):
     assert train["mfu"] == pytest.approx(train["tokens_per_second"] * train["flops_per_token"] / (train["matmul_peak_gflops"] * 1e9),
                                          rel=1e-2) and 0 < train["mfu"] < 1
     assert "MFU" in page and f"{train['mfu']:.1%}" in page
+    # the branches on the same held-out rows, compared pair by pair (rows shared, seeds within each branch)
+    assert "adapted − direct: accuracy" in page and "paired two-level bootstrap 95% CI" in page
+    assert "over 2 + 2 seeds" not in page and "shared held-out rows and 2 + 2 seeds" in page
+    # the genre task's paragraphs are Brown's, and so is the pretraining corpus: the report says how many
+    assert "held-out rows seen in training" in page and "in stage pretrain: " in page and "in stage continual" not in page
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")

@@ -99,8 +99,9 @@ def test_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
     assert int(metrics["tokens"]) == 4
 
 
-@pytest.mark.parametrize("method, lr", [({"name": "full"}, 1e-3), ({"name": "lora", "lora": {"rank": 8}}, 5e-3)],
-                         ids=["full", "lora"])
+@pytest.mark.parametrize("method, lr", [pytest.param({"name": "full"}, 1e-3, id="full"),
+                                        pytest.param({"name": "lora", "lora": {"rank": 8}}, 5e-3, id="lora",
+                                                     marks=pytest.mark.slow)])
 def test_dpo_run_prefers_the_chosen_answers_on_held_out_pairs(tmp_path, base_model, pairs_file, method, lr):
     """Step 0 is the reference itself (loss log 2, no pair won); after 30 steps the held-out pairs'
     chosen answers are rewarded above the rejected ones. Under LoRA the reference is the base (adapters off)."""
@@ -425,8 +426,10 @@ def test_ipo_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
     _same_gradients(model, trainer.model)
 
 
-@pytest.mark.parametrize("objective", [{"name": "simpo", "beta": 2.0}, {"name": "orpo", "beta": 0.1},
-                                       {"name": "dpo", "loss_type": "ipo", "beta": 0.5}], ids=["simpo", "orpo", "ipo"])
+@pytest.mark.parametrize("objective", [  # orpo and ipo slow: the default run keeps one of the family end to end
+    pytest.param({"name": "simpo", "beta": 2.0}, id="simpo"),
+    pytest.param({"name": "orpo", "beta": 0.1}, id="orpo", marks=pytest.mark.slow),
+    pytest.param({"name": "dpo", "loss_type": "ipo", "beta": 0.5}, id="ipo", marks=pytest.mark.slow)])
 def test_the_dpo_family_learns_to_prefer_the_chosen_answers(tmp_path, base_model, pairs_file, objective):
     """Each trains from the CLI and moves the held-out pairs toward the chosen answer."""
     result = CliRunner().invoke(app, ["run", _recipe(tmp_path, base_model, pairs_file, objective=objective,
@@ -501,6 +504,7 @@ def test_kto_loss_and_gradients_match_trl(tmp_path, chat_tokenizer, pairs_file):
         torch.testing.assert_close(grads[name].grad, grad, atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~33 s with its held-out answers; CI runs it
 def test_kto_run_learns_which_answers_are_desirable(tmp_path, base_model, pairs_file):
     """From unpaired examples: step 0 ties everywhere (policy = reference); after 60 steps the held-out
     examples' implicit rewards mostly carry the sign of their labels."""
@@ -526,3 +530,22 @@ def test_a_bad_desirable_flag_is_named(tmp_path, chat_tokenizer):
                     + json.dumps({"prompt": "p", "response": "no", "label": "maybe"}) + "\n")
     with pytest.raises(DataError, match=r"unpaired.jsonl:2: 'label' is 'maybe'; a desirable flag is true / false"):
         load_unpaired([str(path)], chat_tokenizer, InstructionFormat(), "label", 64, 0.0)
+
+
+def test_held_out_answers_of_a_preference_stage_are_its_own_held_out_pairs(chat_tokenizer, pairs_file):
+    """A DPO stage's answers are asked on the pairs its held-out preference metrics used and are scored
+    against the chosen answer, and by whether they lie nearer the chosen or the rejected one."""
+    from lmforge.eval.generation import held_out_pairs, nearer_the_chosen
+    from lmforge.recipe_files import validate_recipe
+
+    recipe = validate_recipe({"objective": {"name": "dpo"}, "packing": {"seq_len": 256},
+                              "data": {"train_files": [str(pairs_file)], "max_docs": 40, "val_fraction": 0.25}})
+    pairs = held_out_pairs(recipe, chat_tokenizer, 100)
+    sets = load_preferences([str(pairs_file)], chat_tokenizer, InstructionFormat(), "chosen", "rejected", 256, 0.25,
+                            max_rows=40)
+    assert 0 < len(pairs) == len(sets.val) < 40
+    chosen = [str(c[-1]["content"]) for c, _ in pairs]
+    rejected = [str(r[-1]["content"]) for _, r in pairs]
+    assert all(c[:-1] == r[:-1] for c, r in pairs)  # one prompt, two answers
+    assert nearer_the_chosen(chosen, chosen, rejected)["closer_to_chosen"] == 1.0
+    assert nearer_the_chosen(rejected, chosen, rejected)["closer_to_chosen"] == 0.0

@@ -29,7 +29,8 @@ def _run(recipe: Path, out: Path, *extra: str) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("recipe", [  # grpo's rollouts make it the slowest by far: CI runs it
+    pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem == "smollm2_grpo" else []) for p in RECIPES])
 def test_shipped_recipe_runs(tmp_path, monkeypatch, recipe):
     monkeypatch.chdir(REPO)  # recipes name their data relative to the repo root
     data = yaml.safe_load(recipe.read_text()).get("data", {})

@@ -155,7 +155,7 @@ def _field_annotation(key: str):
 
 def test_every_setting_that_can_change_the_weights_is_in_the_train_key(tmp_path, tokenizer):
     """Change each recipe key alone: the train key changes for all but the documented few that cannot
-    change the trained weights (declared outside or naming in config.py); none is left out by a hand-kept list."""
+    change the trained weights (declared outside or naming in config/); none is left out by a hand-kept list."""
     base_raw = {"output_dir": str(tmp_path / "out"), "objective": {"name": "sft"},
                 "data": {"train_files": [str(INSTRUCTIONS)]}, "model": {"path": str(tmp_path)}}
     base = validate_recipe(base_raw)

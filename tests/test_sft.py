@@ -393,7 +393,7 @@ def test_check_lists_bad_instruction_rows_before_anything_runs(tmp_path, base_mo
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name, lr", [("prompt_tuning", 0.3), ("p_tuning", 1e-2),
+@pytest.mark.parametrize("name, lr", [("prompt_tuning", 0.3), pytest.param("p_tuning", 1e-2, marks=pytest.mark.slow),
                                       # no KV cache under peft's prefix: its held-out answers take minutes
                                       pytest.param("prefix_tuning", 1e-2, marks=pytest.mark.slow)])
 def test_prompt_learning_trains_virtual_tokens_only_and_loads_with_plain_peft(tmp_path, base_model, name, lr):
@@ -405,7 +405,7 @@ def test_prompt_learning_trains_virtual_tokens_only_and_loads_with_plain_peft(tm
 
     path = _recipe(tmp_path, base_model, method={"name": name, "prompt": {"virtual_tokens": 8}},
                    trainer={"lr": lr, "save_every": 20})
-    result = CliRunner().invoke(app, ["run", path])
+    result = CliRunner().invoke(app, ["train", path])
     assert result.exit_code == 0, result.output
     first, last = _val_losses(tmp_path / "run")
     assert last < first - 0.1

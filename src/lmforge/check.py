@@ -37,6 +37,7 @@ from lmforge.data.prompts import prompt_row
 from lmforge.data.spans import iter_span_questions
 from lmforge.data.tagged import iter_tagged
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from lmforge.eval.leakage import describe, stage_leakage
 
 # The rendered pre-launch report of each recipe checked in this process, by its output folder: a run
 # that starts writes it beside its recipe (check.txt), where the board shows it.
@@ -364,12 +365,15 @@ def _stand_in_rollout(recipe: Recipe, objective, tokenizer, model, tokens: torch
 
 
 def check_recipe(recipe: Recipe, sample_rows: int | None = None, measure: bool = True,
-                 stand_in: bool = False) -> CheckReport:
+                 stand_in: bool = False, lineage: list[tuple[str, Recipe]] | None = None) -> CheckReport:
     """`stand_in`: the model is a pipeline's root architecture standing in for a parent stage's final model
-    (not trained yet), so adapters may be measured on it."""
+    (not trained yet), so adapters may be measured on it. `lineage`: a pipeline stage's earlier stages and
+    itself, (name, recipe), whose training text its held-out rows are looked for in (a full check only)."""
     report = CheckReport()
     _check_paths(recipe, report)
     sample = _scan_files(recipe, report, sample_rows)
+    if sample_rows is None and not report.errors and not report.bad_row_count:
+        report.notes += [f"leakage: {line}" for line in describe(stage_leakage(recipe, lineage or [("", recipe)]))]
     tokenizer = _check_lengths(recipe, report, sample)
     _check_model(recipe, report, len(tokenizer) if tokenizer is not None else None)
     if measure and not report.errors:

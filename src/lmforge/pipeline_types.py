@@ -1,4 +1,4 @@
-"""A pipeline as lmforge holds it once loaded (lifecycle.load_pipeline): its stage instances, each a stage on
+"""A pipeline as lmforge holds it once loaded (pipeline_recipe.load_pipeline): its stage instances, each a stage on
 one seed branch with its resolved recipe, and the pipeline's own settings. Plain data, read by the
 lifecycle that plans and runs them and by eval/forgetting.py that measures each."""
 
@@ -6,8 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lmforge.config import ConfigError, EvalConfig, Recipe
+
+
+def point_folders(point: dict[str, Any]) -> list[str]:
+    """A matrix point as folder names, one per key: {"data.max_docs": 256} -> ["max_docs_256"]."""
+    return [f"{key.rsplit('.', 1)[-1]}_{str(value).replace('/', '_')}" for key, value in point.items()]
 
 
 @dataclass
@@ -21,10 +27,14 @@ class StageRun:
     children: list[StageRun] = field(default_factory=list)
     evaluation: EvalConfig | None = None  # an eval stage: its parent's final model measured, nothing trained
     needed: list[StageRun] = field(default_factory=list)  # the instances of the stages it `needs`
+    # the values of a `matrix:` this instance takes (its own stage's, or inherited from its parent's):
+    # recipe key -> value, e.g. {"data.max_docs": 256}
+    point: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return self.stage if self.seed is None else f"{self.stage}/seed_{self.seed}"
+        """The instance's folder under the pipeline's: STAGE[/KEY_VALUE...][/seed_N]."""
+        return "/".join([self.stage, *point_folders(self.point), *([] if self.seed is None else [f"seed_{self.seed}"])])
 
     @property
     def folder(self) -> Path:

@@ -2,7 +2,7 @@
 the schema (data presets, the objective's kind of data, model folders located or imported from GGUF,
 installed packages), and the resolved recipe written into its run folder.
 
-config.py is the schema alone; whatever needs models, objectives or packages to check a recipe lives here.
+config/ is the schema alone; whatever needs models, objectives or packages to check a recipe lives here.
 """
 
 from __future__ import annotations

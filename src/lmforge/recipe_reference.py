@@ -1,4 +1,4 @@
-"""The recipe-key reference (docs/recipe-keys.md), generated from the pydantic models of config.py:
+"""The recipe-key reference (docs/recipe-keys.md), generated from the pydantic models of config/:
 every key with its type, default and the comment written beside it in the source, so the reference
 cannot drift from what the validator accepts (tests/test_docs.py regenerates it and compares).
 
@@ -40,7 +40,7 @@ def _type_name(annotation) -> str:
     text = text.replace("typing.", "").replace("NoneType", "None")
     text = re.sub(r"Annotated\[(\w+), FieldInfo\([^\]]*\]\)\]", r"\1", text)  # a constrained int: its type
     text = re.sub(r"^Union\[(.*)\]$", lambda m: m.group(1).replace(", ", " | "), text)
-    return re.sub(r"lmforge\.config\.(\w+)", r"\1", text)
+    return re.sub(r"lmforge\.config\.(?:\w+\.)*(\w+)", r"\1", text)
 
 
 def _default(field) -> str:
@@ -79,7 +79,7 @@ def _section(name: str, model: type[BaseModel], out: list[str]) -> None:
 
 def reference() -> str:
     out = ["# Recipe keys", "",
-           "Generated from `src/lmforge/config.py` by `python -m lmforge.recipe_reference`; a test fails when it",
+           "Generated from `src/lmforge/config/` by `python -m lmforge.recipe_reference`; a test fails when it",
            "is stale. Every key may be set in a recipe's YAML or on the command line (`section.key=value`).", ""]
     _section("", config.Recipe, out)
     out += ["# Evaluation suites (`eval:` of an eval stage, `lmforge eval --config`)", ""]

@@ -1,4 +1,4 @@
-"""A run's identity, derived from the schema's declarations (config.py: `counts=` beside every setting):
+"""A run's identity, derived from the schema's declarations (config/: `counts=` beside every setting):
 the train key an up-to-date output must match, what `--resume` accepts as changed, and which settings
 the report compares. No list of keys is kept here: a new setting counts as its declaration says."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmforge.data.formats import DataError, parse_rows, text_field
@@ -57,26 +58,38 @@ def iter_labeled(files: list[str], column: str, label_column: str, labels: list[
     return parse_rows(files, parse, max_rows)
 
 
-def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,
-                 max_len: int, val_fraction: float,
-                 val_files: list[str] | None = None) -> tuple[LabeledSet, LabeledSet, list[str]]:
+def labeled_split(files: list[str], column: str, label_column: str, labels: list[str] | None, val_fraction: float,
+                  val_files: list[str] | None = None,
+                  max_rows: int | None = None) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """(train rows, held-out rows, label names): the one split training, its held-out evaluation and the
+    few-shot baseline all read. `max_rows` (data.max_docs) is a label budget: that many training rows, a
+    sample of fixed seed (so 64 of them are among the 256 of a larger budget), the held-out rows unchanged,
+    so the runs of a label-budget curve are scored on the same rows."""
     rows, held_out = read_split(lambda group: iter_labeled(group, column, label_column, labels), files, val_files,
                                 val_fraction)
     if not rows:
         raise DataError(f"{', '.join(files)}: no labelled rows")
     names = list(labels) if labels is not None else sorted({label for _, label in rows})
+    train = [row for row, is_val in zip(rows, held_out, strict=True) if not is_val]
+    val = [row for row, is_val in zip(rows, held_out, strict=True) if is_val]
+    if max_rows is not None and max_rows < len(train):
+        kept = np.sort(np.random.default_rng(0).permutation(len(train))[:max_rows])
+        train = [train[i] for i in kept]
+    return train, val, names
+
+
+def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,
+                 max_len: int, val_fraction: float, val_files: list[str] | None = None,
+                 max_rows: int | None = None) -> tuple[LabeledSet, LabeledSet, list[str]]:
+    """labeled_split's rows tokenized (cut at `max_len` tokens)."""
+    train, val, names = labeled_split(files, column, label_column, labels, val_fraction, val_files, max_rows)
     index = {name: i for i, name in enumerate(names)}
-    every = encode_texts(tokenizer, [text for text, _ in rows], [index[label] for _, label in rows], max_len)
-    sets = {"train": LabeledSet([], [], every.pad_id), "val": LabeledSet([], [], every.pad_id)}
-    for i, (ids, label) in enumerate(zip(every.ids, every.labels, strict=True)):
-        target = sets["val" if held_out[i] else "train"]
-        target.ids.append(ids)
-        target.labels.append(label)
-    return sets["train"], sets["val"], names
+    return (*(encode_texts(tokenizer, [t for t, _ in part], [index[label] for _, label in part], max_len)
+              for part in (train, val)), names)
 
 
 def encode_texts(tokenizer, texts: list[str], labels: list[int], max_len: int) -> LabeledSet:
     """Texts tokenized (cut at `max_len` tokens; an empty one becomes a lone pad) with their class indices."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = tokenizer(texts, truncation=True, max_length=max_len).input_ids
+    ids = tokenizer(texts, truncation=True, max_length=max_len).input_ids if texts else []
     return LabeledSet([row or [pad] for row in ids], list(labels), pad)

@@ -76,6 +76,9 @@ class PreferenceSets:
     train: PreferencePairs
     val: PreferencePairs
     dropped: int  # pairs with a row longer than seq_len (long_examples: drop) or nothing to learn
+    # the held-out pairs behind `val`, as (chosen, rejected) conversations: what answer scoring asks the
+    # model and scores against (the same rows as the held-out preference metrics)
+    val_pairs: list[tuple[list[dict], list[dict]]] = dataclasses.field(default_factory=list)
 
 
 def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen_column: str, rejected_column: str,
@@ -92,11 +95,14 @@ def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets: dict[str, tuple[list, list]] = {"train": ([], []), "val": ([], [])}
     dropped = 0
-    for i, (where, _, _) in enumerate(pairs):
+    val_pairs = []
+    for i, (where, chosen, rejected) in enumerate(pairs):
         fitted = [fit_length(*encoded[2 * i + side], seq_len, long_examples, where) for side in (0, 1)]
         if fitted[0] is None or fitted[1] is None:
             dropped += 1
             continue
+        if held_out[i]:
+            val_pairs.append((chosen, rejected))
         ids, labels = sets["val" if held_out[i] else "train"]
         for row_ids, row_labels in fitted:
             ids.append(row_ids)
@@ -104,7 +110,7 @@ def load_preferences(files: list[str], tokenizer, fmt: InstructionFormat, chosen
     if not sets["train"][0]:
         raise DataError(f"{', '.join(files)}: no preference pair fits packing.seq_len={seq_len} ({dropped} dropped)")
     train, val = (PreferencePairs(Examples(*sets[s], pad, group_size), whole_rows) for s in ("train", "val"))
-    return PreferenceSets(train, val, dropped)
+    return PreferenceSets(train, val, dropped, val_pairs)
 
 
 # ------------------------------------------------------------------ unpaired feedback (KTO)

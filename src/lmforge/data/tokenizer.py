@@ -184,6 +184,64 @@ def domain_tokens(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], coun
     return sorted(saved, key=lambda w: (-saved[w], w))[:count]
 
 
+def merge_domain_pieces(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], count: int,
+                        min_frequency: int = 5) -> tuple[Tokenizer, list[str], list[int], list[list[int]]]:
+    """Chinese-LLaMA's vocabulary extension, for a BPE tokenizer: a BPE model is trained on the domain text
+    under the base tokenizer's own normalizer and pre-tokenizer, and each of its merges that makes a token
+    the base lacks (from two tokens it has, or pieces merged before) is appended to the base's merges
+    (after them: the base's own cuts come first), up to `count` new tokens.
+
+    Returns the new backend tokenizer, the new tokens (as the model's vocabulary spells them), their ids
+    and, for each, the base tokens it is made of (whose embedding rows start its own). Unlike added tokens
+    (whole strings matched in the raw text before the model), merged pieces are sub-words: where words
+    are not separated by spaces (Chinese), a pre-tokenized "word" is a whole clause, and only pieces
+    learned from the text shorten it."""
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())
+    model = state["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"tokenizer.extend_method bpe: the base tokenizer is a {model.get('type')} model, not BPE "
+                         "(use extend_method words)")
+    domain = Tokenizer(models.BPE())
+    if backend.normalizer is not None:
+        domain.normalizer = backend.normalizer
+    if backend.pre_tokenizer is not None:
+        domain.pre_tokenizer = backend.pre_tokenizer
+    byte_level = "ByteLevel" in json.dumps(state.get("pre_tokenizer"))
+    # room for `count` pieces the base lacks among the domain's merges (many of its first ones the base has)
+    trainer = trainers.BpeTrainer(vocab_size=(256 if byte_level else 0) + 4 * count + 1000, min_frequency=min_frequency,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [],
+                                  show_progress=False)
+    domain.train_from_iterator(texts, trainer=trainer)
+    vocab, merges = model["vocab"], model["merges"]
+    base_ids = dict(vocab)
+    next_id = max([*vocab.values(), *(t["id"] for t in state.get("added_tokens", []))]) + 1
+    parts: dict[str, tuple[str, str]] = {}
+    for merge in json.loads(domain.to_str())["model"]["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        piece = left + right
+        if piece in vocab or left not in vocab or right not in vocab:
+            continue
+        vocab[piece] = next_id
+        next_id += 1
+        merges.append(f"{left} {right}" if merges and isinstance(merges[0], str) else [left, right])
+        parts[piece] = (left, right)
+        if len(parts) == count:
+            break
+
+    def base_pieces(token: str) -> list[int]:
+        return [base_ids[token]] if token in base_ids else [i for part in parts[token] for i in base_pieces(part)]
+
+    new = list(parts)
+    return Tokenizer.from_str(json.dumps(state)), new, [vocab[t] for t in new], [base_pieces(t) for t in new]
+
+
+def tokens_per_character(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> float:
+    """Tokens per character of `texts` (no special tokens): what a vocabulary extension should lower."""
+    ids = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+    return sum(map(len, ids)) / max(sum(map(len, texts)), 1)
+
+
 def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, new_tokens: list[str]) -> list[int]:
     """Add `new_tokens` (matched in raw text before the model's merges) and return their ids."""
     from tokenizers import AddedToken

@@ -27,7 +27,7 @@ from lmforge.data.prefetch import Prefetcher
 from lmforge.engine import checkpoint as ckpt
 from lmforge.engine.distributed import init_strategy
 from lmforge.engine.metrics import MetricsLogger, NullMetrics
-from lmforge.engine.optimizer import build_optimizer, lr_factor
+from lmforge.engine.optimizer import build_optimizer, lr_factor, warmup_steps_of
 from lmforge.engine.runtime import autocast, checkpoint_activations, compile_for_training, resolve_precision
 
 
@@ -303,7 +303,8 @@ def train(
     total_steps = resolve_total_steps(cfg, batches_per_epoch, tokens_per_batch)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
     eval_every = steps_per_epoch if cfg.eval_every == "epoch" else cfg.eval_every
-    factor = lr_factor(cfg.schedule, cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.num_cycles)
+    warmup, long_warmup = warmup_steps_of(cfg.warmup_steps, cfg.warmup_fraction, total_steps)
+    factor = lr_factor(cfg.schedule, warmup, total_steps, cfg.min_lr_ratio, cfg.num_cycles)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     checkpoints = out_dir / "checkpoints"
     state = TrainState()
@@ -319,12 +320,11 @@ def train(
     metrics = (MetricsLogger(out_dir, resume_step=state.step if resume else None, on_first_write=on_start, also=tracker,
                              total_steps=total_steps, start_step=state.step)
                if strategy.is_main else NullMetrics())
-    if cfg.warmup_steps >= total_steps:
-        log(f"warning: trainer.warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning "
-            f"rate never reaches trainer.lr {cfg.lr:g}")
+    if long_warmup:
+        log(f"warning: {long_warmup}")
     if cfg.log_every > total_steps:
         log(f"note: trainer.log_every {cfg.log_every} > the run's {total_steps} steps: the loss is logged at the end only")
-    log(f"train: {total_steps} steps, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
+    log(f"train: {total_steps} steps{f' ({warmup} of warm-up)' if warmup else ''}, {tokens_per_batch * cfg.grad_accum} tokens/step, precision {precision}, "
         f"device {device}, optimizer {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW")
 
     def save(step: int) -> Path:

@@ -39,6 +39,19 @@ def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], e
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
+def warmup_steps_of(warmup_steps: int, warmup_fraction: float | None, total_steps: int) -> tuple[int, str | None]:
+    """The warm-up of a run of `total_steps` (trainer.warmup_fraction of them, or trainer.warmup_steps), and a
+    warning when a fixed warm-up takes more than half the run: a model that spends most of a short run at a
+    rising learning rate learns little (a classifier so trained once predicted the majority class, silently)."""
+    if warmup_fraction is not None:
+        return round(warmup_fraction * total_steps), None
+    if warmup_steps > 1 and 2 * warmup_steps > total_steps:
+        return warmup_steps, (f"trainer.warmup_steps {warmup_steps} is {warmup_steps / total_steps:.0%} of the run's "
+                              f"{total_steps} steps: most of the run trains below trainer.lr; give trainer.warmup_fraction "
+                              "(e.g. 0.1), which follows the run's length")
+    return warmup_steps, None
+
+
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0, num_cycles: int = 1) -> Callable[[int], float]:
     """Multiplier of the peak learning rate at each optimizer step (0-based)."""
 

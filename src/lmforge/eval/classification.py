@@ -18,14 +18,18 @@ def classification_metrics(model: nn.Module, objective, rows, batch_size: int, d
     """The mean loss and scikit-learn's metrics over all of `rows` (labels indexed as `names`); with
     `detail`, bootstrap intervals of accuracy and macro-F1 and each example's label and prediction."""
     model.eval()
-    predicted, actual, loss_sum = [], [], 0.0
+    # rows of like length batched together (a batch pads to its longest row), results put back in row order
+    lengths = [len(r) for r in rows.ids] if hasattr(rows, "ids") else [0] * len(rows)
+    order = sorted(range(len(rows)), key=lengths.__getitem__)
+    predicted, actual, loss_sum = [0] * len(rows), [0] * len(rows), 0.0
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in rows.batch(list(range(start, min(start + batch_size, len(rows))))).items()}
+        indices = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in rows.batch(indices).items()}
         with autocast(device, precision):
             logits = objective.logits(model, batch)
         loss_sum += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-        predicted += logits.argmax(-1).tolist()
-        actual += batch["labels"].tolist()
+        for i, guess, truth in zip(indices, logits.argmax(-1).tolist(), batch["labels"].tolist(), strict=True):
+            predicted[i], actual[i] = guess, truth
     classes = list(range(len(names)))
     per_precision, per_recall, _, support = precision_recall_fscore_support(
         actual, predicted, labels=classes, zero_division=0)
@@ -39,3 +43,15 @@ def classification_metrics(model: nn.Module, objective, rows, batch_size: int, d
         out.update(classification_intervals(actual, predicted, classes))
         out["actual"], out["predicted"] = actual, predicted
     return out
+
+
+def one_class_verdict(metrics: dict, names: list[str]) -> str | None:
+    """A run-health verdict: the classifier gives one class to every held-out row of several classes (it
+    learned the majority class, not the task), else None."""
+    predicted, actual = metrics.get("predicted") or [], metrics.get("actual") or []
+    if len(set(predicted)) != 1 or len(set(actual)) < 2:
+        return None
+    only = names[predicted[0]] if predicted[0] < len(names) else str(predicted[0])
+    return (f"predicts '{only}' for every one of the {len(predicted)} held-out rows ({len(set(actual))} classes): "
+            "it learned the majority class, not the task (too few steps, a warm-up over most of them, or a "
+            "learning rate too high or too low)")

@@ -21,12 +21,13 @@ import torch
 
 from lmforge.config import ObjectiveConfig
 from lmforge.data.formats import DataError
-from lmforge.data.labeled import iter_labeled
+from lmforge.data.labeled import labeled_split
 from lmforge.data.packing import PackedRows
-from lmforge.data.prepare import retokenized, split_items
+from lmforge.data.prepare import retokenized
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
+from lmforge.eval.classification import one_class_verdict
 from lmforge.eval.fewshot import recipe_baseline
 from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import (
@@ -37,10 +38,11 @@ from lmforge.eval.intervals import (
     perplexity_interval,
     separated,
 )
+from lmforge.eval.leakage import describe, held_out_texts, stage_leakage
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.suite import EVAL_FILE, log_evaluation, read_evaluation
 from lmforge.models.factory import load_model, saved_config
-from lmforge.objectives import get_objective, objective_data, objective_head
+from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
 from lmforge.outputs import content_hash
 from lmforge.pipeline_types import Pipeline, StageRun
 
@@ -144,8 +146,11 @@ def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision
     source = training_source(task.recipe, objective, tokenizer, {}, device, model, reference, held_out_only=True)
     if source["evaluate"] is None:
         return None
-    detail = objective_data(task.recipe.objective) == "labeled"
-    return source["evaluate"](model, precision, detail=True) if detail else source["evaluate"](model, precision)
+    if objective_data(task.recipe.objective) != "labeled":
+        return source["evaluate"](model, precision)
+    metrics = source["evaluate"](model, precision, detail=True)
+    metrics["rows"] = content_hash(held_out_texts(task.recipe))  # which rows: only runs on the same are compared
+    return metrics
 
 
 def _flips(task: StageRun, before: dict, after: dict, limit: int = 5) -> dict:
@@ -157,15 +162,9 @@ def _flips(task: StageRun, before: dict, after: dict, limit: int = 5) -> dict:
     lost = [i for i, (b, a) in enumerate(zip(right_b, right_a, strict=True)) if b and not a]
     gained = [i for i, (b, a) in enumerate(zip(right_b, right_a, strict=True)) if a and not b]
     cfg = task.recipe.data
-    texts, index = {}, 0
-    wanted = set(lost[:limit])
-    for held_out, row in split_items(lambda group: iter_labeled(group, cfg.column, cfg.label_column, cfg.labels),
-                                     cfg.train_files, cfg.val_files, cfg.val_fraction):
-        if isinstance(row, DataError) or not held_out:
-            continue
-        if index in wanted:
-            texts[index] = row[0][:300]
-        index += 1
+    _, held_out, _ = labeled_split(cfg.train_files, cfg.column, cfg.label_column, cfg.labels, cfg.val_fraction,
+                                   cfg.val_files, cfg.max_docs)
+    texts = {i: held_out[i][0][:300] for i in lost[:limit] if i < len(held_out)}
     return {"lost": len(lost), "gained": len(gained), "accuracy_change": accuracy_change(right_b, right_a),
             "lost_examples": [{"index": i, "text": texts.get(i, ""), "label": after["actual"][i],
                                "predicted_after": after["predicted"][i]} for i in lost[:limit]]}
@@ -222,9 +221,19 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
                     f"{after['accuracy']:.3f} ({change['change']:+.3f}"
                     + (f", 95% CI {change['ci'][0]:+.3f}..{change['ci'][1]:+.3f}" if change.get("ci") else "") + ")")
         out["tasks"][task.stage] = entry
+    mine = out["tasks"].get(run.stage, {}).get("after", {})
+    if objective_data(run.recipe.objective) == "labeled" and mine:
+        id2label = saved_config(_final(run)).id2label
+        verdict = one_class_verdict(mine, [id2label[i] for i in sorted(id2label)])
+        if verdict:
+            out["health"] = [verdict]
+            say(f"warning [{run.label}]: the classifier {verdict}")
+    if objective_data(run.recipe.objective) == "labeled":  # held-out rows some stage behind this one trained on
+        out["leakage"] = stage_leakage(run.recipe, [(r.stage, r.recipe) for r in reversed([run, *run.ancestors()])])
+        for line in describe(out["leakage"]):
+            say(f"warning [{run.label}]: leakage: {line}")
     if objective_data(run.recipe.objective) == "labeled" and run.recipe.model.path:
         out["baseline"] = recipe_baseline(run.recipe, Path(run.recipe.model.path), device)
-        mine = out["tasks"].get(run.stage, {}).get("after", {})
         if mine and out["baseline"]:
             b = out["baseline"]
             say(f"eval [{run.label}]: accuracy {mine['accuracy']:.3f} (macro-F1 {mine['macro_f1']:.3f}) vs "
@@ -232,7 +241,11 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
                 + ("" if not (mine.get("accuracy_ci") and b.get("accuracy_ci")) else
                    "; the difference is " + ("larger" if separated(mine["accuracy_ci"], b["accuracy_ci"]) else "not larger")
                    + " than the intervals"))
-    if objective_data(run.recipe.objective) == "instructions":  # answers before and after, against references
+    # kto's answers are marked one by one: no rejected answer to hold a generated one against
+    unpaired = getattr(OBJECTIVES[run.recipe.objective.name], "unpaired", False)
+    if objective_data(run.recipe.objective) == "instructions" or (
+            objective_data(run.recipe.objective) == "preferences" and _head(run) == "causal_lm" and not unpaired):
+        # answers before and after, against references (a preference stage's: its chosen answers)
         start = Path(run.recipe.model.path) if run.recipe.model.path else None
         out["generation"] = {"after": held_out_answers(run.recipe, _final(run), device, pipeline.generation_examples)}
         if start is not None and (start / "config.json").is_file():
@@ -241,7 +254,10 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
         if g["after"]:
             say(f"eval [{run.label}]: held-out answers ROUGE-L " + (f"{g['before']['rouge_l']:.3f} -> " if g.get("before") else "")
                 + f"{g['after']['rouge_l']:.3f}, exact match "
-                + (f"{g['before']['exact_match']:.3f} -> " if g.get("before") else "") + f"{g['after']['exact_match']:.3f}")
+                + (f"{g['before']['exact_match']:.3f} -> " if g.get("before") else "") + f"{g['after']['exact_match']:.3f}"
+                + ("" if "closer_to_chosen" not in g["after"] else ", nearer the chosen than the rejected answer "
+                   + (f"{g['before']['closer_to_chosen']:.3f} -> " if g.get("before") else "")
+                   + f"{g['after']['closer_to_chosen']:.3f}"))
     summary = run.folder / "summary.json"
     out["summary"] = json.loads(summary.read_text()) if summary.is_file() else {}
     (run.folder / EVAL_FILE).write_text(json.dumps(out, indent=1))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import bootstrap
+from scipy.stats import t as t_dist
 from sklearn.metrics import f1_score
 
 RESAMPLES = 1000
@@ -90,16 +91,14 @@ def accuracy_change(correct_before: Sequence[int], correct_after: Sequence[int])
     return {"change": float(a.mean() - b.mean()), "ci": bootstrap_interval((b, a), lambda x, y: float(y.mean() - x.mean()))}
 
 
-def mean_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Mean of b minus mean of a over independent runs (seeds), with a bootstrap interval of each side
-    resampled separately; few seeds make it wide, which is the honest answer."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    out = {"difference": float(y.mean() - x.mean())}
-    if len(x) >= 2 and len(y) >= 2:
-        result = bootstrap((x, y), lambda u, v: float(np.mean(v) - np.mean(u)), paired=False, vectorized=False,
-                           n_resamples=RESAMPLES, method="percentile", rng=np.random.default_rng(0))
-        out["ci"] = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
-    return out
+def two_level_interval(scores: Sequence[Sequence[float]], seed: int = 0) -> list[float]:
+    """95% interval of the mean of per-example scores over seeds (one row per seed, the same examples):
+    the examples and the seeds both resampled, as paired_branch_difference does for a difference."""
+    x = np.asarray(scores, dtype=float)
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    draws = [x[rng.integers(0, len(x), len(x))][:, rng.integers(0, n, n)].mean() for _ in range(RESAMPLES)]
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
 def separated(a: list[float], b: list[float]) -> int:
@@ -109,3 +108,31 @@ def separated(a: list[float], b: list[float]) -> int:
 
 def excludes_zero(ci: list[float] | None) -> bool:
     return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+
+def paired_branch_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], seed: int = 0) -> dict:
+    """Branch B minus branch A on the same held-out rows: `a` and `b` hold one row of per-example scores
+    (1/0 for right/wrong) per seed, every row of the same examples in the same order.
+
+    Two intervals: a paired two-level bootstrap (the examples resampled once for both branches, so their
+    shared difficulty cancels; each branch's seeds resampled within it), which counts both the test set's
+    and the seeds' noise; and, with as many seeds on both sides, a paired t-interval over the seeds'
+    differences (seed k of A with seed k of B), which counts the seeds' alone. With 3 seeds either is wide."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or not x.size or not y.size:
+        raise ValueError("paired_branch_difference: per-seed scores of both branches on the same examples")
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    out: dict = {"difference": float(y.mean() - x.mean()), "seeds": [len(x), len(y)], "examples": n,
+                 "method": "paired two-level bootstrap (examples shared, seeds within each branch)"}
+    draws = np.empty(RESAMPLES)
+    for i in range(RESAMPLES):
+        rows = rng.integers(0, n, n)
+        draws[i] = (y[rng.integers(0, len(y), len(y))][:, rows].mean()
+                    - x[rng.integers(0, len(x), len(x))][:, rows].mean())
+    out["ci"] = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+    if len(x) == len(y) >= 2:
+        per_seed = y.mean(axis=1) - x.mean(axis=1)
+        half = float(t_dist.ppf(0.975, len(per_seed) - 1) * per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
+        out["t_ci"] = [float(per_seed.mean() - half), float(per_seed.mean() + half)]
+    return out

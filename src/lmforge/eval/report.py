@@ -22,7 +22,7 @@ import yaml
 
 from lmforge.config import flatten
 from lmforge.engine.metrics import read_metrics
-from lmforge.eval.intervals import excludes_zero, mean_difference, separated
+from lmforge.eval.intervals import excludes_zero, paired_branch_difference, separated, two_level_interval
 from lmforge.outputs import run_recipe_file
 from lmforge.run_keys import naming_keys
 
@@ -46,6 +46,7 @@ class RunView:
     objective: str = ""
     method: str = ""
     kind: str = "train"  # or "eval": an eval stage / `lmforge eval -o` folder (eval.json only)
+    point: dict = field(default_factory=dict)  # a pipeline matrix's values for this instance (recipe key -> value)
 
 
 def _json(path: Path) -> dict:
@@ -79,6 +80,7 @@ def collect(folders: list[Path]) -> tuple[str, list[RunView]]:
                                         _json(folder / s["folder"] / "eval.json"), kind="eval"))
                 elif (folder / s["folder"] / "summary.json").is_file():
                     runs.append(run_view(folder / s["folder"], prefix + s["label"], prefix + s["stage"], s["seed"], parent))
+                    runs[-1].point = s.get("point") or {}
         elif run_recipe_file(folder) or (folder / "summary.json").is_file():
             names.append(folder.name)
             runs.append(run_view(folder, folder.name, folder.name))
@@ -166,6 +168,45 @@ def _branch_plot(groups: list[dict]) -> str | None:
     return _png(fig)
 
 
+def _learning_curves(groups: list[dict]) -> str | None:
+    """Each branch's held-out accuracy against the value its matrix varied (a label budget, a learning rate),
+    with a 95% band (examples and seeds resampled) and the few-shot baseline of its start model dashed."""
+    plt = _pyplot()
+
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for g in groups:
+        if len(g["point"]) == 1 and g["accuracy"] and isinstance(next(iter(g["point"].values())), (int, float)):
+            curves.setdefault((g["branch"], next(iter(g["point"]))), []).append(g)
+    curves = {k: v for k, v in curves.items() if len(v) >= 2}
+    if not curves:
+        return None
+    keys = sorted({key for _, key in curves})
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for (branch, k), members in curves.items():
+            if k != key:
+                continue
+            members = sorted(members, key=lambda g: g["point"][key])
+            x = [g["point"][key] for g in members]
+            y = [statistics.fmean(g["accuracy"]) for g in members]
+            line = ax.plot(x, y, marker="o", label=branch)[0]
+            bands = [two_level_interval(g["correct"]) if g["correct"] and len({len(c) for c in g["correct"]}) == 1
+                     else None for g in members]
+            if all(bands):
+                ax.fill_between(x, [b[0] for b in bands], [b[1] for b in bands], color=line.get_color(), alpha=0.15)
+            base = [statistics.fmean(g["baseline"]) if g["baseline"] else None for g in members]
+            if all(b is not None for b in base):
+                ax.plot(x, base, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{branch}: few-shot baseline")
+        values = [g["point"][key] for (_, k), members in curves.items() if k == key for g in members]
+        if min(values) > 0 and max(values) >= 8 * min(values):  # budgets of 64 ... 4,096: even steps apart
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("held-out accuracy (mean over seeds, 95% band)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 # ---------------------------------------------------------------- tables
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -210,6 +251,8 @@ def _cards(runs: list[RunView]) -> str:
                      if r.objective == "grpo" or k == "max_kl"]
             shown += ("; " if shown else "") + "run health: " + ", ".join(
                 rule.replace(" None", " off") for rule in rules)
+        for verdict in r.evaluation.get("health") or []:  # e.g. a classifier that predicts one class for every row
+            shown += ("; " if shown else "") + f"<strong class=warning>run health: {html.escape(verdict)}</strong>"
         rows.append([html.escape(r.label), html.escape(r.parent or "–"), html.escape(r.objective), html.escape(r.method),
                      _fmt(params), f"{trainable / params:.1%}" if params and trainable else "–", _fmt(t.get("tokens")),
                      _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")),
@@ -232,11 +275,22 @@ def _task_table(runs: list[RunView]) -> str:
         rows.append([html.escape(r.label), _fmt(t.get("accuracy")) + _ci(t.get("accuracy_ci")),
                      _fmt(t.get("macro_f1")) + _ci(t.get("macro_f1_ci")), _fmt(t.get("tokens")),
                      _fmt(b.get("accuracy")) + _ci(b.get("accuracy_ci")) if b else "–",
-                     _fmt(b.get("macro_f1")) if b else "–", beat or "–"])
+                     _fmt(b.get("macro_f1")) if b else "–", beat or "–", _leakage(r.evaluation.get("leakage"))])
     if not rows:
         return "<p>No stage with a held-out task metric.</p>"
     return _table(["run", "accuracy [95% CI]", "macro-F1 [95% CI]", "held-out examples", "few-shot baseline accuracy",
-                   "baseline macro-F1", "beat the baseline?"], rows, "tasks")
+                   "baseline macro-F1", "beat the baseline?", "held-out rows seen in training"], rows, "tasks")
+
+
+def _leakage(note: dict | None) -> str:
+    """Where held-out rows were found in training text (eval/leakage.py): the share, per source."""
+    if not note:
+        return "–"
+    found = [(name, s) for name, s in note.get("sources", {}).items() if s["rows"]]
+    if not found:
+        return f"none (of {note['held_out']:,}, checked against {len(note.get('sources', {}))} source(s))"
+    return "<br>".join(f"<strong class=warning>{s['share']:.0%}</strong> ({s['rows']:,}) in {html.escape(name)}"
+                       for name, s in found)
 
 
 def _forgetting_table(runs: list[RunView]) -> str:
@@ -290,15 +344,20 @@ def _generation_table(runs: list[RunView]) -> str:
 
 
 def branch_groups(runs: list[RunView]) -> list[dict]:
-    """Per stage: the task metrics and the general-perplexity change of each of its seeds."""
+    """Per stage (and matrix point): the task metrics and the general-perplexity change of each of its seeds."""
     groups: dict[str, dict] = {}
     for r in runs:
-        g = groups.setdefault(r.stage, {"stage": r.stage, "accuracy": [], "macro_f1": [], "baseline": [],
-                                        "ppl_change": [], "seconds": [], "seeds": []})
+        name = r.stage + "".join(f" {key.rsplit('.', 1)[-1]}={value}" for key, value in r.point.items())
+        g = groups.setdefault(name, {"stage": name, "branch": r.stage, "point": r.point, "accuracy": [], "macro_f1": [],
+                                     "baseline": [], "ppl_change": [], "seconds": [], "seeds": [], "correct": [],
+                                     "rows": set()})
         t = _task(r)
         if "accuracy" in t:
             g["accuracy"].append(t["accuracy"])
             g["macro_f1"].append(t.get("macro_f1", float("nan")))
+            if t.get("predicted") is not None and t.get("actual") is not None:  # each example right or wrong
+                g["correct"].append([int(p == a) for p, a in zip(t["predicted"], t["actual"], strict=True)])
+            g["rows"].add(t.get("rows"))
         if (r.evaluation.get("baseline") or {}).get("accuracy") is not None:
             g["baseline"].append(r.evaluation["baseline"]["accuracy"])
         for probe in r.evaluation.get("probes", {}).values():
@@ -310,6 +369,7 @@ def branch_groups(runs: list[RunView]) -> list[dict]:
 
 
 def _mean_sd(values: list[float], pct: bool = False) -> str:
+    values = [v for v in values if v == v]  # a metric a run did not report is NaN, not a number
     if not values:
         return "–"
     mean = statistics.fmean(values)
@@ -322,17 +382,31 @@ def _branches(groups: list[dict]) -> str:
              _mean_sd(g["baseline"]), _mean_sd(g["ppl_change"], pct=True), f"{sum(g['seconds']):.0f}"] for g in groups]
     table = _table(["stage", "runs", "accuracy (mean ± sd)", "macro-F1 (mean ± sd)", "few-shot baseline",
                     "general perplexity change", "wall s (all seeds)"], rows, "branches")
-    tasks = [g for g in groups if len(g["accuracy"]) >= 2]
+    tasks = [g for g in groups if g["correct"] and len(g["correct"]) == len(g["accuracy"])]
     verdicts = []
     for i, a in enumerate(tasks):
         for b in tasks[i + 1:]:
-            d = mean_difference(a["accuracy"], b["accuracy"])
-            ci = d.get("ci")
-            verdicts.append(f"<li>{html.escape(b['stage'])} − {html.escape(a['stage'])}: accuracy {d['difference']:+.3f}"
-                            + (f" (bootstrap 95% CI over seeds [{ci[0]:+.3f}, {ci[1]:+.3f}]: "
-                               + ("larger than the interval" if excludes_zero(ci) else "not larger than the interval") + ")"
-                               if ci else "") + "</li>")
+            verdicts.append(f"<li>{html.escape(b['stage'])} − {html.escape(a['stage'])}: {_compared(a, b)}</li>")
     return table + (f"<ul class=verdicts>{''.join(verdicts)}</ul>" if verdicts else "")
+
+
+def _compared(a: dict, b: dict) -> str:
+    """Branch b against branch a, only where both were scored on the same held-out rows: their difference
+    with a paired two-level bootstrap interval (rows shared, seeds within each branch) and a paired
+    t-interval over seeds."""
+    same = len(a["rows"] | b["rows"]) == 1 and None not in a["rows"] and len(a["correct"][0]) == len(b["correct"][0])
+    if not same:
+        return "not compared: scored on different held-out rows (or rows not recorded)"
+    d = paired_branch_difference(a["correct"], b["correct"])
+    ci, t_ci = d["ci"], d.get("t_ci")
+    text = (f"accuracy {d['difference']:+.3f}, paired two-level bootstrap 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}] over "
+            f"{d['examples']:,} shared held-out rows and {d['seeds'][0]} + {d['seeds'][1]} seeds: "
+            + ("larger than the interval" if excludes_zero(ci) else "not larger than the interval"))
+    if t_ci:
+        text += f"; paired t over seeds [{t_ci[0]:+.3f}, {t_ci[1]:+.3f}]"
+    if min(d["seeds"]) < 5:
+        text += f" (with {min(d['seeds'])} seed{'s' if min(d['seeds']) > 1 else ''} the seeds' share of the interval is itself uncertain)"
+    return text
 
 
 def _suites(suites: list[RunView]) -> str:
@@ -412,7 +486,8 @@ def render(folders: list[Path]) -> str:
     suites = [r for r in everything if r.kind == "eval"]
     groups = branch_groups(runs)
     plots = [("Training loss", _curves(runs, "train")), ("Validation loss", _curves(runs, "val")),
-             ("Task accuracy by stage", _branch_plot(groups))]
+             ("Task accuracy by stage", _branch_plot(groups)),
+             ("Learning curves: accuracy against the varied setting", _learning_curves(groups))]
     figures = "".join(f"<figure><img class=plot alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
                       f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, data in plots if data)
     machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}; bf16/fp32 GEMM speed {bf16_matmul_speedup():.2f}×"

@@ -292,18 +292,19 @@ def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.d
 
 @torch.no_grad()
 def init_new_embeddings(model: PreTrainedModel, base_tokenizer: PreTrainedTokenizerBase, new_tokens: list[str],
-                        new_ids: list[int]) -> None:
+                        new_ids: list[int], pieces: list[list[int]] | None = None) -> None:
     """Grow the embeddings for added tokens; each new row is the mean of the rows of the pieces the
-    base tokenizer splits the token into, so the model starts from what it already knows of the word."""
+    base tokenizer splits the token into (or of `pieces`, the base tokens a merged BPE piece is made of),
+    so the model starts from what it already knows of the word."""
     model.resize_token_embeddings(max(max(new_ids) + 1, model.get_input_embeddings().weight.shape[0]), mean_resizing=False)
     tables = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
     if output is not None and output.weight is not tables[0]:
         tables.append(output.weight)
-    for token, idx in zip(new_tokens, new_ids, strict=True):
-        pieces = base_tokenizer(token, add_special_tokens=False).input_ids
+    for i, (token, idx) in enumerate(zip(new_tokens, new_ids, strict=True)):
+        parts = pieces[i] if pieces is not None else base_tokenizer(token, add_special_tokens=False).input_ids
         for table in tables:
-            table[idx] = table[pieces].mean(0)
+            table[idx] = table[parts].mean(0)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
