@@ -79,9 +79,10 @@ def _extended_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     ensure_replaceable(out.absolute(), has_stamp, "a tokenizer lmforge wrote")
     tokenizer = load_tokenizer(base_dir, recipe.model.trust_remote_code)
     # every 50th document is held out of the extension, to measure what it saves on text it did not see
-    held_out = [doc for i, doc in enumerate(iter_corpus(files, cfg.column)) if i % 50 == 0][:400]
+    docs = list(iter_corpus(files, cfg.column))  # read once: both the learning and the measurement need it
+    held_out = docs[::50][:400]
     before = tokens_per_character(tokenizer, held_out)
-    learned_from = (doc for i, doc in enumerate(iter_corpus(files, cfg.column)) if i % 50)
+    learned_from = [doc for i, doc in enumerate(docs) if i % 50]
     pieces = None
     if cfg.extend_method == "bpe":
         backend, new_tokens, new_ids, pieces = merge_domain_pieces(tokenizer, learned_from, cfg.extend_count,
