@@ -104,6 +104,8 @@ CASES = [
      r"d.jsonl:2: column 'text' is NoneType, not text"),
     ("pickle-only-model", lambda t, k, p, b: ["train", _recipe(t, k, p, **_sft(t, _model_with_only_a_pickle(t, b), str(REPO / "assets" / "corpora" / "instructions_excerpt.jsonl.gz"), b))],
      r"pickled: no safetensors weights \(only the pickle checkpoint pytorch_model.bin"),
+    ("classify-without-label-column", lambda t, k, p, b: ["train", _recipe(t, k, p, objective={"name": "classify"}, data={"train_files": [_jsonl(t, "l.jsonl", [{"text": "good", "label": "a"}] * 3)]})],
+     r"r.yaml: data.label_column: the classify objective needs the column that holds each row's label, e\.g\. data: \{label_column: label\}$"),
     ("eval-pickle-only-model", lambda t, k, p, b: ["eval", "-m", _model_with_only_a_pickle(t, b), "-d", p, "--tokenizer", k],
      r"no safetensors weights"),
 ]

@@ -142,3 +142,9 @@ def test_the_few_shot_baseline_draws_the_same_shots_for_every_seed(monkeypatch, 
     budget_rows, _, _ = labeled_split(
         [str(genre_file)], "text", "genre", None, 0.25, max_rows=16)
     assert {text for text, _ in drawn[2]} <= {text for text, _ in budget_rows}
+    # and from the first rows of the nested sample: the budgets of a curve that have them share one baseline
+    whole = len(labeled_split([str(genre_file)], "text", "genre", None, 0.25)[0])
+    assert whole > fewshot.SHOT_POOL + 8
+    baseline(0, budget=fewshot.SHOT_POOL)
+    baseline(0, budget=whole - 4)
+    assert drawn[3] == drawn[4] == drawn[0] != drawn[2]

@@ -144,13 +144,18 @@ def test_in_context_scores_equal_lm_eval_and_pick_the_most_likely_label(tmp_path
     from lm_eval.models.huggingface import HFLM
 
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.eval.fewshot import continuation_logprobs, in_context_predictions, in_context_prompt
+    from lmforge.eval.fewshot import (
+        continuation_logprobs,
+        in_context_predictions,
+        in_context_prompt,
+        shot_text,
+    )
     from lmforge.models.factory import load_model
 
     rows = [json.loads(x) for x in genre_file.read_text().splitlines()]
-    shots = [(rows[0]["text"], rows[0]["genre"]), (rows[-1]["text"], rows[-1]["genre"])]
-    texts = [r["text"] for r in rows[5:11]]
     model, tok = load_model(base_model, "causal_lm").eval(), load_tokenizer(base_model)
+    shots = [(shot_text(tok, rows[0]["text"]), rows[0]["genre"]), (shot_text(tok, rows[-1]["text"]), rows[-1]["genre"])]
+    texts = [r["text"] for r in rows[5:11]]
     pairs = [(in_context_prompt(shots, t), f" {label}") for t in texts for label in ("fiction", "news")]
     ours = continuation_logprobs(model, tok, pairs, torch.device("cpu"), max_length=1024)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")

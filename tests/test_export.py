@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -212,6 +213,9 @@ def test_smollm2_exports_to_the_layout_of_its_original_gguf(tmp_path):
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    # a pre-tokenizer name llama.cpp knows (llama-vocab.cpp refused "gpt2": issue 33)
+    assert ours.fields["tokenizer.ggml.pre"].contents() in ("gpt-2", "smollm")
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in (tmp_path / "smol" / "Modelfile").read_text()
     assert {(t.name, tuple(t.shape)) for t in ours.tensors} == {(t.name, tuple(t.shape)) for t in theirs.tensors}
 
 
@@ -263,3 +267,23 @@ def test_a_lora_trained_on_an_int8_base_merges_into_the_float_weights(tmp_path, 
     b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert b.abs().max() > 0  # trained
     torch.testing.assert_close(merged[name], base[name] + b @ a * 2.0, atol=1e-6, rtol=1e-5)
+
+
+SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+                    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_the_modelfile_carries_the_system_turn_the_template_adds(tokenizer):
+    """SmolLM2's template adds a system turn when a chat has none; Ollama's prompt lacked it, so Ollama and
+    `lmforge chat` answered different prompts. The Modelfile now says it (SYSTEM), and only where one is added."""
+    from lmforge.export.gguf import modelfile
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = SMOLLM2_TEMPLATE
+    text = modelfile("m.gguf", tok)
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert text.index("SYSTEM") < text.index("TEMPLATE")
+    tok.chat_template = SMOLLM2_TEMPLATE.replace("{% if loop.first and messages[0]['role'] != 'system' %}", "{% if false %}")
+    assert "SYSTEM" not in modelfile("m.gguf", tok) and "TEMPLATE" in modelfile("m.gguf", tok)

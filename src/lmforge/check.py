@@ -51,6 +51,7 @@ class CheckReport:
     bad_rows: list[str] = field(default_factory=list)
     bad_row_count: int = 0
     documents: int = 0
+    training_documents: int = 0  # of data.train_files: what an epoch goes over (before max_docs and the held-out split)
     histogram: dict[str, int] = field(default_factory=dict)
     longer_than_seq: int = 0
     long_fate: str = "split across packed rows"
@@ -174,6 +175,8 @@ def _scan_files(recipe: Recipe, report: CheckReport, sample_rows: int | None) ->
                     if main and len(sample) < 2000:
                         sample.append(row)
             report.documents += found
+            if main and pattern in cfg.train_files:
+                report.training_documents += found
             if found == 0 and report.bad_row_count == bad_before:
                 report.errors.append(f"{path}: no non-empty documents")
     return sample

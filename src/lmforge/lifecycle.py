@@ -141,9 +141,10 @@ def estimate(steps: list[Step], reports: dict[str, object]) -> None:
         seconds = getattr(report, "step_seconds", None)
         t = step.run.recipe.trainer
         total = t.max_steps
-        if total is None and t.epochs and getattr(report, "documents", 0):  # rows read by the check, less the held out
+        if total is None and t.epochs and getattr(report, "training_documents", 0):  # training rows read by the check
             data = step.run.recipe.data
-            rows = report.documents * (1 - (0.0 if data.val_files else data.val_fraction))
+            rows = report.training_documents * (1 - (0.0 if data.val_files else data.val_fraction))
+            rows = min(rows, data.max_docs or rows)  # a label budget: max_docs rows of those
             total = math.ceil(rows / (t.batch_size * t.grad_accum) * t.epochs)
         if step.action != "skip" and seconds and total:
             step.estimate_s = seconds * total

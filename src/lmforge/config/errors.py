@@ -60,6 +60,6 @@ def explain_error(error: dict, source: str, root: type[BaseModel] | None = None)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         return f"{source}: unknown key '{key}'{hint} (valid here: {', '.join(valid)})"
-    value = error.get("input")
-    where = f"key '{key}'" if key else "recipe"
-    return f"{source}: {where} = {value!r}: {error['msg']}"
+    if not key:  # a rule across keys: its message names them (the input is the whole recipe)
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{source}: key '{key}' = {error.get('input')!r}: {error['msg']}"

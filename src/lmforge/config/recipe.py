@@ -56,6 +56,14 @@ class Recipe(Section, json_schema_extra=counts(WEIGHTS)):
         return self
 
     @model_validator(mode="after")
+    def _labels_named(self) -> Recipe:
+        name = self.objective.name
+        if name in ("classify", "token_classify") and self.data.train_files and not self.data.label_column:
+            raise ValueError(f"data.label_column: the {name} objective needs the column that holds each row's "
+                             + ("label" if name == "classify" else "tags") + ", e.g. data: {label_column: label}")
+        return self
+
+    @model_validator(mode="after")
     def _windows_overlap_less_than_half(self) -> Recipe:
         stride, seq_len = self.objective.doc_stride, self.packing.seq_len
         if stride is not None and stride >= seq_len // 2:

@@ -30,6 +30,7 @@ from lmforge.models.factory import load_model, saved_head
 from lmforge.objectives.contrastive import pooled_embedding
 
 SHOT_CHARS = 400  # characters of a shot's text in the prompt: k long e-mails would not fit a context
+SHOT_TOKENS = 96  # and tokens: 400 Chinese characters are 700 tokens to a byte-level English tokenizer
 QUERY_CHARS = 1000
 
 
@@ -48,6 +49,13 @@ def balanced_shots(labels: list[int], k: int, seed: int) -> list[int]:
             if by_class[c] and len(chosen) < k:
                 chosen.append(by_class[c].pop(0))
     return chosen
+
+
+def shot_text(tokenizer, text: str) -> str:
+    """A shot's text cut to SHOT_CHARS characters and SHOT_TOKENS tokens (at a whole character)."""
+    text = text[:SHOT_CHARS]
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= SHOT_TOKENS else tokenizer.decode(ids[:SHOT_TOKENS]).rstrip("\ufffd")
 
 
 def in_context_prompt(shots: list[tuple[str, str]], text: str) -> str:
@@ -76,6 +84,17 @@ def _shared_prefix(seqs: list[list[int]], needed: list[int]) -> int:
     return max(length, 0)
 
 
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """The transformer body and the output layer of a plain causal LM (its logits are head(body)); (None, None)
+    where they are not (an adapter-wrapped model, logits scaled or soft-capped): then the whole model runs."""
+    config = getattr(model, "config", None)
+    if hasattr(model, "peft_config") or config is None or any(
+            getattr(config, key, None) is not None for key in ("final_logit_softcapping", "logit_scale")):
+        return None, None
+    body, head = getattr(model, getattr(model, "base_model_prefix", ""), None), model.get_output_embeddings()
+    return (body, head) if isinstance(body, torch.nn.Module) and isinstance(head, torch.nn.Linear) else (None, None)
+
+
 @torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], device: torch.device,
                           max_length: int, batch_size: int = 8) -> list[float]:
@@ -93,10 +112,16 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
         prefix_cache = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True).past_key_values
     else:
         shared = 0
-    out: list[float] = []
+    # rows of like length batched together (a long review padded every row of its batch); only the
+    # continuation's positions go through the output layer (all positions' logits over a 49k vocabulary
+    # were gigabytes per batch)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    body, head = _body_and_head(model)
+    out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(seqs), batch_size):
-        chunk = [s[shared:] for s in seqs[start:start + batch_size]]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = [seqs[i][shared:] for i in rows]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
@@ -109,18 +134,22 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
             past = copy.deepcopy(prefix_cache)
             past.batch_repeat_interleave(len(chunk))
             kwargs = {"past_key_values": past, "use_cache": True}
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float().log_softmax(-1)
-        for r, s in enumerate(chunk):
-            n = needed[start + r]
-            positions = torch.arange(len(s) - n, len(s), device=device)
-            targets = torch.tensor(encoded[start + r][1][-n:], device=device)
-            out.append(float(logits[r, positions, targets].sum()))
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), **kwargs}
+        hidden = body(**inputs).last_hidden_state if body is not None else None
+        logits = model(**inputs).logits if body is None else None
+        for r, (i, s) in enumerate(zip(rows, chunk, strict=True)):
+            n = needed[i]
+            at = slice(len(s) - n, len(s))
+            scores = (head(hidden[r, at]) if body is not None else logits[r, at]).float().log_softmax(-1)
+            targets = torch.tensor(encoded[i][1][-n:], device=device)
+            out[i] = float(scores[torch.arange(n, device=device), targets].sum())
     return out
 
 
 def in_context_predictions(model: torch.nn.Module, tokenizer, shots: list[tuple[str, str]], texts: list[str],
                            names: list[str], device: torch.device, max_length: int) -> list[int]:
     """For each text, the index of the label the model finds most likely after the k shots."""
+    shots = [(shot_text(tokenizer, t), label) for t, label in shots]
     pairs = [(in_context_prompt(shots, t), f" {name}") for t in texts for name in names]
     scores = torch.tensor(continuation_logprobs(model, tokenizer, pairs, device, max_length)).view(len(texts), len(names))
     return scores.argmax(-1).tolist()
@@ -185,18 +214,33 @@ def _baseline_predictions(model_dir: Path, head: str, tokenizer, shots: list[tup
     return predicted, kind
 
 
-def recipe_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots: int = 8) -> dict:
-    """The few-shot baseline of the model at `model_dir` on a classification recipe's held-out split,
-    its shots drawn from the training rows the stage had (k per class for prototypes, k in all in
-    context). The shots are drawn with a fixed seed, not the run's: every seed of a branch is compared
-    with the same baseline (they ranged 0.25-0.50 across seeds when each drew its own)."""
+SHOT_POOL = 32  # the shots come from the first rows of the nested label sample: every budget of 32 or more has the same
+
+
+def baseline_inputs(recipe: Recipe, model_dir: Path, shots: int = 8) -> dict:
+    """What the few-shot baseline of the model at `model_dir` scores on a classification recipe: its shots,
+    drawn from the training rows the stage had (k per class for prototypes, k in all in context), and the
+    held-out split. The shots are drawn with a fixed seed, not the run's: every seed of a branch is compared
+    with the same baseline (they ranged 0.25-0.50 across seeds when each drew its own); and from the first
+    SHOT_POOL rows of the label budget's nested sample, so that every budget that large has the same one."""
     cfg = recipe.data
+    pool = SHOT_POOL if cfg.max_docs is None else min(cfg.max_docs, SHOT_POOL)
     train, val, names = labeled_split(cfg.train_files, cfg.column, cfg.label_column, cfg.labels, cfg.val_fraction,
-                                      cfg.val_files, cfg.max_docs)
+                                      cfg.val_files, pool)
     index = {n: i for i, n in enumerate(names)}
     train_labels = [index[label] for _, label in train]
     per_class = shots * len(names) if saved_head(model_dir) != "causal_lm" else shots
     chosen = balanced_shots(train_labels, per_class, SHOT_SEED)
-    result = few_shot_baseline(model_dir, [(train[i][0], train_labels[i]) for i in chosen], [t for t, _ in val],
-                               [index[label] for _, label in val], names, device, recipe.packing.seq_len, shots)
+    return {"shots": [(train[i][0], train_labels[i]) for i in chosen], "texts": [t for t, _ in val],
+            "labels": [index[label] for _, label in val], "names": names, "max_len": recipe.packing.seq_len,
+            "shots_per_class": shots}
+
+
+def recipe_baseline(recipe: Recipe, model_dir: Path, device: torch.device, shots: int = 8,
+                    inputs: dict | None = None) -> dict:
+    """The few-shot baseline of the model at `model_dir` on a classification recipe's held-out split
+    (`inputs`: baseline_inputs's, when the caller has them)."""
+    given = inputs or baseline_inputs(recipe, model_dir, shots)
+    result = few_shot_baseline(model_dir, given["shots"], given["texts"], given["labels"], given["names"], device,
+                               given["max_len"], given["shots_per_class"])
     return {**result, "shot_seed": SHOT_SEED}

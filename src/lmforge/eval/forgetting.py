@@ -3,7 +3,8 @@
 Per stage instance, `evaluate_stage` writes STAGE_DIR/eval.json:
 - probes: the general corpora (the first pretraining stage's validation split by default) through the
   stage's final model: loss and perplexity, with bootstrap intervals; `before` is the same probe on the
-  parent's final model (the stage's starting point), and the change gets a paired interval. A model
+  parent's final model (the stage's starting point; for a first stage that starts from a model folder,
+  that folder), and the change gets a paired interval. A model
   whose head is not the probe's (a classifier after masked-LM pretraining) is measured with its body in
   the nearest ancestor's LM head: the question is what fine-tuning did to the body's knowledge.
 - tasks: the stage's own held-out task, and every earlier task of its lineage that its head can still
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import ObjectiveConfig
-from lmforge.data.formats import DataError
+from lmforge.data.formats import DataError, file_fingerprints
 from lmforge.data.labeled import labeled_split
 from lmforge.data.packing import PackedRows
 from lmforge.data.prepare import retokenized
@@ -28,7 +29,7 @@ from lmforge.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmforge.engine.distributed import say
 from lmforge.engine.runtime import pick_device, resolve_precision
 from lmforge.eval.classification import one_class_verdict
-from lmforge.eval.fewshot import recipe_baseline
+from lmforge.eval.fewshot import baseline_inputs, recipe_baseline
 from lmforge.eval.generation import held_out_answers
 from lmforge.eval.intervals import (
     accuracy_change,
@@ -41,7 +42,7 @@ from lmforge.eval.intervals import (
 from lmforge.eval.leakage import describe, held_out_texts, stage_leakage
 from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.suite import EVAL_FILE, log_evaluation, read_evaluation
-from lmforge.models.factory import load_model, saved_config
+from lmforge.models.factory import load_model, saved_config, saved_head
 from lmforge.objectives import OBJECTIVES, get_objective, objective_data, objective_head
 from lmforge.outputs import content_hash
 from lmforge.pipeline_types import Pipeline, StageRun
@@ -99,14 +100,23 @@ def model_for_head(run: StageRun, head: str) -> torch.nn.Module | None:
     return target
 
 
-def _probe(run: StageRun, probe: dict, device: torch.device, precision: str) -> dict:
-    tokenizer = load_tokenizer(_final(run))
+def _probe(run: StageRun, probe: dict, device: torch.device, precision: str, start: bool = False) -> dict:
+    """The probe through the stage's final model, or (`start`) through the model it started from."""
+    folder = Path(run.recipe.model.path) if start else _final(run)
+    head = objective_head(ObjectiveConfig.model_validate(probe["objective"]))
+    if not start and all(_head(r) != head for r in [run, *run.ancestors()]):  # known before any text is read again
+        return {"skipped": f"no {head} head in this stage's lineage to measure it with"}
+    tokenizer = load_tokenizer(folder)
     try:  # a stage whose tokenizer differs (a vocabulary extension) reads the probe's text in its own tokens
-        corpus = retokenized(probe["corpus"], tokenizer, run.folder.absolute() / f"probe_{probe['name']}", False, say)
+        corpus = retokenized(probe["corpus"], tokenizer, run.folder.absolute() / f"probe_{'start_' if start else ''}{probe['name']}",
+                             False, say)
     except DataError as exc:
         return {"skipped": str(exc)}
     objective = get_objective(ObjectiveConfig.model_validate(probe["objective"]), tokenizer)
-    model = model_for_head(run, objective.head)
+    if start:
+        model = load_model(folder, objective.head) if saved_head(folder) == objective.head else None
+    else:
+        model = model_for_head(run, objective.head)
     if model is None:
         return {"skipped": f"no {objective.head} head in this stage's lineage to measure it with"}
     model.to(device)
@@ -122,6 +132,12 @@ def _probe(run: StageRun, probe: dict, device: torch.device, precision: str) -> 
     metrics["bits_per_byte"] = bits_per_byte(parts, metrics["bytes"])
     metrics["tokenizer"] = tokenizer_fingerprint(tokenizer)
     return metrics
+
+
+def _start_measured(run: StageRun) -> bool:
+    """A first stage that starts from a model folder: its start is measured too (nothing before it was)."""
+    start = Path(run.recipe.model.path) if run.recipe.model.path else None
+    return run.parent is None and start is not None and (start / "config.json").is_file()
 
 
 def _task_metrics(task: StageRun, run: StageRun, device: torch.device, precision: str) -> dict | None:
@@ -170,6 +186,22 @@ def _flips(task: StageRun, before: dict, after: dict, limit: int = 5) -> dict:
                                "predicted_after": after["predicted"][i]} for i in lost[:limit]]}
 
 
+def _baseline(pipeline: Pipeline, run: StageRun, device: torch.device) -> dict:
+    """The stage's few-shot baseline, or the same one another instance already scored: the same start model,
+    shots and held-out rows give the same numbers, and the seeds of a branch (and the budgets of a curve,
+    see baseline_inputs) share them (scoring 1,000 rows in context took minutes per instance)."""
+    start = Path(run.recipe.model.path)
+    inputs = baseline_inputs(run.recipe, start)
+    key = content_hash({"model": file_fingerprints(sorted(p for p in start.iterdir() if p.is_file())), **inputs})
+    for other in pipeline.runs:
+        found = read_eval(other).get("baseline") or {} if other is not run else {}
+        if found.get("key") == key:
+            say(f"eval [{run.label}]: the few-shot baseline of {start} is {other.label}'s (the same model, shots and rows)")
+            return found
+    found = recipe_baseline(run.recipe, start, device, inputs=inputs)
+    return {**found, "key": key} if found else found
+
+
 def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool = False) -> dict:
     """Measure the stage (see the module's docstring); reuses eval.json when nothing changed."""
     parent_eval = read_eval(run.parent)
@@ -186,6 +218,8 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
         after = _probe(run, spec, device, precision)
         entry = {"after": after}
         before = parent_eval.get("probes", {}).get(spec["name"], {}).get("after")
+        if before is None and "parts" in after and _start_measured(run):
+            before = _probe(run, spec, device, precision, start=True)
         if "skipped" in after:
             say(f"forgetting [{run.label}]: {spec['name']} not measured: {after['skipped']}")
         if before and "parts" in before and "parts" in after:
@@ -233,7 +267,7 @@ def evaluate_stage(pipeline: Pipeline, run: StageRun, plan_key: str, force: bool
         for line in describe(out["leakage"]):
             say(f"warning [{run.label}]: leakage: {line}")
     if objective_data(run.recipe.objective) == "labeled" and run.recipe.model.path:
-        out["baseline"] = recipe_baseline(run.recipe, Path(run.recipe.model.path), device)
+        out["baseline"] = _baseline(pipeline, run, device)
         if mine and out["baseline"]:
             b = out["baseline"]
             say(f"eval [{run.label}]: accuracy {mine['accuracy']:.3f} (macro-F1 {mine['macro_f1']:.3f}) vs "

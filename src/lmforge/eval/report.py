@@ -23,7 +23,7 @@ import yaml
 from lmforge.config import flatten
 from lmforge.engine.metrics import read_metrics
 from lmforge.eval.intervals import excludes_zero, paired_branch_difference, separated, two_level_interval
-from lmforge.outputs import run_recipe_file
+from lmforge.outputs import STAMP, run_recipe_file
 from lmforge.run_keys import naming_keys
 
 
@@ -208,6 +208,54 @@ def _learning_curves(groups: list[dict]) -> str | None:
 
 
 # ---------------------------------------------------------------- tables
+def _bits_per_byte(runs: list[RunView]) -> str | None:
+    """Each general corpus in bits per byte (comparable across tokenizers): the start model of the first
+    stages, then each stage's mean over its instances; a vocabulary extension cannot hide what it costs."""
+    plt = _pyplot()
+
+    measured: dict[str, dict[str, list[float]]] = {}  # probe -> stage (or "start") -> bits/byte
+    for r in runs:
+        for name, probe in r.evaluation.get("probes", {}).items():
+            after, before = probe.get("after") or {}, probe.get("before") or {}
+            if "bits_per_byte" in after:
+                measured.setdefault(name, {}).setdefault(r.stage, []).append(after["bits_per_byte"])
+            if r.parent is None and "bits_per_byte" in before:  # a first stage's start model
+                measured.setdefault(name, {}).setdefault("start", []).append(before["bits_per_byte"])
+    if not measured:
+        return None
+    stages = list(dict.fromkeys(s for by_stage in measured.values() for s in sorted(by_stage, key=lambda k: k != "start")))
+    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(stages) * len(measured) / 2, 3.4))
+    width = 0.8 / len(stages)
+    for i, stage in enumerate(stages):
+        xs = [j + i * width for j, by_stage in enumerate(measured.values()) if stage in by_stage]
+        ys = [statistics.fmean(by_stage[stage]) for by_stage in measured.values() if stage in by_stage]
+        ax.bar(xs, ys, width, label=stage)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(measured))], list(measured))
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _vocabulary(runs: list[RunView]) -> str:
+    """Each vocabulary extension: what it added and the tokens per character of held-out domain text."""
+    rows = []
+    for r in runs:
+        stamp = _json(r.folder / "tokenizer" / STAMP)  # the extended tokenizer a stage wrote
+        per_char = stamp.get("tokens_per_char") or {}
+        if not stamp.get("new_tokens"):
+            continue
+        before, after = per_char.get("before"), per_char.get("after")
+        rows.append([html.escape(r.label), html.escape(str(stamp.get("base", "–"))), f"{len(stamp['new_tokens']):,}",
+                     "merged BPE pieces" if stamp.get("new_pieces") is not None else "added words",
+                     _fmt(before), _fmt(after), f"{before / after:.2f}×" if before and after else "–",
+                     _fmt(per_char.get("held_out_docs"))])
+    if not rows:
+        return "<p>No stage extended its tokenizer.</p>"
+    return _table(["run", "base tokenizer", "new tokens", "kind", "tokens/char before", "tokens/char after", "fewer by",
+                   "held-out documents"], rows, "vocabulary")
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -487,7 +535,8 @@ def render(folders: list[Path]) -> str:
     groups = branch_groups(runs)
     plots = [("Training loss", _curves(runs, "train")), ("Validation loss", _curves(runs, "val")),
              ("Task accuracy by stage", _branch_plot(groups)),
-             ("Learning curves: accuracy against the varied setting", _learning_curves(groups))]
+             ("Learning curves: accuracy against the varied setting", _learning_curves(groups)),
+             ("General corpora in bits per byte: the start model, then each stage", _bits_per_byte(runs))]
     figures = "".join(f"<figure><img class=plot alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
                       f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, data in plots if data)
     machine = f"{platform.processor() or platform.machine()}, {_cpu_name()}; bf16/fp32 GEMM speed {bf16_matmul_speedup():.2f}×"
@@ -500,6 +549,7 @@ def render(folders: list[Path]) -> str:
 <h2>Held-out task metrics</h2>{_task_table(runs)}
 <h2>Generated answers (greedy, against held-out references)</h2>{_generation_table(runs)}
 <h2>Forgetting</h2>{_forgetting_table(runs)}
+<h2>Vocabulary extensions</h2>{_vocabulary(runs)}
 {f"<h2>Evaluations</h2>{_suites(suites)}" if suites else ""}
 <h2>Curves</h2>{figures}
 <h2>Configuration differences</h2>{_config_diff(runs)}

@@ -13,6 +13,7 @@ with transformers' GGUF loader (model and tokenizer).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from lmforge.export.verify import ExportError, RoundTrip, compare
 
 SUPPORTED = ("LlamaForCausalLM",)
 # pre-tokenizers transformers' GGUF loader rebuilds as written (it reads "smollm" as plain gpt2 splitting)
-READER_SPLITS = ("gpt2",)
+READER_SPLITS = ("gpt-2",)
 
 
 def _file_types():
@@ -64,7 +65,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused as unknown
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     raise ExportError(f"--format gguf: the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no llama.cpp "
@@ -142,6 +143,16 @@ def _write_tensors(writer, model, dtype: str) -> None:
             writer.add_tensor(target, gguf.quants.quantize(data, kind), raw_dtype=kind)
 
 
+def default_system_turn(tokenizer) -> str | None:
+    """The system turn a ChatML template adds when a chat has none (SmolLM2's names its assistant), or None."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a lone user turn adds nothing we can read
+        return None
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+    return found.group(1) if found and '"""' not in found.group(1) else None
+
+
 def modelfile(gguf_name: str, tokenizer) -> str:
     """An Ollama Modelfile for the file: its chat template where it is one Ollama's template language
     can say (ChatML, or lmforge's built-in role markers), and the end-of-turn stop."""
@@ -151,6 +162,9 @@ def modelfile(gguf_name: str, tokenizer) -> str:
     lines = [f"FROM ./{gguf_name}"]
     eos = tokenizer.eos_token
     if "<|im_start|>" in template:
+        system = default_system_turn(tokenizer)
+        if system:  # Ollama puts it first when a chat has none, as the template does: the same prompt as `lmforge chat`
+            lines.append(f'SYSTEM """{system}"""')
         lines += ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
                   '{{ end }}<|im_start|>assistant\n"""', 'PARAMETER stop "<|im_end|>"']
     elif template == BUILTIN_CHAT_TEMPLATE:
