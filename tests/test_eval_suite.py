@@ -173,6 +173,14 @@ def test_in_context_scores_equal_lm_eval_and_pick_the_most_likely_label(tmp_path
     theirs_short = [ll for ll, _ in short.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                                                         disable_tqdm=True)]
     assert ours == pytest.approx(theirs_short, rel=1e-4, abs=1e-3)
+    # one-token continuations of one context share a forward pass, and still agree with lm-eval
+    words = [" the", " a"]
+    assert all(len(encode_pair(tok, in_context_prompt(shots, texts[0]), w)[1]) == 1 for w in words)
+    one_token = [(in_context_prompt(shots, t), w) for t in texts for w in words]
+    theirs_one = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(one_token)],
+                                                   disable_tqdm=True)]
+    assert continuation_logprobs(model, tok, one_token, torch.device("cpu"), max_length=1024) == pytest.approx(
+        theirs_one, rel=1e-4, abs=1e-3)
     predicted = in_context_predictions(model, tok, shots, texts, ["fiction", "news"], torch.device("cpu"), 1024)
     assert predicted == np.array(theirs).reshape(len(texts), 2).argmax(-1).tolist()
     # through the CLI: a causal LM on a labelled file is scored in context, its shots not among the scored rows

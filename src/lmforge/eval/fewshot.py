@@ -112,16 +112,19 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
         prefix_cache = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True).past_key_values
     else:
         shared = 0
-    # rows of like length batched together (a long review padded every row of its batch); only the
-    # continuation's positions go through the output layer (all positions' logits over a 49k vocabulary
-    # were gigabytes per batch)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    # pairs whose inputs are the same (a context and each one-token label) share one forward pass; rows of
+    # like length are batched together (a long review padded every row of its batch); only the continuation's
+    # positions go through the output layer (every position's logits over a 49k vocabulary were gigabytes)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault(tuple(seq), []).append(i)
+    unique = sorted(groups, key=len)
     body, head = _body_and_head(model)
     out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        chunk = [seqs[i][shared:] for i in rows]
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start:start + batch_size]
+        chunk = [list(seq[shared:]) for seq in batch]
         width = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
@@ -137,12 +140,13 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), **kwargs}
         hidden = body(**inputs).last_hidden_state if body is not None else None
         logits = model(**inputs).logits if body is None else None
-        for r, (i, s) in enumerate(zip(rows, chunk, strict=True)):
-            n = needed[i]
-            at = slice(len(s) - n, len(s))
-            scores = (head(hidden[r, at]) if body is not None else logits[r, at]).float().log_softmax(-1)
-            targets = torch.tensor(encoded[i][1][-n:], device=device)
-            out[i] = float(scores[torch.arange(n, device=device), targets].sum())
+        for r, (seq, s) in enumerate(zip(batch, chunk, strict=True)):
+            for i in groups[seq]:
+                n = needed[i]
+                at = slice(len(s) - n, len(s))
+                scores = (head(hidden[r, at]) if body is not None else logits[r, at]).float().log_softmax(-1)
+                targets = torch.tensor(encoded[i][1][-n:], device=device)
+                out[i] = float(scores[torch.arange(n, device=device), targets].sum())
     return out
 
 
