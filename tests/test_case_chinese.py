@@ -150,11 +150,11 @@ def test_the_shipped_chinese_case_runs_shortened(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "case_chinese"
     recipe = str(REPO / "recipes" / "case_chinese.yaml")
-    short = ["defaults.trainer.progress=false", "eval_batches=1", "vars.pieces=400",
+    short = ["defaults.trainer.progress=false", "eval_batches=2", "vars.pieces=400",
              "stages.continual.trainer.max_steps=2", "stages.continual.trainer.batch_size=2",
              "stages.no_replay.trainer.max_steps=2", "stages.no_replay.trainer.batch_size=2",
              *[f"stages.{s}.{key}" for s in ("direct", "vocab_only", "adapted")
-               for key in ("seeds=[0]", 'matrix={"data.max_docs": [8, 16]}', "trainer.epochs=1")]]
+               for key in ("seeds=[0]", 'matrix={"data.max_docs": [16, 32]}', "trainer.max_steps=1")]]
     result = runner.invoke(app, ["run", recipe, *short])
     assert result.exit_code == 0, result.output
     tokens = json.loads((out / "continual" / "tokenizer" / "lmforge_stage.json").read_text())
@@ -164,7 +164,7 @@ def test_the_shipped_chinese_case_runs_shortened(tmp_path, monkeypatch):
         assert set(probes) == {"data_english", "data_chinese"}
         assert all(p["change"]["measure"].startswith("bits per byte") for p in probes.values()), stage
     for branch in ("direct", "vocab_only", "adapted"):
-        for budget in (8, 16):
+        for budget in (16, 32):
             measured = json.loads((out / branch / f"max_docs_{budget}" / "seed_0" / "eval.json").read_text())
             assert measured["tasks"][branch]["after"]["examples"] == 40
             assert measured["baseline"]["examples"] == 40
