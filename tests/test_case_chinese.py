@@ -31,6 +31,8 @@ def _reviews(path: Path, rows: int) -> Path:
     return path
 
 
+# slow: a pipeline with a BPE merge and a report (~40 s here) keeps the default suite under 15 min; CI runs it
+@pytest.mark.slow
 def test_a_first_stage_from_a_model_folder_is_measured_before_it(tmp_path, base_model, small_jsonl):
     """Continual pretraining straight from an imported model had no stage before it, so nothing measured what
     it made the model forget: now the model it starts from is measured too (here across a BPE extension)."""
@@ -64,6 +66,8 @@ def test_a_first_stage_from_a_model_folder_is_measured_before_it(tmp_path, base_
     assert "alt='General corpora in bits per byte" in html
 
 
+# slow: five classify runs with their evaluations (~40 s here); CI runs it
+@pytest.mark.slow
 def test_seeds_and_budgets_of_a_branch_share_one_few_shot_baseline(tmp_path, base_model, monkeypatch):
     """Every seed scored the same in-context baseline again (minutes per instance on 1,000 rows for
     SmolLM2): the same start model, shots and rows are now scored once, and budgets of SHOT_POOL rows or
