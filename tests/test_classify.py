@@ -53,7 +53,7 @@ def test_classifier_trains_and_loads_with_plain_transformers(tmp_path, genre_fil
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 2)
 
 
-def test_held_out_metrics_cover_every_row_and_equal_scikit_learn(genre_file, tokenizer):
+def test_held_out_metrics_cover_every_row_and_equal_scikit_learn(genre_file, tokenizer, capsys):
     """All held-out rows are scored (not eval_batches x batch_size of them), with macro-F1, per-class
     precision/recall and the confusion matrix as scikit-learn computes them from the same predictions."""
     from sklearn.metrics import confusion_matrix, f1_score, recall_score
@@ -77,6 +77,10 @@ def test_held_out_metrics_cover_every_row_and_equal_scikit_learn(genre_file, tok
     assert [metrics["recall_fiction"], metrics["recall_news"]] == pytest.approx(list(recalls))
     assert metrics["confusion"] == confusion_matrix(val.labels, predicted, labels=[0, 1]).tolist()
     assert metrics["support_fiction"] + metrics["support_news"] == len(val)
+    capsys.readouterr()
+    one_by_one = classification_metrics(model, objective, val, 1, torch.device("cpu"), "fp32", names)
+    assert one_by_one["confusion"] == metrics["confusion"]
+    assert "classify held-out rows" in capsys.readouterr().err  # many batches: a progress bar with an ETA
 
 
 def test_a_lora_classifier_loads_with_plain_peft_with_its_labels(tmp_path, genre_file, base_model, monkeypatch):

@@ -318,17 +318,18 @@ def test_an_sft_stage_scores_its_held_out_answers_before_and_after(tmp_path, sma
     assert code == 0 and f"{after['rouge_l']:.3f}" in (tmp_path / "r.html").read_text()
 
 
-def test_the_harness_runs_a_local_task_and_agrees_with_the_models_likelihoods(base_model):
-    """lm-eval's accuracy on the shipped task equals the argmax of the model's own choice log-likelihoods."""
+def test_the_harness_runs_a_local_task_and_agrees_with_the_models_likelihoods(base_model, tmp_path):
+    """lm-eval's accuracy on the shipped task equals the argmax of the model's own choice log-likelihoods;
+    the command prints lm-eval's table and writes its results JSON, and never overwrites a file."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
     import torch
 
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.eval.harness import run_harness
+    from lmforge.eval.harness import harness_metrics, run_harness
     from lmforge.models.factory import load_model
 
     tasks = REPO / "assets" / "harness"
-    results = run_harness(base_model, tasks, ["lmforge_facts"])
+    results = harness_metrics(run_harness(base_model, tasks, ["lmforge_facts"]))
     model, tok = load_model(base_model, "causal_lm").eval(), load_tokenizer(base_model)
     right = 0
     rows = [json.loads(line) for line in (tasks / "lmforge_facts.jsonl").read_text().splitlines()]
@@ -344,6 +345,15 @@ def test_the_harness_runs_a_local_task_and_agrees_with_the_models_likelihoods(ba
             scores.append(float(logp[len(context) - 1:].gather(-1, targets[:, None]).sum()))
         right += int(np.argmax(scores) == row["answer"])
     assert results["lmforge_facts"]["acc"] == pytest.approx(right / len(rows))
+    out = tmp_path / "h.json"
+    code, output = _invoke("harness", "-m", str(base_model), "--tasks-dir", str(tasks), "-t", "lmforge_facts", "-o", str(out))
+    assert code == 0 and "|lmforge_facts|" in output.replace(" ", "") and "Stderr" in output  # lm-eval's table
+    assert "is not of type `str`" not in output
+    written = json.loads(out.read_text())
+    assert written["results"]["lmforge_facts"]["acc,none"] == pytest.approx(right / len(rows))
+    assert written["n-shot"] == {"lmforge_facts": 0} and "configs" in written and "versions" in written
+    code, output = _invoke("harness", "-m", str(base_model), "--tasks-dir", str(tasks), "-t", "lmforge_facts", "-o", str(out))
+    assert code == 2 and "does not overwrite" in output
     code, output = _invoke("harness", "-m", str(base_model), "--tasks-dir", str(tasks), "-t", "nope")
     assert code == 2 and "nope: not a task lm-eval knows" in output and "lmforge_facts" in output
 

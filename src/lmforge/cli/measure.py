@@ -108,13 +108,22 @@ def harness(
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task name (repeatable).")],
     num_fewshot: Annotated[int | None, typer.Option(min=0, help="In-context examples per prompt.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many documents per task.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results JSON to write, as lm-eval writes it "
+                                             "(default: a new harness_<time>.json here).")] = None,
 ) -> None:
-    """Benchmarks through the lm-evaluation-harness on local task files, the model loaded as lmforge loads it."""
-    from lmforge.eval.harness import run_harness
+    """Benchmarks through the lm-evaluation-harness on local task files, the model loaded as lmforge loads it:
+    lm-eval's table, and its results JSON."""
+    import time
 
+    from lmforge.eval.harness import harness_table, run_harness, write_harness_json
+
+    out = out or Path(time.strftime("harness_%Y%m%d_%H%M%S.json", time.gmtime()))
+    if out.exists():  # refused before the minutes of scoring, not after
+        guarded(write_harness_json, {}, out)
     results = guarded(run_harness, model, tasks_dir, task, num_fewshot, limit)
-    for name, metrics in results.items():
-        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    typer.echo(harness_table(results))
+    path = guarded(write_harness_json, results, out)
+    typer.echo(f"harness: results written to {path}")
 
 
 @app.command(rich_help_panel=PANEL)

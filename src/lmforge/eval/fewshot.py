@@ -122,7 +122,10 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
     body, head = _body_and_head(model)
     out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(unique), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(unique), batch_size)  # minutes on a CPU for 1,000 rows: a bar with an ETA
+    for start in tqdm(starts, desc="score continuations", unit="batch", leave=False, disable=len(starts) < 4):
         batch = unique[start:start + batch_size]
         chunk = [list(seq[shared:]) for seq in batch]
         width = max(len(s) for s in chunk)

@@ -9,6 +9,8 @@ lmforge trained. Task YAMLs come from a folder (`TaskManager(include_path=...)`)
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,9 +31,47 @@ def _inside(folder: Path):
         os.chdir(previous)
 
 
+@contextlib.contextmanager
+def _quiet(name: str):
+    """lm-eval warns that a model handed over as an instance ignores its model arguments: lmforge passes none."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def harness_metrics(results: dict) -> dict:
+    """{task: {metric: value}} from lm-eval's results ("acc,none" read as "acc")."""
+    return {task: {k.split(",")[0]: v for k, v in metrics.items() if k != "alias"}
+            for task, metrics in results["results"].items()}
+
+
+def harness_table(results: dict) -> str:
+    """lm-eval's own table of the results (the one its CLI prints)."""
+    from lm_eval.utils import make_table
+
+    return make_table(results) + (make_table(results, "groups") if results.get("groups") else "")
+
+
+def write_harness_json(results: dict, path: Path) -> Path:
+    """lm-eval's results as its CLI writes them (configs, versions, n-shot, metrics), to a new file."""
+    from lm_eval.utils import handle_non_serializable
+
+    path = Path(path)
+    if path.exists():
+        raise HarnessError(f"--out {path}: the file exists (lmforge does not overwrite it); name another")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    return path
+
+
 def run_harness(model_dir: Path, tasks_dir: Path, tasks: list[str], num_fewshot: int | None = None,
                 limit: int | None = None, batch_size: int = 8) -> dict:
-    """{task: {metric: value}} from lm-eval's `simple_evaluate` on the local tasks of `tasks_dir`."""
+    """lm-eval's `simple_evaluate` results (without per-sample logs) on the local tasks of `tasks_dir`;
+    `harness_metrics` reads them as {task: {metric: value}}."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -52,8 +92,11 @@ def run_harness(model_dir: Path, tasks_dir: Path, tasks: list[str], num_fewshot:
         raise HarnessError(f"--task {', '.join(unknown)}: not a task lm-eval knows (YAMLs in {tasks_dir}: {', '.join(local) or 'none'})")
     device = pick_device()
     model = load_model(model_dir, "causal_lm").to(device).eval()
-    lm = HFLM(pretrained=model, tokenizer=load_tokenizer(model_dir), batch_size=batch_size, device=str(device))
+    with _quiet("lm_eval.models.huggingface"):
+        lm = HFLM(pretrained=model, tokenizer=load_tokenizer(model_dir), batch_size=batch_size, device=str(device))
     with _inside(tasks_dir):
         results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                   bootstrap_iters=1000, log_samples=False)
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if k != "alias"} for task, metrics in results["results"].items()}
+    results.pop("samples", None)
+    results["lmforge"] = {"model": str(model_dir), "tasks_dir": str(tasks_dir)}
+    return results
