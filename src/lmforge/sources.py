@@ -115,7 +115,8 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
     if not cfg.label_column:
         raise ValueError("data.label_column: the classify objective needs the column that holds each row's label")
     train_set, val_set, names = load_labeled(cfg.train_files, tokenizer, cfg.column, cfg.label_column, cfg.labels,
-                                             recipe.packing.seq_len, cfg.val_fraction, cfg.val_files, cfg.max_docs)
+                                             recipe.packing.seq_len, cfg.val_fraction, cfg.val_files, cfg.max_docs,
+                                             recipe.objective.label_prompt or "")
     budget = f" (data.max_docs: a label budget of {cfg.max_docs})" if cfg.max_docs else ""
     say(f"data: {len(train_set)} training rows{budget}, {len(val_set)} held out, {len(names)} labels")
 

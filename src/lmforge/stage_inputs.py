@@ -33,6 +33,7 @@ from lmforge.models.factory import (
     preset_config,
 )
 from lmforge.objectives import OBJECTIVES, objective_data
+from lmforge.objectives.classify import label_word_head
 from lmforge.outputs import (
     content_hash,
     ensure_replaceable,
@@ -172,6 +173,14 @@ def model_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, head: str) -
                                 added.get("new_pieces"))
         elif len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        trained_head = any(a.endswith("ForSequenceClassification") for a in model.config.architectures or [])
+        if recipe.objective.label_prompt and head == "classifier" and not trained_head:  # a new head, not a trained one
+            # the language model's output rows: the input embedding when tied, else its own lm_head
+            rows = (model.get_input_embeddings().weight if model.config.tie_word_embeddings
+                    else load_model(cfg.path, "causal_lm", cfg.trust_remote_code).get_output_embeddings().weight)
+            ids = label_word_head(model, tokenizer, list(model.config.id2label.values()), recipe.objective.label_prompt, rows)
+            say(f"model: the classifier head starts from the label names' tokens {ids} after the prompt "
+                f"{recipe.objective.label_prompt!r} (objective.label_prompt)")
     else:
         ensure_family_fits(cfg.family, head, recipe.objective.name)
         # Embedding rows rounded up to a multiple of 64 keep the output matmul on fast kernel shapes.

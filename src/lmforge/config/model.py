@@ -41,6 +41,11 @@ class ObjectiveConfig(Section, json_schema_extra=counts(WEIGHTS)):
     learn_temperature: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     symmetric: bool = False
+    # classify with a decoder (prompt-based fine-tuning, as PET and LM-BFF): every text is followed by this
+    # prompt (e.g. "\nLabel:", the few-shot baseline's), and the new classifier head starts as the model's
+    # own output rows of each label name's first token (" negative", " positive"): step 0 is the zero-shot
+    # classifier, not a random one. The prompt is kept in the model's config, so eval and predict add it.
+    label_prompt: str | None = Field(None, min_length=1)
     # dpo, grpo, ppo: the weight of the KL penalty that keeps the policy near the reference (higher: closer;
     # grpo and ppo may use 0: no reference at all; ppo subtracts it from each token's reward); simpo: the reward scale (its paper uses 2-2.5); orpo: the
     # odds-ratio term's weight (lambda)

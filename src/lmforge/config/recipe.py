@@ -61,6 +61,9 @@ class Recipe(Section, json_schema_extra=counts(WEIGHTS)):
         if name in ("classify", "token_classify") and self.data.train_files and not self.data.label_column:
             raise ValueError(f"data.label_column: the {name} objective needs the column that holds each row's "
                              + ("label" if name == "classify" else "tags") + ", e.g. data: {label_column: label}")
+        if self.objective.label_prompt and name != "classify":
+            raise ValueError(f"objective.label_prompt: starts a classifier head from the label names (classify), "
+                             f"not a {name} objective; remove it")
         return self
 
     @model_validator(mode="after")

@@ -80,16 +80,22 @@ def labeled_split(files: list[str], column: str, label_column: str, labels: list
 
 def load_labeled(files: list[str], tokenizer, column: str, label_column: str, labels: list[str] | None,
                  max_len: int, val_fraction: float, val_files: list[str] | None = None,
-                 max_rows: int | None = None) -> tuple[LabeledSet, LabeledSet, list[str]]:
-    """labeled_split's rows tokenized (cut at `max_len` tokens)."""
+                 max_rows: int | None = None, prompt: str = "") -> tuple[LabeledSet, LabeledSet, list[str]]:
+    """labeled_split's rows tokenized (cut at `max_len` tokens, `prompt` included)."""
     train, val, names = labeled_split(files, column, label_column, labels, val_fraction, val_files, max_rows)
     index = {name: i for i, name in enumerate(names)}
-    return (*(encode_texts(tokenizer, [t for t, _ in part], [index[label] for _, label in part], max_len)
+    return (*(encode_texts(tokenizer, [t for t, _ in part], [index[label] for _, label in part], max_len, prompt)
               for part in (train, val)), names)
 
 
-def encode_texts(tokenizer, texts: list[str], labels: list[int], max_len: int) -> LabeledSet:
-    """Texts tokenized (cut at `max_len` tokens; an empty one becomes a lone pad) with their class indices."""
+def encode_texts(tokenizer, texts: list[str], labels: list[int], max_len: int, prompt: str = "") -> LabeledSet:
+    """Texts tokenized (cut at `max_len` tokens; an empty one becomes a lone pad) with their class indices.
+    A `prompt` (objective.label_prompt, e.g. "\nLabel:") follows every text whole: the text is cut, not it,
+    since the classifier reads the last token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = tokenizer(texts, truncation=True, max_length=max_len).input_ids if texts else []
-    return LabeledSet([row or [pad] for row in ids], list(labels), pad)
+    tail = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    if len(tail) >= max_len:
+        raise ValueError(f"objective.label_prompt is {len(tail)} tokens, not shorter than the {max_len} of a row "
+                         "(packing.seq_len): no text would be left")
+    ids = tokenizer(texts, truncation=True, max_length=max_len - len(tail)).input_ids if texts else []
+    return LabeledSet([row + tail if row else [pad] for row in ids], list(labels), pad)

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from lmforge.data.formats import DataError, detect_format, parse_rows, read_all, text_field
+from lmforge.data.labeled import encode_texts
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.engine.runtime import autocast, pick_device, resolve_precision
 from lmforge.eval.generate import generate_texts
 from lmforge.models.factory import load_model, saved_head
+from lmforge.objectives.classify import label_prompt
 from lmforge.outputs import OutputError
 
 MARK = "lmforge_model"
@@ -62,9 +64,10 @@ def predict(model_dir: Path, files: list[str], out: Path, column: str = "text", 
         texts = [text_field(where, i + 1, r, column) for i, r in enumerate(rows)]
         single = model.config.num_labels == 1
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        encoded = encode_texts(tokenizer, texts, [0] * len(texts), max_len, label_prompt(model))  # its training prompt
         for start in range(0, len(rows), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_len, padding=True,
-                            return_tensors="pt").to(device)
+            enc = encoded.batch(list(range(start, min(start + batch_size, len(rows)))))
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             with autocast(device, precision):
                 logits = model(**enc).logits.float()
             for r, row in enumerate(rows[start:start + batch_size]):

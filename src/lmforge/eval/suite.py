@@ -47,6 +47,7 @@ from lmforge.eval.perplexity import evaluate_loss
 from lmforge.eval.preferences import preference_accuracy
 from lmforge.models.factory import load_model, saved_head
 from lmforge.objectives import get_objective
+from lmforge.objectives.classify import label_prompt
 from lmforge.outputs import OutputError, content_hash, is_metrics_log
 
 EVAL_FILE = "eval.json"
@@ -156,7 +157,8 @@ def _classification(model, head: str, model_dir: Path, tokenizer, name: str, tas
     rows = rows[:task.limit] if task.limit else rows
     texts, labels = [t for t, _ in rows], [index[x] for _, x in rows]
     if head == "classifier":
-        out = classification_metrics(model, get_objective("classify", tokenizer), encode_texts(tokenizer, texts, labels, cfg.seq_len),
+        encoded = encode_texts(tokenizer, texts, labels, cfg.seq_len, label_prompt(model))  # the prompt it trained with
+        out = classification_metrics(model, get_objective("classify", tokenizer), encoded,
                                      cfg.batch_size, device, precision, names, detail=True)
     else:
         out = few_shot_baseline(model_dir, shots, texts, labels, names, device, cfg.seq_len, per_class,
