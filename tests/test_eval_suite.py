@@ -364,3 +364,23 @@ def test_predict_writes_labels_with_probabilities_and_answers(tmp_path, fp32, to
     assert len(answers) == 6 and all("generated" in a and a["lmforge_model"] == str(base_model) for a in answers)
     code, output = _invoke("predict", "-m", model_dir, "-d", data, "-o", data)  # the input is not ours to replace
     assert code == 2 and "lmforge did not write it" in output
+
+
+def test_commands_that_run_a_model_take_threads(tmp_path, base_model):
+    """generate, chat, eval and predict take --threads (training has trainer.num_threads): torch runs the
+    model with that many."""
+    before = torch.get_num_threads()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a short text"}\n')
+    try:
+        for args, code in ((["generate", "-m", str(base_model), "-p", "Hi", "--max-new-tokens", "2"], 0),
+                           (["chat", str(base_model)], 2),  # this base has no chat template: refused, after
+                           (["eval", "-m", str(base_model), "-p", "Hi"], 0),
+                           (["predict", "-m", str(base_model), "-d", str(rows), "-o", str(tmp_path / "p.jsonl")], 0)):
+            torch.set_num_threads(2)  # not 1 before the command, wherever this runs
+            result = CliRunner().invoke(app, [*args, "--threads", "1"], input="")
+            assert result.exit_code == code and torch.get_num_threads() == 1, (args[0], result.output)
+        result = CliRunner().invoke(app, ["generate", "-m", str(base_model), "-p", "Hi", "--threads", "0"])
+        assert result.exit_code == 2 and "--threads" in result.output
+    finally:
+        torch.set_num_threads(before)

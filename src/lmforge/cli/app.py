@@ -45,6 +45,18 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """lmforge: train tokenizers, prepare corpora, pretrain, fine-tune, align and evaluate language models."""
 
 
+# CPU threads of a command that runs a model (training has trainer.num_threads): torch's default is one per
+# physical core, which fits a machine running nothing else; fewer leave cores to other work
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (default: one per core).")]
+
+
+def use_threads(threads: int | None) -> None:
+    """--threads, set before the model runs."""
+    from lmforge.engine.runtime import configure_threads
+
+    configure_threads(threads)
+
+
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lmforge.cli.app import app, fail, guarded, model_folder
+from lmforge.cli.app import Threads, app, fail, guarded, model_folder, use_threads
 
 PANEL = "Generate and serve"  # where --help lists these verbs
 
@@ -23,6 +23,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, when the model folder has none.")] = None,
     chat: Annotated[bool, typer.Option(help="Each prompt is a user turn, rendered with the model's chat template.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Sample continuations from a causal LM (a final model or a training checkpoint), or chat replies."""
     from lmforge.pipeline import generate_stage
@@ -30,6 +31,7 @@ def generate(
     if top_p is not None and top_p <= 0:
         fail("--top-p: must be above 0 (0 would keep no token); 1 keeps them all")
     model = model_folder(model)
+    use_threads(threads)
     texts = guarded(lambda: generate_stage(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, chat))
     for p, text in zip(prompt, texts, strict=True):
         typer.echo(f"{p}\n-> {text}" if chat else p + text)
@@ -43,6 +45,7 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    threads: Threads = None,
 ) -> None:
     """Talk to a model: multi-turn, with its chat template, replies streamed (/reset, /exit)."""
     from lmforge.chat import chat_loop
@@ -57,6 +60,7 @@ def chat(
         typer.echo(text, nl=False)
 
     folder = model_folder(model)
+    use_threads(threads)
     try:
         guarded(chat_loop, folder, ask, write, system, max_new_tokens, temperature, top_p, seed)
     except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop, no traceback
@@ -72,7 +76,7 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens of a reply when a request gives no max_tokens.")] = 256,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together (continuous batching).")] = 32,
     max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond max-batch; more get 503 at once.")] = 64,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads of generation (default: torch's, one per core).")] = None,
+    threads: Threads = None,
 ) -> None:
     """An OpenAI-compatible API over a model: /v1/chat/completions (streaming too), /v1/completions, /v1/models."""
     from lmforge.serve import bind

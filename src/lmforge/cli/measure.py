@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lmforge.cli.app import app, fail, guarded, model_folder, trained_defaults
+from lmforge.cli.app import Threads, app, fail, guarded, model_folder, trained_defaults, use_threads
 
 PANEL = "Measure"  # where --help lists these verbs
 
@@ -30,10 +30,12 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
     max_batches: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many batches per corpus.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="--data: tokenizer directory, when the model folder has none.")] = None,
+    threads: Threads = None,
 ) -> None:
     """Evaluate a model folder: perplexity on named corpora, held-out task files (classification with
     scikit-learn metrics, generation with exact match / ROUGE-L / chrF), a few-shot baseline, samples."""
     model = model_folder(model)
+    use_threads(threads)
     column, label_column, seq_len = trained_defaults(model, column=column, label_column=label_column, seq_len=seq_len)
     baseline = model_folder(baseline) if baseline is not None else None
     if data is not None and data.is_file():  # your own file: the metric follows from its columns and the model
@@ -91,11 +93,13 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch (classifiers, reward models).")] = 16,
     max_len: Annotated[int | None, typer.Option(min=2, help="Tokens of each text kept (classifiers, reward models; default: the model's training seq_len, else 512).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens of each answer (causal LMs).")] = 64,
+    threads: Threads = None,
 ) -> None:
     """Predictions on your own file: labels with probabilities, reward scores, or greedy answers."""
     from lmforge.eval.predict import predict as run_predict
 
     model = model_folder(model)
+    use_threads(threads)
     column, max_len = trained_defaults(model, column=column, seq_len=max_len, fallback_seq_len=512)
     result = guarded(run_predict, model, data, out, column, batch_size, max_len, max_new_tokens)
     typer.echo(f"predict: {result['rows']} rows ({result['kind']}) written to {out}")
