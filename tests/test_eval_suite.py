@@ -384,3 +384,38 @@ def test_commands_that_run_a_model_take_threads(tmp_path, base_model):
         assert result.exit_code == 2 and "--threads" in result.output
     finally:
         torch.set_num_threads(before)
+
+
+def test_report_pairs_standalone_evaluations_of_two_models(tmp_path, base_model, genre_file, tokenizer_dir):
+    """`lmforge eval -o` of a base and of another model on the same task file and corpus, then `lmforge
+    report` of both folders: a before → after table, the accuracy difference paired on the shared rows
+    (paired_branch_difference of the two folders' per-row results), perplexity's change."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.eval.intervals import paired_branch_difference
+    from lmforge.models.factory import build_model, preset_config
+
+    tok = load_tokenizer(tokenizer_dir)
+    other = tmp_path / "other"
+    torch.manual_seed(7)
+    build_model(preset_config("llama", "tiny", (len(tok) + 63) // 64 * 64, 1024), "causal_lm", tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    rows = [json.loads(x) for x in genre_file.read_text().splitlines()]
+    task, held = tmp_path / "g.jsonl", tmp_path / "held.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows[:20] + rows[-20:]))
+    held.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[20:40]))
+    for name, model in (("base", base_model), ("tuned", other)):
+        code, output = _invoke("eval", "-m", model, "--task", f"g={task}", "--label-column", "genre",
+                               "--few-shot", 2, "-c", f"held={held}", "-o", tmp_path / name)
+        assert code == 0, output
+    a, b = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("base", "tuned"))
+    ga, gb = a["tasks"]["g"]["after"], b["tasks"]["g"]["after"]
+    assert ga["actual"] == gb["actual"]  # the same rows (the shots drawn alike for both)
+    d = paired_branch_difference([[int(p == t) for p, t in zip(ga["predicted"], ga["actual"], strict=True)]],
+                                 [[int(p == t) for p, t in zip(gb["predicted"], gb["actual"], strict=True)]])
+    code, output = _invoke("report", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "r.html")
+    assert code == 0, output
+    table = (tmp_path / "r.html").read_text().split("<h2>Models compared on the same rows</h2>")[1].split("<h2>")[0]
+    assert "base → tuned" in table and f"{ga['accuracy']:.3f} → {gb['accuracy']:.3f}" in table
+    assert f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" in table
+    pa, pb = a["probes"]["held"]["after"]["ppl"], b["probes"]["held"]["after"]["ppl"]
+    assert f"{(pb / pa - 1) * 100:+.1f}%" in table

@@ -121,7 +121,8 @@ def _labeled_source(recipe: Recipe, objective, tokenizer, corpora, device: torch
     say(f"data: {len(train_set)} training rows{budget}, {len(val_set)} held out, {len(names)} labels")
 
     def evaluate(m: torch.nn.Module, precision: str, detail: bool = False) -> dict:  # every held-out row
-        return classification_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names, detail)
+        return classification_metrics(m, objective, val_set, tcfg.batch_size, device, precision, names, detail,
+                                      tcfg.progress)
 
     return _in_memory_source(recipe, train_set, evaluate if len(val_set) else None)
 

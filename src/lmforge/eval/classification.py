@@ -15,16 +15,17 @@ from lmforge.eval.intervals import classification_intervals
 
 @torch.no_grad()
 def classification_metrics(model: nn.Module, objective, rows, batch_size: int, device: torch.device, precision: str,
-                           names: list[str], detail: bool = False) -> dict:
+                           names: list[str], detail: bool = False, progress: bool = True) -> dict:
     """The mean loss and scikit-learn's metrics over all of `rows` (labels indexed as `names`); with
-    `detail`, bootstrap intervals of accuracy and macro-F1 and each example's label and prediction."""
+    `detail`, bootstrap intervals of accuracy and macro-F1 and each example's label and prediction; `progress`:
+    a bar with an ETA where there are many batches (a run's trainer.progress)."""
     model.eval()
     # rows of like length batched together (a batch pads to its longest row), results put back in row order
     lengths = [len(r) for r in rows.ids] if hasattr(rows, "ids") else [0] * len(rows)
     order = sorted(range(len(rows)), key=lengths.__getitem__)
     predicted, actual, loss_sum = [0] * len(rows), [0] * len(rows), 0.0
     starts = range(0, len(rows), batch_size)  # 1,000 rows ran silent for a minute: a bar with an ETA
-    for start in tqdm(starts, desc="classify held-out rows", unit="batch", leave=False, disable=len(starts) < 4):
+    for start in tqdm(starts, desc="classify held-out rows", unit="batch", leave=False, disable=not progress or len(starts) < 4):
         indices = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in rows.batch(indices).items()}
         with autocast(device, precision):

@@ -124,8 +124,8 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     from tqdm.auto import tqdm
 
-    starts = range(0, len(unique), batch_size)  # minutes on a CPU for 1,000 rows: a bar with an ETA
-    for start in tqdm(starts, desc="score continuations", unit="batch", leave=False, disable=len(starts) < 4):
+    starts = range(0, len(unique), batch_size)  # minutes on a CPU for 1,000 rows: a bar with an ETA, on a terminal
+    for start in tqdm(starts, desc="score continuations", unit="batch", leave=False, disable=True if len(starts) < 4 else None):
         batch = unique[start:start + batch_size]
         chunk = [list(seq[shared:]) for seq in batch]
         width = max(len(s) for s in chunk)

@@ -487,6 +487,42 @@ def _suites(suites: list[RunView]) -> str:
     return _table(["evaluation (model)", "measured", "result [95% CI]", "baseline", "on"], rows, "suites")
 
 
+def _models_compared(suites: list[RunView]) -> str:
+    """Standalone evaluations of several models (`lmforge eval -o` of a base, then of its tuned model), each
+    against the first, task by task: accuracy paired on the rows both scored (the same labels in the same
+    order), with a bootstrap interval over those rows; perplexity before and after on each corpus both measured."""
+    if len(suites) < 2:
+        return ""
+    first, rows = suites[0], []
+    for other in suites[1:]:
+        pair = f"{html.escape(first.label)} → {html.escape(other.label)}"
+        for name, entry in other.evaluation.get("tasks", {}).items():
+            a = (first.evaluation.get("tasks", {}).get(name) or {}).get("after") or {}
+            b = entry.get("after") or {}
+            if "accuracy" not in a or "accuracy" not in b:
+                continue
+            if not a.get("actual") or a.get("actual") != b.get("actual"):
+                rows.append([pair, html.escape(f"task {name} accuracy"), f"{_fmt(a['accuracy'])} → {_fmt(b['accuracy'])}",
+                             "not paired: scored on different rows", "–"])
+                continue
+            correct = [[int(p == t) for p, t in zip(m["predicted"], m["actual"], strict=True)] for m in (a, b)]
+            d = paired_branch_difference(correct[:1], correct[1:])
+            verdict = "larger than the interval" if excludes_zero(d["ci"]) else "not larger than the interval"
+            rows.append([pair, html.escape(f"task {name} accuracy"), f"{_fmt(a['accuracy'])} → {_fmt(b['accuracy'])}",
+                         f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], {verdict}",
+                         f"{d['examples']:,} shared rows"])
+        for name, probe in other.evaluation.get("probes", {}).items():
+            a = (first.evaluation.get("probes", {}).get(name) or {}).get("after") or {}
+            b = probe.get("after") or {}
+            if a.get("ppl") and b.get("ppl"):
+                rows.append([pair, html.escape(f"{name} perplexity"), f"{_fmt(a['ppl'], 2)} → {_fmt(b['ppl'], 2)}",
+                             f"{(b['ppl'] / a['ppl'] - 1) * 100:+.1f}%", "–"])
+    if not rows:
+        return "<p>No task or corpus measured by the first evaluation and a later one.</p>"
+    return _table(["models (first → later)", "measured", "before → after", "change [paired 95% CI]", "on"], rows,
+                  "models-compared")
+
+
 def _config_diff(runs: list[RunView]) -> str:
     keys = sorted({k for r in runs for k in r.settings})
     naming = naming_keys()  # the run's name and folder differ by design
@@ -551,6 +587,7 @@ def render(folders: list[Path]) -> str:
 <h2>Forgetting</h2>{_forgetting_table(runs)}
 <h2>Vocabulary extensions</h2>{_vocabulary(runs)}
 {f"<h2>Evaluations</h2>{_suites(suites)}" if suites else ""}
+{f"<h2>Models compared on the same rows</h2>{_models_compared(suites)}" if len(suites) > 1 else ""}
 <h2>Curves</h2>{figures}
 <h2>Configuration differences</h2>{_config_diff(runs)}
 <h2>Sample generations</h2>{_samples(runs)}
