@@ -83,7 +83,7 @@ def test_held_out_metrics_cover_every_row_and_equal_scikit_learn(genre_file, tok
     assert "classify held-out rows" in capsys.readouterr().err  # many batches: a progress bar with an ETA
 
 
-def test_a_lora_classifier_loads_with_plain_peft_with_its_labels(tmp_path, genre_file, base_model, monkeypatch):
+def test_a_lora_classifier_loads_with_plain_peft_with_its_labels(tmp_path, genre_file, base_model, monkeypatch, capsys):
     """The adapter folder of a LoRA classifier (head trained too) loads with plain
     AutoPeftModelForSequenceClassification: its label map, a head of the right size, lmforge's logits."""
     from peft import AutoPeftModelForSequenceClassification
@@ -106,7 +106,9 @@ def test_a_lora_classifier_loads_with_plain_peft_with_its_labels(tmp_path, genre
     assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == "out/final/base"
     plain = AutoPeftModelForSequenceClassification.from_pretrained("out/final").eval()
     assert plain.config.id2label == {0: "news", 1: "fiction", 2: "other"}
+    capsys.readouterr()
     ours = load_model("out/final", "classifier").eval()
+    assert "newly initialised" not in capsys.readouterr().out  # its trained head is in the adapter
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits)

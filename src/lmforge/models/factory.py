@@ -283,7 +283,10 @@ def _load_adapter(path: Path, head: str, trust_remote_code: bool, dtype: torch.d
         body = getattr(model, model.base_model_prefix)
         body.load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
         return model
-    base = load_model(base_path, head, trust_remote_code, dtype, **config_overrides)
+    # the head a classifier adapter trained is in the adapter (modules_to_save): the base's missing head
+    # is no news to the user, and it was said, wrongly, that it "starts newly initialised"
+    saved = json.loads((path / "adapter_config.json").read_text()).get("modules_to_save") or []
+    base = load_model(base_path, head, trust_remote_code, dtype, report_missing=not saved, **config_overrides)
     adapted = PeftModel.from_pretrained(base, str(path))
     if not merge or adapted.active_peft_config.is_prompt_learning:
         return adapted
