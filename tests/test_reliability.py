@@ -319,3 +319,20 @@ def test_weights_load_only_safely():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "pickle.load" not in text, path
         assert "trust_remote_code=True" not in text, path
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_stops_now(capsys):
+    """A step can take minutes: the first Ctrl-C says what will happen (stop after this step, checkpoint
+    kept), the second stops at once."""
+    import os
+    import signal
+
+    from lmforge.engine.loop import StopFlag
+
+    with StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signal == signal.SIGINT
+        assert "SIGINT: stopping after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

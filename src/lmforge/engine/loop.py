@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -129,6 +130,10 @@ class StopFlag:
         if self.signal is not None:  # a second Ctrl-C means: stop now
             raise KeyboardInterrupt
         self.signal = signum
+        # said at once: a step can take minutes, and a silent Ctrl-C looks ignored
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint is kept for "
+                         "--resume); Ctrl-C again to stop now\n")
+        sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
