@@ -186,8 +186,9 @@ def test_every_setting_that_can_change_the_weights_is_in_the_train_key(tmp_path,
             wrong.append(key)
     assert not wrong, f"train key wrong for: {wrong}"
     # each of these is valid only with another key changed with it (mixture without train_files, ewc with
-    # fisher_data, dataset with a registry file); every other key was changed alone
-    assert set(untested) <= {"data.mixture", "regularize.ewc", "data.dataset"}, untested
+    # fisher_data, dataset with a registry file, label_prompt with the classify objective); every other key
+    # was changed alone
+    assert set(untested) <= {"data.mixture", "regularize.ewc", "data.dataset", "objective.label_prompt"}, untested
     assert len(flat_settings(base)) > 90
 
 
