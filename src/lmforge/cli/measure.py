@@ -119,11 +119,10 @@ def harness(
     lm-eval's table, and its results JSON."""
     import time
 
-    from lmforge.eval.harness import harness_table, run_harness, write_harness_json
+    from lmforge.eval.harness import ensure_new_file, harness_table, run_harness, write_harness_json
 
     out = out or Path(time.strftime("harness_%Y%m%d_%H%M%S.json", time.gmtime()))
-    if out.exists():  # refused before the minutes of scoring, not after
-        guarded(write_harness_json, {}, out)
+    guarded(ensure_new_file, out)  # refused before the minutes of scoring, not after
     results = guarded(run_harness, model, tasks_dir, task, num_fewshot, limit)
     typer.echo(harness_table(results))
     path = guarded(write_harness_json, results, out)

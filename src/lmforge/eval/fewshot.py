@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
+from tqdm.auto import tqdm
 
 from lmforge.config import Recipe
 from lmforge.data.labeled import LabeledSet, encode_texts, labeled_split
@@ -122,8 +123,6 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, pairs: list[tuple[s
     body, head = _body_and_head(model)
     out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    from tqdm.auto import tqdm
-
     starts = range(0, len(unique), batch_size)  # minutes on a CPU for 1,000 rows: a bar with an ETA, on a terminal
     for start in tqdm(starts, desc="score continuations", unit="batch", leave=False, disable=True if len(starts) < 4 else None):
         batch = unique[start:start + batch_size]

@@ -56,13 +56,19 @@ def harness_table(results: dict) -> str:
     return make_table(results) + (make_table(results, "groups") if results.get("groups") else "")
 
 
+def ensure_new_file(path: Path) -> Path:
+    """`path`, refused if a file is there: lmforge does not overwrite what it did not write."""
+    path = Path(path)
+    if path.exists():
+        raise HarnessError(f"--out {path}: the file exists (lmforge does not overwrite it); name another")
+    return path
+
+
 def write_harness_json(results: dict, path: Path) -> Path:
     """lm-eval's results as its CLI writes them (configs, versions, n-shot, metrics), to a new file."""
     from lm_eval.utils import handle_non_serializable
 
-    path = Path(path)
-    if path.exists():
-        raise HarnessError(f"--out {path}: the file exists (lmforge does not overwrite it); name another")
+    path = ensure_new_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
     return path
