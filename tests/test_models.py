@@ -60,3 +60,38 @@ def test_unknown_family_and_preset():
         preset_config("mamba", "tiny", 100)
     with pytest.raises(ModelError, match="unknown preset"):
         preset_config("llama", "huge", 100)
+
+
+def test_ranks_importing_one_gguf_at_once_import_it_once(tmp_path, monkeypatch):
+    """Under torchrun every rank resolves the recipe's GGUF at the same moment: one imports, the others
+    wait for it and reuse the folder (before the lock, each wrote the same temporary folder)."""
+    import threading
+    import time
+
+    from lmforge.models import gguf
+    from lmforge.outputs import write_stamp
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF")
+    inside, most, imports = [0], [0], []
+
+    def slow_import(file, out, key):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        write_stamp(out, key, kind="gguf import")
+        imports.append(out)
+        inside[0] -= 1
+        return out
+
+    monkeypatch.setattr(gguf, "_import", slow_import)
+    found = []
+    ranks = [threading.Thread(target=lambda: found.append(gguf.import_gguf(source))) for _ in range(3)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert len(imports) == 1 and most[0] == 1
+    assert found == imports * 3

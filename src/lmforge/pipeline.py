@@ -172,12 +172,13 @@ def _claim_checkpoints(recipe: Recipe, key: str, force: bool) -> None:
 def train_stage(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, corpora: dict[str, PreparedCorpus],
                 resume: bool = False, force: bool = False) -> TrainOutcome:
     out_dir = Path(recipe.output_dir)
-    identity = run_identity(recipe, tokenizer, corpora)
+    strategy = init_strategy()
+    # rank 0's: on several nodes each may hold its own copy of a cached model (other file times, one identity)
+    identity = strategy.same_on_all(run_identity(recipe, tokenizer, corpora))
     key = train_key(identity)
-    if not force and stamp_matches(recipe.final_model_dir, key):
+    if strategy.same_on_all(not force and stamp_matches(recipe.final_model_dir, key)):
         say(f"train: {recipe.final_model_dir} is up to date for this recipe and data; skipping (--force retrains)")
         return TrainOutcome(None, recipe.final_model_dir, skipped=True)
-    strategy = init_strategy()
     ensure_replaceable(recipe.final_model_dir.absolute(), has_stamp, "a model folder lmforge saved")
     lock = RunLock(out_dir, say) if strategy.is_main else None
     with lock or contextlib.nullcontext():

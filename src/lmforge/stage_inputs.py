@@ -203,6 +203,7 @@ def model_tokenizer(model_dir: Path, tokenizer_dir: Path | None) -> PreTrainedTo
 def inputs_stage(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, dict[str, PreparedCorpus]]:
     """Tokenizer and corpora; under torchrun rank 0 builds them while the other ranks wait."""
     ensure_run_folder(Path(recipe.output_dir))  # before any stage writes into it
+    init_strategy().ensure_shared_folder(Path(recipe.output_dir))
 
     def build():
         tokenizer = tokenizer_stage(recipe)

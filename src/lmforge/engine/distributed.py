@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from lmforge.engine.runtime import repeated_blocks
+
+
+class SharedFolderError(ValueError):
+    """The ranks of a run do not see one output folder (several nodes without a shared file system)."""
 
 
 @dataclass
@@ -151,6 +158,31 @@ class Strategy:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def ensure_shared_folder(self, folder: Path) -> None:
+        """Rank 0 alone writes the data, checkpoints and models that every rank then reads, so every rank
+        must see the same `folder`: on several nodes, a file system they all mount. Checked once, before
+        anything is written into it: rank 0 leaves a file of a random name, every rank looks for it, all
+        fail together (no rank left waiting) naming the ranks and hosts that did not find it."""
+        if not self.distributed:
+            return
+        folder = Path(folder)
+        marker = folder / f".lmforge-shared-{self.same_on_all(secrets.token_hex(8))}"
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        self.barrier()
+        seen = [None] * self.world_size
+        dist.all_gather_object(seen, (self.rank, socket.gethostname(), marker.is_file()))
+        self.barrier()
+        if self.is_main:
+            marker.unlink()
+        blind = [f"rank {rank} on {host}" for rank, host, found in seen if not found]
+        if blind:
+            raise SharedFolderError(
+                f"output_dir: {folder} is not the same folder on every rank ({', '.join(blind)} cannot see what rank 0 "
+                f"writes there). Rank 0 alone writes the prepared data, checkpoints and models the others read: "
+                f"on several nodes, put output_dir on a file system every node mounts (docs/distributed.md)")
 
 
 def _unmap_big_frees() -> None:

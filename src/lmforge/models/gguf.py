@@ -11,6 +11,7 @@ same into a folder of your choice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -38,16 +39,44 @@ def gguf_file(path: str | Path) -> Path | None:
 def import_gguf(source: str | Path, out: str | Path | None = None) -> Path:
     """The plain model folder of the GGUF at `source` (imported now, or earlier with the same file)."""
     from lmforge.data.formats import file_fingerprints
-    from lmforge.engine.distributed import say
-    from lmforge.outputs import OutputError, content_hash, has_stamp, stamp_matches, write_stamp
+    from lmforge.outputs import content_hash, stamp_matches
 
     gguf = gguf_file(source)
     if gguf is None:
         raise ModelError(f"{source}: not a GGUF file, nor a folder holding one")
     key = content_hash({"gguf": file_fingerprints([gguf]), "format": 1})
-    out = Path(out) if out is not None else cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if out is not None:  # a folder of the user's choosing (`lmforge import-gguf -o`): one process
+        return Path(out) if stamp_matches(out, key) else _import(gguf, Path(out), key)
+    out = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if stamp_matches(out, key):
         return out
+    with _import_lock(out):  # the ranks of a torchrun run all ask at once: one imports, the others then reuse it
+        if stamp_matches(out, key):
+            return out
+        return _import(gguf, out, key)
+
+
+@contextlib.contextmanager
+def _import_lock(out: Path):
+    """An exclusive lock beside `out` in the cache (fcntl's: released when the process ends, never left stale)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _import(gguf: Path, out: Path, key: str) -> Path:
+    from lmforge.engine.distributed import say
+    from lmforge.outputs import OutputError, has_stamp, write_stamp
+
     if out.exists() and not has_stamp(out):
         raise OutputError(f"{out}: exists and lmforge did not write it; choose another folder")
     try:
