@@ -280,7 +280,7 @@ def test_distributed_page_runs(tmp_path, monkeypatch):
 def test_ship_page_runs(tmp_path, monkeypatch):
     run, export_hf, export_gguf, client = run_page("ship.md", tmp_path, monkeypatch)
     assert "tracked in MLflow" in run and (tmp_path / "runs" / "ship" / "mlflow.db").is_file()
-    assert "round trip:" in export_hf and "greedy text identical" in export_hf
+    assert "round trip (read by transformers):" in export_hf and "greedy text identical" in export_hf
     assert (tmp_path / "exports" / "gguf" / "final.q8_0.gguf").is_file() and (tmp_path / "exports" / "gguf" / "Modelfile").is_file()
     assert client.startswith("reply:") and len(client.splitlines()) == 2
 

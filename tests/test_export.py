@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +93,18 @@ def test_hf_export_folds_a_lora_in_and_loads_with_plain_transformers(tmp_path, b
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
-def test_gguf_export_reads_back_with_transformers_and_carries_the_tokenizer(tmp_path, gqa_llama, dtype):
+def test_gguf_export_reads_back_with_transformers_and_carries_the_tokenizer(tmp_path, gqa_llama, dtype, monkeypatch):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lmforge.export import gguf as gguf_export
+
+    monkeypatch.setattr(gguf_export, "llama_cpp_version", lambda: None)  # the fallback reader, where llama.cpp is absent
     out = tmp_path / "gguf"
-    result = export_model(gqa_llama, out, "gguf", dtype, say=lambda _: None)
-    assert result.ok and result.tokenizer_identical and result.greedy_identical
+    said = []
+    result = export_model(gqa_llama, out, "gguf", dtype, say=said.append)
+    assert result.ok and result.tokenizer_identical and result.greedy_identical and result.reader == "transformers"
+    assert any("llama-cpp-python is not installed" in line for line in said)
     (path,) = out.glob("*.gguf")
     reader = gguf.GGUFReader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if k not in ("tokenizer.ggml.merges",)}
@@ -121,14 +127,71 @@ def test_gguf_export_reads_back_with_transformers_and_carries_the_tokenizer(tmp_
     assert (out / "Modelfile").read_text().startswith(f"FROM ./{path.name}")
 
 
-def test_a_wrong_tensor_layout_fails_the_round_trip_and_writes_nothing(tmp_path, gqa_llama, monkeypatch):
+@pytest.mark.parametrize("reader", ["llama.cpp", "transformers"])
+def test_a_wrong_tensor_layout_fails_the_round_trip_and_writes_nothing(tmp_path, gqa_llama, monkeypatch, reader):
     from lmforge.export import gguf as gguf_export
+
+    if reader == "llama.cpp":
+        need_llama_cpp()
+    else:
+        monkeypatch.setattr(gguf_export, "llama_cpp_version", lambda: None)
 
     monkeypatch.setattr(gguf_export, "permute_rotary", lambda weights, heads: weights)  # llama.cpp's layout forgotten
     out = tmp_path / "broken"
     with pytest.raises(ExportError, match="does not compute what"):
         export_model(gqa_llama, out, "gguf", "f32", say=lambda _: None)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".broken")]
+
+
+def need_llama_cpp() -> str:
+    """llama-cpp-python's version; a skip where it is absent, a failure in CI (make test installs it)."""
+    from lmforge.export.llama_cpp import llama_cpp_version
+
+    version = llama_cpp_version()
+    if version is None:
+        if os.environ.get("CI"):
+            pytest.fail("llama-cpp-python is not installed; `make test` installs it (the GGUF export's consumer)")
+        pytest.skip("llama-cpp-python is not installed (make test installs it)")
+    return version
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_llama_cpp_loads_the_gguf_and_continues_text_as_the_source_does(tmp_path, gqa_llama, dtype):
+    """The consumer itself: llama.cpp loads the export (the round trip says it was the reader), splits text
+    (Chinese too) into the source tokenizer's ids, and its own greedy sampler writes the source's text."""
+    version = need_llama_cpp()
+    import llama_cpp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "gguf"
+    result = export_model(gqa_llama, out, "gguf", dtype, say=lambda _: None)
+    assert result.ok and result.greedy_identical and result.tokenizer_identical
+    assert result.reader == f"llama.cpp (llama-cpp-python {version})"
+    assert json.loads((out / "export.json").read_text())["round_trip"]["reader"] == result.reader
+    (path,) = out.glob("*.gguf")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False, type_k=0, type_v=0)
+    tok = AutoTokenizer.from_pretrained(gqa_llama)
+    source = AutoModelForCausalLM.from_pretrained(gqa_llama).eval()
+    for text in ("The river rose in the spring of 1850.", "北京的秋天，天高云淡。", "<|im_start|>user\nHi<|im_end|>"):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text).input_ids, text
+    prompt = "The history of the city"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    expected = source.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+    answer = llm.create_completion(prompt, max_tokens=10, temperature=0.0)["choices"][0]["text"]
+    assert answer == tok.decode(expected, skip_special_tokens=True)
+    llm.close()
+
+
+def test_a_pre_tokenizer_llama_cpp_does_not_know_fails_the_export_with_its_reason(tmp_path, gqa_llama, monkeypatch):
+    """The defect transformers' reader let through: a byte-level BPE named `gpt2` (llama.cpp says `gpt-2`)."""
+    need_llama_cpp()
+    from lmforge.export import gguf as gguf_export
+
+    monkeypatch.setattr(gguf_export, "pre_tokenizer_name", lambda spec: "gpt2")
+    out = tmp_path / "old"
+    with pytest.raises(ExportError, match=r"llama.cpp .* cannot load .*unknown pre-tokenizer type: 'gpt2'"):
+        export_model(gqa_llama, out, "gguf", "f32", say=lambda _: None)
+    assert not out.exists()
 
 
 def test_permute_rotary_matches_transformers_inverse(gqa_llama):

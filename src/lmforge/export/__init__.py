@@ -26,7 +26,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmforge.export.verify import TOLERANCE, ExportError, Reference, RoundTrip, reference_outputs
+from lmforge.export.verify import ExportError, Reference, RoundTrip, reference_outputs
 
 FORMATS = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "bf16", "q8_0"), "torchao": ("int8", "int4")}
 DEFAULT_DTYPE = {"hf": "f32", "gguf": "f16", "torchao": "int4"}
@@ -113,7 +113,7 @@ def export_model(source_dir: Path, out: Path, fmt: str, dtype: str | None = None
                               f"({result.summary()}); nothing was written to {out}")
         (tmp / MARK).write_text(json.dumps({"source": str(source.path.absolute()), "format": fmt, "dtype": dtype,
                                             "adapter_merged": source.adapter, "files": files,
-                                            "round_trip": result.as_dict(), "tolerance": TOLERANCE[dtype]}, indent=1))
+                                            "round_trip": result.as_dict(), "tolerance": result.tolerance}, indent=1))
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,9 +5,10 @@ The layout follows llama.cpp's convert_hf_to_gguf.py for `LlamaForCausalLM`: ten
 gguf's own name map; the query and key projections permuted into llama.cpp's rotary layout (pairs
 interleaved per head, the permutation transformers' GGUF loader undoes); norms kept in f32; a tied
 output layer not written (llama.cpp reuses the embeddings). The tokenizer goes in as llama.cpp's
-byte-level BPE (`gpt2`): every token by id, its type (control for special tokens), the merges, the
-special ids, whether a BOS is prepended, and the chat template. The round trip reads the file back
-with transformers' GGUF loader (model and tokenizer).
+byte-level BPE (`gpt-2`, llama.cpp's name): every token by id, its type (control for special tokens), the
+merges, the special ids, whether a BOS is prepended, and the chat template. The round trip loads the
+file with llama.cpp itself where llama-cpp-python is installed (export/llama_cpp.py), else with
+transformers' GGUF loader (model and tokenizer); export.json names the reader.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.export.llama_cpp import llama_cpp_version, read_back
 from lmforge.export.verify import ExportError, RoundTrip, compare
 
 SUPPORTED = ("LlamaForCausalLM",)
@@ -178,7 +180,10 @@ def modelfile(gguf_name: str, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_gguf(source, folder: Path, dtype: str, say: Callable[[str], None]) -> tuple[RoundTrip, list[str]]:
+def write_gguf(source, folder: Path, dtype: str, say: Callable[[str], None],
+               reader: str = "auto") -> tuple[RoundTrip, list[str]]:
+    """The .gguf and its Modelfile in `folder`, and the round trip of the file as `reader` loads it: llama.cpp
+    where its binding is installed (`auto`), else (or with `transformers`) transformers' GGUF loader."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,11 +215,18 @@ def write_gguf(source, folder: Path, dtype: str, say: Callable[[str], None]) -> 
     writer.write_tensors_to_file()
     writer.close()
     (folder / "Modelfile").write_text(modelfile(name, source.tokenizer))
-    say(f"export: wrote {name} ({path.stat().st_size / 1e6:.1f} MB); reading it back with transformers' GGUF loader")
+    files = [name, "Modelfile"]
+    version = llama_cpp_version() if reader != "transformers" else None
+    if version is not None:  # the consumer itself (export/llama_cpp.py)
+        say(f"export: wrote {name} ({path.stat().st_size / 1e6:.1f} MB); loading it with llama.cpp "
+            f"(llama-cpp-python {version})")
+        return read_back(path, source.reference, dtype), files
+    say(f"export: wrote {name} ({path.stat().st_size / 1e6:.1f} MB); reading it back with transformers' GGUF loader "
+        "(llama-cpp-python is not installed: pip install 'lmforge[llama-cpp]' to have llama.cpp itself load it)")
     exported = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     if pre_tokenizer_name(json.loads(source.tokenizer.backend_tokenizer.to_str())) in READER_SPLITS:
-        return compare(source.reference, exported, tokenizer, dtype), [name, "Modelfile"]
+        return compare(source.reference, exported, tokenizer, dtype), files
     note = ("transformers' GGUF reader does not split text as the file's pre-tokenizer says; "
             "the vocabulary was compared by id instead")
-    return compare(source.reference, exported, tokenizer, dtype, note, tokenize_text=False), [name, "Modelfile"]
+    return compare(source.reference, exported, tokenizer, dtype, note, tokenize_text=False), files

@@ -65,6 +65,7 @@ class RoundTrip:
     greedy_identical: bool | None
     tokenizer_identical: bool
     tokenizer_note: str = ""
+    reader: str = "transformers"  # what loaded the export back: plain transformers, or the consumer itself (llama.cpp)
 
     @property
     def ok(self) -> bool:
@@ -78,7 +79,7 @@ class RoundTrip:
         if self.greedy_identical is not None:
             parts.append("greedy text identical" if self.greedy_identical else "greedy text differs")
         parts.append("tokenizer identical" if self.tokenizer_identical else "tokenizer DIFFERS")
-        return "round trip: " + ", ".join(parts) + (f" ({self.tokenizer_note})" if self.tokenizer_note else "")
+        return f"round trip (read by {self.reader}): " + ", ".join(parts) + (f" ({self.tokenizer_note})" if self.tokenizer_note else "")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -123,17 +124,11 @@ def reference_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return Reference(prompts, ids, outputs, greedy, tokenizer.get_vocab(), max(1, limit - GREEDY_TOKENS))
 
 
-@torch.no_grad()
-def compare(reference: Reference, exported: PreTrainedModel, exported_tokenizer: PreTrainedTokenizerBase | None,
-            dtype: str, tokenizer_note: str = "", tokenize_text: bool = True) -> RoundTrip:
-    """The export against the source's reference: its outputs on the same ids, and its tokenizer (the
-    prompts' ids; with `tokenize_text` False, where the reader cannot split text as the format says,
-    the vocabulary by id)."""
-    exported.eval()
+def output_agreement(reference: Reference, outputs: list[torch.Tensor]) -> tuple[float, float, float | None]:
+    """(max |difference|, RMS difference / the source outputs' spread, next-token agreement or None) of a
+    reader's outputs on the reference's inputs, whichever reader computed them."""
     diffs, squares, count, spreads, agree, total = [], 0.0, 0, [], 0, 0
-    inputs = reference.inputs()
-    for ids, expected in zip(inputs, reference.outputs, strict=True):
-        got = _outputs(exported, ids)
+    for got, expected in zip(outputs, reference.outputs, strict=True):
         if got.shape != expected.shape:
             raise ExportError(f"round trip: the export's outputs have shape {tuple(got.shape)}, "
                               f"the source's {tuple(expected.shape)}")
@@ -145,8 +140,19 @@ def compare(reference: Reference, exported: PreTrainedModel, exported_tokenizer:
         if reference.greedy is not None:
             agree += (got.argmax(-1) == expected.argmax(-1)).sum().item()
             total += got.shape[0]
-    max_diff = max(diffs)
     relative = (squares / count) ** 0.5 / max(sum(spreads) / len(spreads), 1e-12)
+    return max(diffs), relative, agree / total if total else None
+
+
+@torch.no_grad()
+def compare(reference: Reference, exported: PreTrainedModel, exported_tokenizer: PreTrainedTokenizerBase | None,
+            dtype: str, tokenizer_note: str = "", tokenize_text: bool = True) -> RoundTrip:
+    """The export, read by plain `transformers`, against the source's reference: its outputs on the same
+    ids, and its tokenizer (the prompts' ids; with `tokenize_text` False, where the reader cannot split
+    text as the format says, the vocabulary by id)."""
+    exported.eval()
+    inputs = reference.inputs()
+    max_diff, relative, agreement = output_agreement(reference, [_outputs(exported, ids) for ids in inputs])
     greedy_same = None
     if reference.greedy is not None and _is_causal(exported) and exported_tokenizer is not None:
         greedy_same = _greedy(exported, inputs[0], exported_tokenizer) == reference.greedy
@@ -157,5 +163,4 @@ def compare(reference: Reference, exported: PreTrainedModel, exported_tokenizer:
     elif exported_tokenizer is not None:
         tokenizer_same = all(exported_tokenizer(p, add_special_tokens=True).input_ids == ids
                              for p, ids in zip(reference.prompts, reference.ids, strict=True))
-    return RoundTrip(dtype, max_diff, relative, TOLERANCE[dtype], agree / total if total else None, greedy_same,
-                     tokenizer_same, tokenizer_note)
+    return RoundTrip(dtype, max_diff, relative, TOLERANCE[dtype], agreement, greedy_same, tokenizer_same, tokenizer_note)

