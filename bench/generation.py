@@ -13,6 +13,11 @@
   benchmark_serving, where batching shows what it gives). Tokens/s at each, the ratio against one client
   (requests served one at a time), the server's peak RSS.
 
+- llama_cpp: the same prompts, greedy, through llama.cpp (llama-cpp-python, `make test` builds it) on the
+  GGUF `lmforge export` writes of that model, f32 and q8_0, one prompt at a time (the binding decodes one
+  sequence): tokens/s against lmforge's batched engine measured in the same run, and how many answers
+  are identical to lmforge's (f32: the same numbers, so differences are summation order; q8_0 quantizes).
+
 Results go to bench/results/generation-latest.json with the machine's measured fp32/bf16 GEMM speeds.
 A benchmark, not a test: nothing here asserts speed.
 """
@@ -71,6 +76,50 @@ def generate_batch(prompts: int, new_tokens: int, max_batch: int) -> dict:
     return {"model": folder.name, "prompts": prompts, "new_tokens": new_tokens, "max_batch": max_batch,
             "completion_tokens": tokens, "lmforge_tokens_per_s": tokens / ours_s, "generate_tokens_per_s": tokens / theirs_s,
             "speedup": theirs_s / ours_s, "identical_texts": sum(a == b for a, b in zip(ours, theirs, strict=True))}
+
+
+def llama_cpp_case(prompts: int, new_tokens: int, max_batch: int, threads: int) -> dict:
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.export import export_model
+    from lmforge.generation.engine import Request, generate_many
+    from lmforge.generation.prompt import prompt_ids
+
+    folder = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = held_out_prompts(tokenizer, prompts)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    requests = [Request(prompt_ids(tokenizer, t), new_tokens) for t in texts]
+    start = time.perf_counter()
+    generate_many(model, tokenizer, requests, max_batch)
+    ours_s = time.perf_counter() - start
+    ours, ours_tokens = [r.text for r in requests], sum(len(r.new_ids) for r in requests)
+    del model
+    case = {"model": folder.name, "prompts": prompts, "new_tokens": new_tokens, "threads": threads,
+            "llama_cpp_python": llama_cpp.__version__,
+            "lmforge": {"max_batch": max_batch, "seconds": ours_s, "tokens_per_s": ours_tokens / ours_s}}
+    for dtype in ("f32", "q8_0"):
+        out = bench.WORK / f"gguf-{folder.name}-{dtype}"
+        if not (out / "export.json").is_file():
+            export_model(folder, out, "gguf", dtype, say=lambda _: None)
+        (path,) = out.glob("*.gguf")
+        llm = llama_cpp.Llama(str(path), n_ctx=2048, n_batch=512, n_threads=threads, verbose=False)
+        answers, tokens = [], 0
+        start = time.perf_counter()
+        for text in texts:
+            llm.reset()
+            done = llm.create_completion(text, max_tokens=new_tokens, temperature=0.0)
+            answers.append(done["choices"][0]["text"])
+            tokens += done["usage"]["completion_tokens"]
+        seconds = time.perf_counter() - start
+        llm.close()
+        case[dtype] = {"file_mb": path.stat().st_size / 1e6, "seconds": seconds, "tokens": tokens,
+                       "tokens_per_s": tokens / seconds,
+                       "identical_to_lmforge": sum(a.strip() == b.strip() for a, b in zip(answers, ours, strict=True))}
+        case[dtype]["lmforge_over_llama_cpp"] = case["lmforge"]["tokens_per_s"] / case[dtype]["tokens_per_s"]
+    return case
 
 
 def _free_port() -> int:
@@ -143,7 +192,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--only", choices=["generate_batch", *SERVE_CASES])
+    parser.add_argument("--only", choices=["generate_batch", "llama_cpp", *SERVE_CASES])
     args = parser.parse_args()
     import torch
 
@@ -157,6 +206,12 @@ def main() -> None:
               f"lmforge {case['lmforge_tokens_per_s']:.1f} tok/s vs one generate per prompt "
               f"{case['generate_tokens_per_s']:.1f} tok/s = {case['speedup']:.2f}x; identical texts "
               f"{case['identical_texts']}/{case['prompts']}")
+    if args.only in (None, "llama_cpp"):
+        cases["llama_cpp"] = case = llama_cpp_case(args.prompts, args.new_tokens, 32, torch.get_num_threads())
+        print(f"llama_cpp ({case['model']}, {case['prompts']} prompts x {case['new_tokens']} tokens, greedy): lmforge "
+              f"batched {case['lmforge']['tokens_per_s']:.1f} tok/s; llama.cpp one prompt at a time "
+              + ", ".join(f"{d} {case[d]['tokens_per_s']:.1f} tok/s (lmforge {case[d]['lmforge_over_llama_cpp']:.2f}x, "
+                          f"identical {case[d]['identical_to_lmforge']}/{case['prompts']})" for d in ("f32", "q8_0")))
     for name, (max_tokens, ignore_eos) in SERVE_CASES.items():
         if args.only in (None, name):
             cases[name] = case = serve_concurrency(args.requests, max_tokens, [1, 8, 32], ignore_eos)
