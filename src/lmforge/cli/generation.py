@@ -40,14 +40,18 @@ def generate(
 @app.command(rich_help_panel=PANEL)
 def chat(
     model: Annotated[Path, typer.Argument(help="An instruction-tuned model: a folder, a .gguf, or a hub id org/name.")],
+    compare: Annotated[Path | None, typer.Option("--compare", help="A second model: every turn goes to both, their "
+                                                "replies one under the other (e.g. a stage's output and its start).")] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="A system prompt for the whole conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens of each reply, at most.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.7,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy, the one to "
+                                                      "compare models with. Default 0.7, or 0 with --compare.")] = None,
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     threads: Threads = None,
 ) -> None:
-    """Talk to a model: multi-turn, with its chat template, replies streamed (/reset, /exit)."""
+    """Talk to a model: multi-turn, with its chat template, replies streamed (/reset, /exit); --compare OTHER
+    sends every turn to both models."""
     from lmforge.chat import chat_loop
 
     def ask(prompt: str) -> str | None:
@@ -59,10 +63,12 @@ def chat(
     def write(text: str) -> None:
         typer.echo(text, nl=False)
 
-    folder = model_folder(model)
+    folders = [model_folder(model)] + ([model_folder(compare)] if compare is not None else [])
+    if temperature is None:
+        temperature = 0.0 if compare is not None else 0.7
     use_threads(threads)
     try:
-        guarded(chat_loop, folder, ask, write, system, max_new_tokens, temperature, top_p, seed)
+        guarded(chat_loop, folders, ask, write, system, max_new_tokens, temperature, top_p, seed)
     except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop, no traceback
         typer.echo("")
 
