@@ -125,3 +125,24 @@ def test_make_quickstart_passes_its_args_to_the_recipe():
     out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "quickstart", "ARGS=trainer.max_steps=100 data.max_docs=20"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "lmforge run recipes/quickstart.yaml trainer.max_steps=100 data.max_docs=20" in out
+
+
+def test_ctrl_c_after_training_keeps_the_model_and_the_rerun_only_evaluates(tmp_path, small_jsonl, monkeypatch):
+    """Ctrl-C in the final evaluation: a clear line and exit 130, no traceback; the trained model stays, and the
+    same command again skips the training and evaluates."""
+    from lmforge import pipeline
+
+    recipe = _tiny_recipe(tmp_path, small_jsonl, max_steps=4, eval_every=4, save_every=4)
+    real_eval = pipeline.eval_stage
+
+    def pressed_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "eval_stage", pressed_ctrl_c)
+    result = runner.invoke(app, ["run", str(recipe), PRECISION])
+    assert result.exit_code == 130, result.output
+    assert "interrupted (Ctrl-C): what had finished is kept" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    monkeypatch.setattr(pipeline, "eval_stage", real_eval)
+    again = _invoke("run", recipe, PRECISION)
+    assert "up to date for this recipe and data; skipping" in again and "eval: validation loss" in again

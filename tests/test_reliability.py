@@ -336,3 +336,46 @@ def test_ctrl_c_is_acknowledged_at_once_and_a_second_stops_now(capsys):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_during_a_long_evaluation_stops_it_at_once_and_keeps_the_step(tmp_path, prepared):
+    """An evaluation inside training can run for minutes and changes no weight: the first Ctrl-C stops it
+    at once (before, it ran to its end), and the step it was evaluating is checkpointed for --resume."""
+    import os
+    import signal
+
+    import torch
+
+    from lmforge.config import TrainerConfig
+    from lmforge.data.packing import PackedRows, iterate_batches
+    from lmforge.engine.checkpoint import list_checkpoints
+    from lmforge.engine.loop import train
+    from lmforge.engine.optimizer import decay_groups
+    from lmforge.models.factory import build_model, preset_config
+    from lmforge.objectives.clm import CausalLM
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("llama", "tiny", prepared.vocab_size, 128, **TINY_MODEL), "causal_lm")
+    rows = PackedRows(prepared.split("train"), 32)
+    cfg = TrainerConfig(max_steps=10, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1, eval_every=3,
+                        save_every=100, progress=False, precision="fp32")
+    batches_seen = []
+
+    def long_evaluation(model, precision):
+        batches_seen.append(0)
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C a moment into it
+        for _ in range(300):  # 30 s of "evaluating", unless stopped
+            batches_seen[-1] += 1
+            time.sleep(0.1)
+        return {"loss": 1.0}
+
+    lines = []
+    start = time.perf_counter()
+    result = train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, tmp_path,
+                   batches=lambda skip: iterate_batches(rows, 4, 0, skip), batches_per_epoch=len(rows) // 4,
+                   tokens_per_batch=4 * 32, evaluate=long_evaluation, log=lines.append)
+    assert time.perf_counter() - start < 20  # not the evaluation's 30 s
+    assert len(batches_seen) == 1 and batches_seen[0] < 5 and result.interrupted and result.state.step == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]  # resumable from the step evaluated
+    assert any("step 3: evaluation stopped by the signal" in line for line in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

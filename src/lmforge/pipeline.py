@@ -301,7 +301,8 @@ def eval_stage(model_dir: Path, corpus: PreparedCorpus, objective_cfg: Objective
     device = pick_device()
     model.to(device)
     rows = PackedRows(corpus.split("val"), objective.row_length(seq_len), document_mask)
-    metrics = evaluate_loss(model, objective, rows, batch_size, max_batches, device, resolve_precision("auto", device))
+    metrics = evaluate_loss(model, objective, rows, batch_size, max_batches, device, resolve_precision("auto", device),
+                            desc="final evaluation")
     if objective.head == "masked_lm":
         metrics.update(pseudo_perplexity(model, rows, tokenizer.mask_token_id, objective.special_ids, device))
     metrics["unigram_entropy"] = corpus.manifest["unigram_entropy_nats"]
@@ -325,7 +326,7 @@ def generate_stage(model_dir: Path, prompts: list[str], max_new_tokens: int, tem
             limits.budget(len(prompt_ids(tokenizer, prompt)), max_new_tokens)
         except LimitError as exc:
             raise ValueError(f"--max-new-tokens / --prompt: {exc.message.split(': ', 1)[1]}") from None
-    return generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed)
+    return generate_texts(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, desc="samples")
 
 
 def _final_evals(recipe: Recipe, outcome: TrainOutcome, corpora: dict[str, PreparedCorpus]) -> dict[str, dict]:

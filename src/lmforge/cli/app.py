@@ -76,6 +76,11 @@ def guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
+    except KeyboardInterrupt:  # after training (final evaluation, samples, export) or while loading: no traceback
+        typer.secho("\ninterrupted (Ctrl-C): what had finished is kept, nothing half-written; the same `lmforge run` "
+                    "again skips what is up to date (--resume continues a training run from its last checkpoint)",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130) from None
     except Exception as exc:
         if isinstance(exc, (ConfigError, DataError, ModelError, CheckpointError, TrainingDiverged, ValueError)):
             fail(str(exc))  # their messages name the file or key already

@@ -8,6 +8,7 @@ goes into each checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -113,12 +114,28 @@ def resolve_total_steps(cfg: TrainerConfig, batches_per_epoch: int, tokens_per_b
     return max(1, math.ceil(epochs * batches_per_epoch / cfg.grad_accum))
 
 
+class EvaluationStopped(KeyboardInterrupt):
+    """A signal during an evaluation inside training: the evaluation is given up at once (a KeyboardInterrupt,
+    so that no `except Exception` inside the evaluation swallows it), the step is checkpointed."""
+
+
 class StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint at the next step boundary and exit."""
+    """SIGTERM / SIGINT ask the loop to checkpoint at the next step boundary and exit. Inside `evaluating()`
+    there is nothing to finish first: an evaluation can take minutes and changes no weight, so the signal
+    stops it at once (EvaluationStopped) and the loop checkpoints the step it evaluated."""
 
     def __init__(self):
         self.signal: int | None = None
         self._previous: dict = {}
+        self._evaluating = False
+
+    @contextlib.contextmanager
+    def evaluating(self, interruptible: bool = True):
+        self._evaluating = interruptible
+        try:
+            yield
+        finally:
+            self._evaluating = False
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -130,9 +147,14 @@ class StopFlag:
         if self.signal is not None:  # a second Ctrl-C means: stop now
             raise KeyboardInterrupt
         self.signal = signum
+        name = signal.Signals(signum).name
+        if self._evaluating:
+            sys.stderr.write(f"\n{name}: stopping the evaluation now; the step is kept as a checkpoint for --resume\n")
+            sys.stderr.flush()
+            raise EvaluationStopped
         # said at once: a step can take minutes, and a silent Ctrl-C looks ignored
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint is kept for "
-                         "--resume); Ctrl-C again to stop now\n")
+        sys.stderr.write(f"\n{name}: stopping after this step (a checkpoint is kept for --resume); Ctrl-C again to "
+                         "stop now\n")
         sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:
@@ -353,12 +375,21 @@ def train(
         strategy.barrier()
         return path
 
+    stop = StopFlag()
+
     def run_eval(step: int) -> dict:
         values = {}
         # the other ranks wait (evaluation is cheap next to training); sharded, they all take part
         if strategy.is_main or strategy.sharded:
-            with compiled.eager():
-                values = evaluate(model, precision)  # the run's precision, also after a resume
+            try:
+                # sharded, every rank is inside the evaluation's collectives: it runs to its end
+                with compiled.eager(), stop.evaluating(interruptible=not strategy.sharded):
+                    values = evaluate(model, precision)  # the run's precision, also after a resume
+            except EvaluationStopped:
+                log(f"step {step}: evaluation stopped by the signal (not recorded)")
+                strategy.barrier()
+                model.train()
+                return {}
             if cfg.eval_every == "epoch" or cfg.epochs is not None:
                 values["epoch"] = round(step / steps_per_epoch, 3)
         if strategy.is_main:
@@ -386,13 +417,15 @@ def train(
         if evaluate is None:
             raise ValueError("trainer.early_stopping: needs held-out data to evaluate (data.val_fraction or data.val_files)")
         stopper = EarlyStopping(cfg.early_stopping, state)
-    if evaluate is not None and cfg.eval_at_start and state.step == 0:
-        result.first_eval = run_eval(0)
     model.train()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     logged = tuple(getattr(objective, "train_metrics", ()))
     try:
-        with StopFlag() as stop:
+        with stop:
+            if evaluate is not None and cfg.eval_at_start and state.step == 0:
+                result.first_eval = run_eval(0)
+                if stop.signal is not None:  # stopped before the first step: nothing trained, nothing to keep
+                    raise KeyboardInterrupt
             while state.step < total_steps:
                 loss_sum, tokens = torch.zeros((), device=device), 0
                 for _ in range(cfg.grad_accum):
@@ -441,7 +474,7 @@ def train(
                 stop_early = False
                 if evaluate is not None and (state.step % eval_every == 0 or last):
                     result.val = run_eval(state.step)
-                    if stopper is not None:
+                    if stopper is not None and stop.signal is None:  # a stopped evaluation has no verdict
                         improved, stop_early = strategy.same_on_all(stopper.update(state.step, result.val)
                                                                     if strategy.is_main else None)
                         save_now = save_now or improved or stop_early  # the best is kept; a stop can resume

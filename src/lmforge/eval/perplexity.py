@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmforge.data.packing import PackedRows
 from lmforge.data.sentence_pairs import SentencePairs
@@ -14,10 +15,11 @@ from lmforge.engine.runtime import autocast
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs, batch_size: int, max_batches: int | None,
-                  device: torch.device, precision: str, seed: int = 1234, parts: list | None = None) -> dict[str, float]:
+                  device: torch.device, precision: str, seed: int = 1234, parts: list | None = None,
+                  desc: str | None = None) -> dict[str, float]:
     """Token-weighted mean loss (and accuracy, where the objective counts it) over the first `max_batches`
     batches of `rows` (in order, so every eval sees the same data). `parts` gets each batch's
-    (loss sum, token count): what a bootstrap interval resamples."""
+    (loss sum, token count): what a bootstrap interval resamples. `desc`: a progress bar with an ETA."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
     counts: dict[str, int] = {}
@@ -28,7 +30,8 @@ def evaluate_loss(model: nn.Module, objective, rows: PackedRows | SentencePairs,
     # evals) and leave the training RNG exactly where it was (resumed runs stay identical).
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for b in range(batches):
+        for b in tqdm(range(batches), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                      disable=desc is None or batches < 4):
             indices = list(range(b * batch_size, min((b + 1) * batch_size, len(rows))))
             batch = {k: v.to(device) for k, v in rows.batch(indices).items()}
             with autocast(device, precision):
