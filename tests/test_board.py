@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.engine.metrics import read_metrics
+from lmforge.engine.status import read_status
 
 from .conftest import REPO, write_recipe
 
@@ -64,11 +65,22 @@ def runs(tmp_path_factory, base_model, small_jsonl) -> Path:
     assert result.exit_code == 0, result.output
     for name, status in (("killed", {"status": "running", "pid": _dead_pid(), "host": socket.gethostname(), "step": 3,
                                      "total_steps": 10}),
-                         ("broken", {"status": "failed", "message": "TrainingDiverged: loss is NaN", "step": 2})):
+                         ("broken", {"status": "failed", "message": "TrainingDiverged: loss is NaN", "step": 2}),
+                         # trained; this process (alive) is evaluating it
+                         ("scoring", {"status": "finished", "phase": "evaluating", "pid": os.getpid(),
+                                      "host": socket.gethostname(), "step": 8, "total_steps": 8}),
+                         # trained and evaluated once: a validation curve of one point
+                         ("one_eval", {"status": "finished", "step": 4, "total_steps": 4})):
         folder = root / name
         folder.mkdir()
         shutil.copy(root / "clm_a" / "run" / "recipe.yaml", folder / "recipe.yaml")
         (folder / "status.json").write_text(json.dumps(status))
+    (root / "one_eval" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 2, "split": "train", "loss": 5.0}, {"step": 4, "split": "train", "loss": 4.5},
+        {"step": 4, "split": "val", "loss": 4.75})))
+    # a log longer than its box: the box shows the newest line
+    (root / "one_eval" / "train.log").write_text("".join(f"00:00:0{i % 10} step {i} train: loss 5\n" for i in range(39))
+                                                 + "00:00:09 step 4 val: loss 4.75\n")
     return root
 
 
@@ -102,7 +114,7 @@ def board(runs):
 def test_the_run_list_reads_status_progress_and_best_metrics(board, runs):
     status, data = _call(board + "/api/runs")
     rows = {r["id"]: r for r in data["runs"]}
-    assert status == 200 and set(rows) == {"clm_a/run", "clm_b/run", "sft/run", "killed", "broken"}
+    assert status == 200 and set(rows) == {"clm_a/run", "clm_b/run", "sft/run", "killed", "broken", "scoring", "one_eval"}
     val = read_metrics(runs / "clm_a" / "run" / "metrics.jsonl", "val")
     best = min(val, key=lambda r: r["loss"])
     a = rows["clm_a/run"]
@@ -110,6 +122,9 @@ def test_the_run_list_reads_status_progress_and_best_metrics(board, runs):
     assert a["best_val_loss"] == best["loss"] and a["best_step"] == best["step"] and a["recipe"] == "clm_a"
     assert rows["killed"]["status"] == "interrupted"  # "running", but its process is gone
     assert rows["broken"]["status"] == "failed" and "NaN" in rows["broken"]["message"]
+    assert rows["scoring"]["status"] == "evaluating"  # trained, and its process is scoring it
+    # a real run's evaluation, done in this (live) process, ended its "evaluating" phase
+    assert read_status(runs / "sft" / "run").get("phase") is None and rows["sft/run"]["status"] == "finished"
 
 
 def test_a_run_page_has_its_curves_log_recipe_check_and_samples(board, runs):
@@ -215,6 +230,7 @@ def test_what_a_user_sees_in_a_browser(board, runs, tmp_path):
         best = min(read_metrics(runs / "clm_a" / "run" / "metrics.jsonl", "val"), key=lambda r: r["loss"])
         assert rows["clm_a/run"].find_element(By.CLASS_NAME, "best").text == f"{best['loss']:.4g} ({best['step']})"
         assert "interrupted" in rows["killed"].text and "failed" in rows["broken"].text
+        assert "evaluating" in rows["scoring"].text and "finished" in rows["one_eval"].text
         browser.save_screenshot(str(tmp_path / "runs.png"))
 
         # a run's page: the loss curve is drawn (pixels on the canvas that are not background)
@@ -227,6 +243,16 @@ def test_what_a_user_sees_in_a_browser(board, runs, tmp_path):
         assert drawn[0] > 100 and int(drawn[1]) == len(read_metrics(runs / "clm_b" / "run" / "metrics.jsonl", "train"))
         assert "step 8" in browser.find_element(By.ID, "log").text
         browser.save_screenshot(str(tmp_path / "run.png"))
+
+        # one validation point: its value, not a line on a meaningless axis
+        browser.get(board + "/run/one_eval")
+        _wait(browser, lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "1")
+        val = browser.find_element(By.ID, "val")
+        assert val.get_attribute("data-single-step") == "4" and browser.find_element(By.ID, "loss").get_attribute(
+            "data-single-step") is None
+        overflow, at_end = browser.execute_script("""var l = document.getElementById('log');
+            return [l.scrollHeight > l.clientHeight, l.scrollTop + l.clientHeight >= l.scrollHeight - 8];""")
+        assert overflow and at_end  # a log longer than its box: the newest line in view
 
         # compare two runs: the report's tables, with the runs' numbers
         browser.get(board + "/")
@@ -267,3 +293,45 @@ def test_progress_writes_running_status_with_an_eta_and_a_log_line(tmp_path):
     assert run_state(tmp_path) == "running" and status["pid"] == os.getpid() and status["step"] == 20
     assert status["eta_seconds"] == pytest.approx(40, rel=0.05)  # 80 steps left at 2 steps/s
     assert (tmp_path / "train.log").read_text().strip().endswith("step 20 train: loss 3.25, lr 0.001")
+
+
+def test_the_step_in_status_follows_every_step_not_only_the_metrics_records(tmp_path, prepared):
+    """A 3-step run that logs only at its end once showed "step 0 of 3" for 43 minutes while the console said 2/3:
+    status.json now follows the steps themselves (at most once a second)."""
+    import torch
+
+    from lmforge.config import TrainerConfig
+    from lmforge.data.packing import PackedRows, iterate_batches
+    from lmforge.engine.loop import train
+    from lmforge.engine.optimizer import decay_groups
+    from lmforge.models.factory import build_model, preset_config
+    from lmforge.objectives.clm import CausalLM
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("llama", "tiny", prepared.vocab_size, 128, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=128), "causal_lm")
+    rows = PackedRows(prepared.split("train"), 32)
+    cfg = TrainerConfig(max_steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=100, eval_every=100,
+                        save_every=100, progress=False, precision="fp32")
+    seen, training = set(), threading.Event()
+
+    def slow_batches(skip):  # a step of 1.5 s
+        for batch in iterate_batches(rows, 4, 0, skip):
+            time.sleep(1.5)
+            yield batch
+
+    def watch():  # what the board reads while the run trains
+        while not training.is_set():
+            seen.add(read_status(tmp_path).get("step"))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        train(model, CausalLM(), decay_groups(model.named_parameters(), 0.1), cfg, tmp_path, batches=slow_batches,
+              batches_per_epoch=len(rows) // 4, tokens_per_batch=4 * 32, log=lambda _: None)
+    finally:
+        training.set()
+        watcher.join()
+    assert {1, 2} <= seen  # before: nothing until the only metrics record, at step 3
+    assert read_status(tmp_path)["step"] == 3 and read_status(tmp_path)["eta_seconds"] == 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import ConfigError, Recipe
+from lmforge.engine.status import finished_evaluating
 from lmforge.pipeline_types import Pipeline, StageRun
 
 
@@ -211,6 +212,7 @@ def run_pipeline(pipeline: Pipeline, steps: list[Step], force: bool = False, log
         key = plan_key(run)
         (run.folder / STAGE_FILE).write_text(json.dumps({"writer": "lmforge", "label": run.label, "plan_key": key}))
         results[run.label] = evaluate_stage(pipeline, run, key, force=step.action != "skip")
+        finished_evaluating(run.folder)
     return results
 
 
@@ -226,9 +228,11 @@ def run_single(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
     if summary.get("interrupted") or not summary:  # interrupted, or under torchrun a rank other than 0
         return summary
     if objective_data(recipe.objective) not in TASK_DATA:  # pretraining: its held-out loss is all there is
+        finished_evaluating(Path(recipe.output_dir))
         return summary
     run = StageRun(recipe.name or Path(recipe.output_dir).name, None, recipe)
     pipeline = Pipeline(run.stage, Path(recipe.output_dir), str(recipe.output_dir), [run], forgetting_probes=False)
     summary["evaluation"] = evaluate_stage(pipeline, run, plan_key(run))  # reused while the run is unchanged
+    finished_evaluating(Path(recipe.output_dir))
     return summary
 

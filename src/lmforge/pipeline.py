@@ -31,7 +31,7 @@ from lmforge.engine.runtime import (
     resolve_precision,
     seed_everything,
 )
-from lmforge.engine.status import STATUS, write_status
+from lmforge.engine.status import STATUS, evaluating, write_status
 from lmforge.eval.generate import generate_texts
 from lmforge.eval.perplexity import evaluate_loss, pseudo_perplexity
 from lmforge.generation.limits import LimitError, Limits
@@ -367,6 +367,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False) -> dic
         return {"interrupted": True, "step": outcome.result.state.step}
     if outcome.result is not None and not outcome.result.is_main:  # torchrun: rank 0 evaluates and reports
         return {}
+    evaluating(Path(recipe.output_dir))  # until the stage's evaluation is done (finished_evaluating)
     evals = _final_evals(recipe, outcome, corpora)
     g = recipe.generate
     samples: list[str] = []

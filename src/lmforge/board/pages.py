@@ -12,7 +12,7 @@ header{background:#22303c;color:#fff;padding:10px 20px;display:flex;gap:20px;ali
 header a{color:#cde;text-decoration:none} header b{font-size:17px}
 main{padding:16px 20px;max-width:1400px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
-th{background:#f4f4f4} .running{color:#0a6} .finished{color:#246} .failed{color:#b00} .interrupted{color:#b60}
+th{background:#f4f4f4} .running{color:#0a6} .evaluating{color:#0a6} .finished{color:#246} .failed{color:#b00} .interrupted{color:#b60}
 .bar{background:#eee;width:120px;height:8px;display:inline-block;vertical-align:middle}
 .bar i{background:#2a7;height:8px;display:block}
 canvas{border:1px solid #e4e4e4;margin:4px 8px 8px 0} pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-height:320px}
@@ -29,7 +29,13 @@ function plot(canvas, title, series) {
   ctx.fillStyle = '#222'; ctx.font = '12px sans-serif'; ctx.fillText(title, L, 14);
   if (!xs.length) { ctx.fillStyle = '#999'; ctx.fillText('no data yet', L, H / 2); return; }
   var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
-  if (x1 === x0) { x1 = x0 + 1; } if (y1 === y0) { y1 = y0 + Math.abs(y0 || 1) * 0.1; y0 = y0 - Math.abs(y0 || 1) * 0.1; }
+  if (x1 === x0) {  // one step measured: its values, not a line on an axis that means nothing
+    ctx.fillStyle = '#222'; ctx.font = '13px sans-serif';
+    series.forEach(function (s, i) { var p = s.points[s.points.length - 1];
+      if (p) { ctx.fillText(s.name + ' ' + p[1].toPrecision(4) + ' at step ' + p[0], L, T + 30 + 18 * i); } });
+    canvas.setAttribute('data-points', xs.length); canvas.setAttribute('data-single-step', x0); return;
+  }
+  if (y1 === y0) { y1 = y0 + Math.abs(y0 || 1) * 0.1; y0 = y0 - Math.abs(y0 || 1) * 0.1; }
   function X(v) { return L + (v - x0) / (x1 - x0) * (W - L - R); }
   function Y(v) { return H - B - (v - y0) / (y1 - y0) * (H - T - B); }
   ctx.strokeStyle = '#ccc'; ctx.lineWidth = 1; ctx.strokeRect(L, T, W - L - R, H - T - B);
@@ -111,13 +117,15 @@ function draw() {
     plot(document.getElementById('val'), 'validation', Object.keys(val).filter(function (k) { return /loss|accuracy|f1/.test(k); })
       .map(function (k) { return {name: k, points: val[k]}; }));
     ['lr', 'grad_norm', 'tokens_per_s'].forEach(function (k) { plot(document.getElementById(k), k, [{name: k, points: train[k] || []}]); });
-    document.getElementById('log').textContent = r.log.join('\\n');
+    var log = document.getElementById('log'), following = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
+    log.textContent = r.log.join('\\n');
+    if (following) { log.scrollTop = log.scrollHeight; }  // the newest line in view, unless the reader scrolled up
     document.getElementById('recipe').textContent = r.recipe_text;
     if (r.check) { document.getElementById('check').textContent = r.check; }
     document.getElementById('samples').innerHTML = '<tr><th>prompt</th><th>generation</th></tr>' + Object.keys(r.samples).map(function (p) {
       return '<tr><td>' + esc(p) + '</td><td>' + esc(r.samples[p]) + '</td></tr>'; }).join('');
     document.body.setAttribute('data-loaded', '1');
-    if (r.status === 'running') { setTimeout(draw, 2000); }
+    if (r.status === 'running' || r.status === 'evaluating') { setTimeout(draw, 2000); }
   });
 }
 draw();

@@ -453,6 +453,7 @@ def train(
                 state.tokens_seen += tokens
                 window.tokens += tokens
                 bar.update(1)
+                metrics.tick(state.step)
                 last = state.step == total_steps
                 log_now = state.step % cfg.log_every == 0 or last
                 save_now = bool(cfg.save_every) and (state.step % cfg.save_every == 0 or last)

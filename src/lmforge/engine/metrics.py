@@ -72,6 +72,13 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
 
+    def tick(self, step: int) -> None:
+        """A step done (every step): status.json's step and ETA follow, at most once a second."""
+        if not self._started:
+            self._start()
+        if self._progress is not None:
+            self._progress.tick(step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -84,6 +91,9 @@ class NullMetrics:
         pass
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
+        pass
+
+    def tick(self, step: int) -> None:
         pass
 
     def close(self) -> None:

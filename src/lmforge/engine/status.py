@@ -1,7 +1,8 @@
 """A run's live state for the board (`lmforge board`) and for anyone watching a folder: `status.json`
 (running / finished / failed / interrupted, step of total, ETA, the process) and `train.log` (one line
-per metrics record). The metrics logger keeps both current while the loop runs; the pipeline writes
-how the run ended. Both are written only once the run has started (its first metrics record)."""
+per metrics record). The metrics logger keeps both current while the loop runs (the step at every step,
+at most once a second); the pipeline writes how the run ended, and the phase after training (`evaluating`,
+by the process doing it). Both are written only once the run has started (its first metrics record or step)."""
 
 from __future__ import annotations
 
@@ -45,31 +46,57 @@ class Progress:
     def __init__(self, folder: Path, total_steps: int, start_step: int, resumed: bool):
         self.folder, self.total, self.start_step = Path(folder), total_steps, start_step
         self.started = time.time()
+        self._ticked = 0.0
         if not resumed:
             (self.folder / LOG).write_text("")
         write_status(self.folder, status="running", pid=os.getpid(), host=socket.gethostname(), step=start_step,
                      total_steps=total_steps, started=self.started, eta_seconds=None, message=None)
 
+    def tick(self, step: int) -> None:
+        """The step reached, every step but at most once a second (a step can take milliseconds), and always the
+        last: the board's progress follows the console's bar, not only the metrics records."""
+        now = time.time()
+        if step < self.total and now - self._ticked < 1.0:
+            return
+        self._ticked = now
+        write_status(self.folder, step=step, eta_seconds=self._eta(step))
+
+    def _eta(self, step: int) -> float | None:
+        done = step - self.start_step
+        return (time.time() - self.started) / done * (self.total - step) if done > 0 else None
+
     def record(self, step: int, prefix: str, values: dict) -> None:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool))
         append_log(self.folder, f"{time.strftime('%H:%M:%S')} step {step} {prefix}: {shown}")
-        done = step - self.start_step
-        eta = (time.time() - self.started) / done * (self.total - step) if done > 0 else None
-        write_status(self.folder, step=step, eta_seconds=eta)
+        write_status(self.folder, step=step, eta_seconds=self._eta(step))
+
+
+def evaluating(folder: Path) -> None:
+    """The model is trained (or was up to date) and this process now evaluates it: the board shows that, and
+    `finished_evaluating` ends it. Written only into a folder that is this run's (it has a status)."""
+    if read_status(folder):
+        write_status(folder, phase="evaluating", pid=os.getpid(), host=socket.gethostname())
+
+
+def finished_evaluating(folder: Path) -> None:
+    if read_status(folder).get("phase") is not None:
+        write_status(folder, phase=None)
 
 
 def run_state(folder: Path) -> str:
-    """running / finished / failed / interrupted; a 'running' run whose process is gone (killed hard,
-    the machine restarted) reads as interrupted: its last checkpoint resumes it."""
+    """running / evaluating / finished / failed / interrupted; a 'running' run whose process is gone (killed
+    hard, the machine restarted) reads as interrupted: its last checkpoint resumes it. 'evaluating': trained,
+    and its process is evaluating the model."""
     from lmforge.outputs import pid_alive
 
     status = read_status(folder)
     state = status.get("status")
-    if state == "running":
-        same_host = status.get("host") == socket.gethostname()
-        if same_host and not pid_alive(int(status.get("pid", -1))):
-            return "interrupted"
+    alive = status.get("host") != socket.gethostname() or pid_alive(int(status.get("pid", -1)))  # elsewhere: unknown
+    if state == "running" and not alive:
+        return "interrupted"
+    if state == "finished" and status.get("phase") == "evaluating":  # trained; its evaluation still running, or cut
+        return "evaluating" if alive else "finished"
     if state is None:
         return "finished" if (Path(folder) / "summary.json").is_file() else "unknown"
     return state
