@@ -155,7 +155,7 @@ def test_chat_goes_through_the_servers_engine(board, runs):
     from lmforge.stage_inputs import model_tokenizer
 
     status, models = _call(board + "/api/models")
-    assert {m["id"] for m in models["models"]} == {"clm_a/run", "clm_b/run", "sft/run"}
+    assert {m["id"] for m in models["models"]} == {"sft/run"}  # the pretraining runs' models have no chat template
     messages = [{"role": "user", "content": "Name a colour."}]
     status, reply = _call(board + "/api/chat", {"run": "sft/run", "messages": messages, "max_tokens": 8})
     final = runs / "sft" / "run" / "final"
@@ -165,6 +165,25 @@ def test_chat_goes_through_the_servers_engine(board, runs):
     assert status == 200 and reply["reply"] == expected
     status, refused = _call(board + "/api/chat", {"run": "clm_a/run", "messages": messages})
     assert status == 400 and "no chat template" in refused["error"]["message"]
+    assert "/v1/" not in refused["error"]["message"]  # no hint to an API the board does not have
+
+
+def test_a_bundled_recipe_runs_where_its_paths_resolve_and_writes_under_the_board(runs):
+    """The board's folder is not the repository the bundled recipes name their data from: the preview shows the
+    folder a launch runs in, and the run's output lands under the board's root."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.board.app import build_board
+
+    bundled = REPO / "recipes"
+    client = TestClient(build_board(runs, allow_launch=False, recipes_dir=bundled))
+    quick = client.post("/api/launch/preview", json={"recipe": str(bundled / "quickstart.yaml"), "overrides": ""}).json()
+    assert quick["cwd"] == str(REPO) and quick["command"].endswith(f"output_dir={runs / 'runs' / 'quickstart'}")
+    recipe = yaml.safe_load((bundled / "quickstart.yaml").read_text())
+    assert (Path(quick["cwd"]) / recipe["data"]["train_files"][0]).is_file()  # its data, found from where it runs
+    chosen = client.post("/api/launch/preview", json={"recipe": str(bundled / "quickstart.yaml"),
+                                                      "overrides": "output_dir=/tmp/mine"}).json()
+    assert chosen["command"].endswith("output_dir=/tmp/mine") and chosen["command"].count("output_dir=") == 1
 
 
 def test_launch_previews_the_command_and_starts_a_run(board, runs, base_model, small_jsonl):
@@ -174,6 +193,7 @@ def test_launch_previews_the_command_and_starts_a_run(board, runs, base_model, s
         "packing": {"seq_len": 64}, "output_dir": str(runs / "launched_run")}, {})).read_text())
     status, preview = _call(board + "/api/launch/preview", {"recipe": "launched.yaml", "overrides": "trainer.lr=0.002"})
     assert status == 200 and preview["command"] == "lmforge run launched.yaml trainer.lr=0.002"
+    assert preview["cwd"] == str(runs)  # the root's own recipes run in the root
     assert _call(board + "/api/launch/preview", {"recipe": "launched.yaml", "overrides": "lr"})[0] == 400
     assert _call(board + "/api/launch/preview", {"recipe": "/etc/passwd", "overrides": ""})[0] == 400
     status, started = _call(board + "/api/launch", {"recipe": "launched.yaml", "overrides": "trainer.lr=0.002"})
@@ -274,6 +294,13 @@ def test_what_a_user_sees_in_a_browser(board, runs, tmp_path):
         turns = browser.find_elements(By.CSS_SELECTOR, "#conversation .msg")
         assert turns[0].text == "you: Name a colour." and turns[1].text.startswith("model:")
         browser.save_screenshot(str(tmp_path / "chat.png"))
+        # a turn that fails (here: a model without a chat template, forced into the list) is not kept
+        browser.execute_script("var s = document.getElementById('model'); s.innerHTML += '<option>clm_a/run</option>';"
+                               "s.value = 'clm_a/run';")
+        browser.find_element(By.ID, "text").send_keys("And another?")
+        browser.find_element(By.CSS_SELECTOR, "#ask button").click()
+        _wait(browser, lambda b: "not kept" in b.find_element(By.ID, "conversation").text)
+        assert browser.execute_script("return messages.length") == 2  # the first exchange only
     finally:
         browser.quit()
     for shot in ("runs", "run", "compare", "chat"):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
@@ -88,7 +90,7 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
             if not is_model_folder(final):
                 continue
             try:
-                if saved_head(final) == "causal_lm" and (final / "tokenizer.json").is_file():
+                if saved_head(final) == "causal_lm" and _has_chat_template(final):
                     found.append({"id": run_id(root, folder), "path": str(final)})
             except (ModelError, OSError, ValueError):
                 continue
@@ -107,6 +109,9 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
         from lmforge.serve.app import APIError, ChatRequest, Engine
 
         final = resolve(root, turns.run) / "final"
+        if not _has_chat_template(final):
+            return _error(400, f"{turns.run}: its model has no chat template (it was not instruction-tuned); the board "
+                               "chats with the runs its chat page lists")
         with engines_lock:
             if turns.run not in engines:
                 engines[turns.run] = Engine(final, name=turns.run)
@@ -131,7 +136,10 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
             found += sorted(str(p) for p in recipes_dir.glob("*.yaml"))
         return found
 
-    def command(launch: Launch) -> list[str]:
+    def command(launch: Launch) -> tuple[list[str], Path]:
+        """The command and the folder it runs in. The root's own recipes run in the root. A bundled recipe names
+        its data relative to the repository it ships in, so it runs there, its output_dir put under the root
+        (where the board sees it) unless the overrides set one."""
         if launch.recipe not in recipe_choices():
             raise ValueError(f"recipe {launch.recipe!r}: not one of the board's recipes")
         try:
@@ -141,7 +149,12 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
         bad = [o for o in overrides if "=" not in o or o.startswith("=")]
         if bad:
             raise ValueError(f"overrides: {', '.join(bad)} is not KEY=VALUE")
-        return ["lmforge", "run", launch.recipe, *overrides]
+        if not Path(launch.recipe).is_absolute():  # one of the root's
+            return ["lmforge", "run", launch.recipe, *overrides], root
+        bundled = Path(launch.recipe)
+        if not any(o.startswith("output_dir=") for o in overrides):
+            overrides.append(f"output_dir={root / _output_dir(bundled)}")
+        return ["lmforge", "run", str(bundled), *overrides], bundled.parent.parent
 
     @app.get("/launch", response_class=HTMLResponse)
     def launch_html() -> str:
@@ -150,24 +163,46 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
     @app.post("/api/launch/preview")
     def preview(launch: Launch):
         try:
-            return {"command": shlex.join(command(launch)), "cwd": str(root)}
+            argv, cwd = command(launch)
         except ValueError as exc:
             return _error(400, str(exc))
+        return {"command": shlex.join(argv), "cwd": str(cwd)}
 
     @app.post("/api/launch")
     def start(launch: Launch):
         if not allow_launch:
             return _error(403, "launching is off: start the board with --allow-launch")
         try:
-            argv = command(launch)
+            argv, cwd = command(launch)
         except ValueError as exc:
             return _error(400, str(exc))
         logs = root / "board-launches"
         logs.mkdir(exist_ok=True)
         log = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(launch.recipe).stem}.log"
         with open(log, "w") as handle:
-            process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *argv[1:]], cwd=root, stdout=handle,
+            process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *argv[1:]], cwd=cwd, stdout=handle,
                                        stderr=subprocess.STDOUT, start_new_session=True)
-        return {"pid": process.pid, "log": str(log), "command": shlex.join(argv)}
+        return {"pid": process.pid, "log": str(log), "command": shlex.join(argv), "cwd": str(cwd)}
 
     return app
+
+
+def _has_chat_template(final: Path) -> bool:
+    """Whether the saved tokenizer carries a chat template (in chat_template.jinja, or in its config)."""
+    if (final / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((final / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _output_dir(recipe: Path) -> str:
+    """The output_dir a recipe names (relative: the board puts it under its root), else runs/NAME."""
+    try:
+        named = (yaml.safe_load(recipe.read_text()) or {}).get("output_dir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        named = None
+    if isinstance(named, str) and named and not Path(named).is_absolute():
+        return named
+    return f"runs/{recipe.stem}"

@@ -153,7 +153,7 @@ document.getElementById('ask').onsubmit = function (e) {
   fetch('/api/chat', {method: 'POST', headers: {'content-type': 'application/json'},
     body: JSON.stringify({run: document.getElementById('model').value, messages: messages, max_tokens: 48})})
     .then(function (r) { return r.json(); }).then(function (r) {
-      if (r.error) { show('model', '[' + r.error.message + ']'); return; }
+      if (r.error) { messages.pop(); show('model', '[' + r.error.message + '] (this turn is not kept)'); return; }
       messages.push({role: 'assistant', content: r.reply}); show('assistant', r.reply);
       document.body.setAttribute('data-replies', messages.length / 2);
     });
@@ -172,7 +172,8 @@ def launch_page(recipes: list[str], allowed: bool) -> str:
 function preview() {
   var body = JSON.stringify({recipe: document.getElementById('recipe').value, overrides: document.getElementById('overrides').value});
   fetch('/api/launch/preview', {method: 'POST', headers: {'content-type': 'application/json'}, body: body})
-    .then(function (r) { return r.json(); }).then(function (r) { document.getElementById('command').textContent = r.command || r.error.message; });
+    .then(function (r) { return r.json(); }).then(function (r) {
+      document.getElementById('command').textContent = r.command ? 'cd ' + r.cwd + ' && ' + r.command : r.error.message; });
 }
 document.getElementById('recipe').onchange = preview; document.getElementById('overrides').oninput = preview; preview();
 document.getElementById('go').onclick = function () {
