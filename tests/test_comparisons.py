@@ -111,3 +111,32 @@ def test_check_and_the_stage_evaluation_say_which_held_out_rows_a_stage_trained_
     assert "held-out rows" in line and f"stage continual: {domain}" in line
     share = int(line.split("(")[1].split("%")[0])
     assert 25 <= share <= 75  # about half the held-out rows were in the domain text
+
+
+def test_compare_shows_a_running_stage_as_running_and_leaves_unread_defaults_out_of_the_diff(tmp_path):
+    """Two SFT runs from one loaded model (its own tokenizer), at two learning rates; the second still trains.
+    The diff shows the learning rate, not the tokenizer-training defaults neither read; the running one shows
+    where it is instead of "wall s 0" and "No instruction-tuning stage"."""
+    import json
+    import os
+    import socket
+
+    from lmforge.eval.report import render
+    from lmforge.recipe_files import dump_recipe, validate_recipe
+
+    for name, lr, vocab in (("done", 1e-3, 8192), ("training", 2e-3, 4096)):
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe = validate_recipe({"output_dir": str(folder), "model": {"path": str(tmp_path / "base")},
+                                  "objective": {"name": "sft"}, "trainer": {"lr": lr},
+                                  "tokenizer": {"vocab_size": vocab}}, "r.yaml")  # a default nobody reads
+        dump_recipe(recipe, folder)
+    (tmp_path / "done" / "summary.json").write_text(json.dumps({"train": {"seconds": 12.5, "steps": 8}}))
+    (tmp_path / "done" / "status.json").write_text(json.dumps({"status": "finished", "step": 8, "total_steps": 8}))
+    (tmp_path / "training" / "status.json").write_text(json.dumps({
+        "status": "running", "pid": os.getpid(), "host": socket.gethostname(), "step": 3, "total_steps": 8}))
+    page = render([tmp_path / "done", tmp_path / "training"])
+    diff = page[page.index("Configuration differences"):]
+    assert "trainer.lr" in diff and "tokenizer.vocab_size" not in diff
+    assert "running, step 3 of 8" in page and "not evaluated yet (running, step 3 of 8)" in page
+    assert "No instruction-tuning stage" not in page

@@ -22,6 +22,7 @@ import yaml
 
 from lmforge.config import flatten
 from lmforge.engine.metrics import read_metrics
+from lmforge.engine.status import read_status, run_state
 from lmforge.eval.intervals import excludes_zero, paired_branch_difference, separated, two_level_interval
 from lmforge.outputs import STAMP, run_recipe_file
 from lmforge.run_keys import naming_keys
@@ -287,6 +288,15 @@ def _task(r: RunView) -> dict:
     return own or r.summary.get("eval") or {}
 
 
+def _state(run: RunView) -> str:
+    """How far a run without a summary has got: its status, and its step where it is training."""
+    status = read_status(run.folder)
+    state = run_state(run.folder)
+    if state in ("running", "interrupted") and status.get("total_steps"):
+        return f"{state}, step {status.get('step', 0)} of {status['total_steps']}"
+    return state if state != "unknown" else "not started"
+
+
 def _cards(runs: list[RunView]) -> str:
     rows = []
     for r in runs:
@@ -303,7 +313,8 @@ def _cards(runs: list[RunView]) -> str:
             shown += ("; " if shown else "") + f"<strong class=warning>run health: {html.escape(verdict)}</strong>"
         rows.append([html.escape(r.label), html.escape(r.parent or "–"), html.escape(r.objective), html.escape(r.method),
                      _fmt(params), f"{trainable / params:.1%}" if params and trainable else "–", _fmt(t.get("tokens")),
-                     _fmt(t.get("seconds"), 1), _fmt(t.get("tokens_per_second")),
+                     _fmt(t.get("seconds"), 1) if t and run_state(r.folder) != "running" else _state(r),
+                     _fmt(t.get("tokens_per_second")),
                      f"{t['mfu']:.1%}" if t.get("mfu") is not None else "–", _fmt(t.get("peak_memory_mb")),
                      html.escape(str(t.get("precision") or "–")), shown])
     return _table(["run", "after", "objective", "method", "parameters", "trainable", "tokens", "wall s", "tokens/s",
@@ -385,6 +396,9 @@ def _generation_table(runs: list[RunView]) -> str:
         rows.append([html.escape(r.label), cell(before, "rouge_l"), cell(after, "rouge_l"), cell(before, "exact_match"),
                      cell(after, "exact_match"), _fmt(before.get("chrf"), 1) if before else "–", _fmt(after.get("chrf"), 1),
                      _fmt(after.get("examples"))])
+    # an instruction-tuning stage still training or being evaluated: said so, not "none"
+    rows += [[html.escape(r.label), *["–"] * 6, f"not evaluated yet ({_state(r)})"] for r in runs
+             if r.objective == "sft" and not (r.evaluation.get("generation") or {}).get("after")]
     if not rows:
         return "<p>No instruction-tuning stage.</p>"
     return _table(["run", "ROUGE-L before", "ROUGE-L after", "exact match before", "exact match after", "chrF before",
@@ -523,11 +537,35 @@ def _models_compared(suites: list[RunView]) -> str:
                   "models-compared")
 
 
+# method.SECTION.* is read only by the methods named here
+METHOD_SECTIONS = {"lora": ("lora",), "adapter": ("adapter",), "ia3": ("ia3",), "llrd": ("llrd",),
+                   "prompt": ("prompt_tuning", "prefix_tuning", "p_tuning")}
+TOKENIZER_TRAINING = ("kind", "vocab_size", "min_frequency", "num_sentinels", "max_docs", "column")
+
+
+def unused_settings(settings: dict) -> set[str]:
+    """The recipe keys this run's choices leave unread, though the saved recipe lists their defaults: the
+    tokenizer-training keys of a run that loads its tokenizer, the architecture keys of a run that loads its
+    model, the extension keys without an extension, other methods' sections."""
+    def unread(key: str) -> bool:
+        section, _, rest = key.partition(".")
+        name = rest.partition(".")[0]
+        if section == "tokenizer":
+            return ((name in TOKENIZER_TRAINING and not settings.get("tokenizer.train_files"))
+                    or (name.startswith("extend_") and not settings.get("tokenizer.extend_count")))
+        if section == "model":
+            return name in ("family", "preset", "overrides") and bool(settings.get("model.path"))
+        return section == "method" and name in METHOD_SECTIONS and settings.get("method.name") not in METHOD_SECTIONS[name]
+
+    return {key for key in settings if unread(key)}
+
+
 def _config_diff(runs: list[RunView]) -> str:
     keys = sorted({k for r in runs for k in r.settings})
     naming = naming_keys()  # the run's name and folder differ by design
+    unread = set.intersection(*(unused_settings(r.settings) for r in runs)) if runs else set()  # unread by every run
     varying = [k for k in keys if len({json.dumps(r.settings.get(k), sort_keys=True, default=str) for r in runs}) > 1
-               and k not in naming]
+               and k not in naming and k not in unread]
     if not varying:
         return "<p>All runs share one configuration.</p>"
     rows = [[html.escape(k)] + [_fmt(r.settings.get(k)) for r in runs] for k in varying]
