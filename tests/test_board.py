@@ -362,3 +362,30 @@ def test_the_step_in_status_follows_every_step_not_only_the_metrics_records(tmp_
         watcher.join()
     assert {1, 2} <= seen  # before: nothing until the only metrics record, at step 3
     assert read_status(tmp_path)["step"] == 3 and read_status(tmp_path)["eta_seconds"] == 0
+
+
+def test_a_pipeline_stage_shows_from_its_first_moment_not_its_first_metrics_record(tmp_path):
+    """While a stage imports its model and prepares its data (minutes, and its folder is not a run yet), the
+    board lists it from the pipeline's own status; a stage to come is pending; a dead pipeline's stage reads
+    interrupted."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.board.app import build_board
+    from lmforge.engine.status import pipeline_at
+
+    pipe = tmp_path / "chain"
+    pipe.mkdir()
+    (pipe / "pipeline.json").write_text(json.dumps({"writer": "lmforge", "name": "chain", "stages": [
+        {"label": "cpt", "stage": "cpt", "folder": "cpt", "kind": "train", "objective": "clm", "method": "full"},
+        {"label": "sft", "stage": "sft", "folder": "sft", "kind": "train", "objective": "sft", "method": "lora"},
+        {"label": "suite", "stage": "suite", "folder": "suite", "kind": "eval", "objective": "clm", "method": "full"}]}))
+    pipeline_at(pipe, "cpt", "preparing")  # as lifecycle.run_pipeline writes it at a stage's start
+    client = TestClient(build_board(tmp_path))
+    rows = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert {k: rows[k]["status"] for k in rows} == {"chain/cpt": "preparing", "chain/sft": "pending",
+                                                    "chain/suite": "pending"}
+    assert rows["chain/cpt"]["stage"] == "chain: cpt" and rows["chain/cpt"]["waiting"]
+    status = json.loads((pipe / "pipeline_status.json").read_text())
+    (pipe / "pipeline_status.json").write_text(json.dumps({**status, "pid": _dead_pid()}))  # the pipeline was killed
+    rows = {r["id"]: r for r in client.get("/api/runs").json()["runs"]}
+    assert rows["chain/cpt"]["status"] == "interrupted"

@@ -85,6 +85,11 @@ def ran(tmp_path_factory, small_jsonl, tokenizer_dir, genre_file):
 def test_branches_and_seeds_each_get_a_folder_and_start_from_their_parent(ran):
     path, runs, output = ran
     layout = json.loads((runs / "pipeline.json").read_text())
+    # the pipeline's own live record (what the board shows a stage by before its folder is a run) ends finished,
+    # and every stage's run ended its evaluating phase
+    assert {k: v for k, v in json.loads((runs / "pipeline_status.json").read_text()).items()
+            if k in ("stage", "phase")} == {"stage": None, "phase": "finished"}
+    assert all(json.loads((runs / s["folder"] / "status.json").read_text()).get("phase") is None for s in layout["stages"])
     assert [s["label"] for s in layout["stages"]] == [
         "pretrain", "continual", "direct/seed_0", "direct/seed_1", "adapted/seed_0", "adapted/seed_1"]
     for stage in layout["stages"]:

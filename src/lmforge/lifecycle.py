@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import ConfigError, Recipe
-from lmforge.engine.status import finished_evaluating
+from lmforge.engine.status import finished_evaluating, pipeline_at
 from lmforge.pipeline_types import Pipeline, StageRun
 
 
@@ -197,6 +197,7 @@ def run_pipeline(pipeline: Pipeline, steps: list[Step], force: bool = False, log
     for step in steps:
         run = step.run
         log(f"== stage {run.label}: {step.action} ({step.reason})")
+        pipeline_at(pipeline.output_dir, run.label, "evaluating" if run.evaluation is not None else "preparing")
         if run.evaluation is not None:
             from lmforge.eval.suite import evaluate_model
 
@@ -213,6 +214,7 @@ def run_pipeline(pipeline: Pipeline, steps: list[Step], force: bool = False, log
         (run.folder / STAGE_FILE).write_text(json.dumps({"writer": "lmforge", "label": run.label, "plan_key": key}))
         results[run.label] = evaluate_stage(pipeline, run, key, force=step.action != "skip")
         finished_evaluating(run.folder)
+    pipeline_at(pipeline.output_dir, None, "finished")
     return results
 
 

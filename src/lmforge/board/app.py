@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from lmforge.board import pages
-from lmforge.board.runs import BoardError, find_runs, resolve, run_detail, run_id, run_row
+from lmforge.board.runs import BoardError, find_runs, resolve, run_detail, run_id, run_row, waiting_stage_rows
 
 
 class ChatTurns(BaseModel):
@@ -58,7 +58,7 @@ def build_board(root: Path, allow_launch: bool = False, recipes_dir: Path | None
 
     @app.get("/api/runs")
     def runs() -> dict:
-        return {"root": str(root), "runs": [run_row(root, f) for f in find_runs(root)]}
+        return {"root": str(root), "runs": [run_row(root, f) for f in find_runs(root)] + waiting_stage_rows(root)}
 
     @app.get("/api/runs/{ident:path}")
     def run(ident: str) -> dict:

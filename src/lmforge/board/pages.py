@@ -12,7 +12,7 @@ header{background:#22303c;color:#fff;padding:10px 20px;display:flex;gap:20px;ali
 header a{color:#cde;text-decoration:none} header b{font-size:17px}
 main{padding:16px 20px;max-width:1400px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
-th{background:#f4f4f4} .running{color:#0a6} .evaluating{color:#0a6} .finished{color:#246} .failed{color:#b00} .interrupted{color:#b60}
+th{background:#f4f4f4} .running{color:#0a6} .evaluating{color:#0a6} .preparing{color:#0a6} .pending{color:#888} .finished{color:#246} .failed{color:#b00} .interrupted{color:#b60}
 .bar{background:#eee;width:120px;height:8px;display:inline-block;vertical-align:middle}
 .bar i{background:#2a7;height:8px;display:block}
 canvas{border:1px solid #e4e4e4;margin:4px 8px 8px 0} pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-height:320px}
@@ -78,8 +78,9 @@ function draw() {
       var p = r.progress == null ? '–' : '<span class=bar><i style="width:' + Math.round(100 * r.progress) + '%"></i></span> ' +
         r.step + '/' + r.total_steps;
       var task = r.accuracy != null ? 'accuracy ' + fmt(r.accuracy, 3) : (r.macro_f1 != null ? 'macro-F1 ' + fmt(r.macro_f1, 3) : '–');
-      return '<tr data-run="' + esc(r.id) + '"><td><input type=checkbox name=run value="' + esc(r.id) + '"' + (checked[r.id] ? ' checked' : '') +
-        '></td><td><a href="/run/' + encodeURI(r.id) + '">' + esc(r.id) + '</a></td><td class="' + r.status + '">' + r.status +
+      return '<tr data-run="' + esc(r.id) + '"><td>' + (r.waiting ? '' : '<input type=checkbox name=run value="' + esc(r.id) + '"' +
+        (checked[r.id] ? ' checked' : '') + '>') + '</td><td>' + (r.waiting ? esc(r.id) : '<a href="/run/' + encodeURI(r.id) + '">' + esc(r.id) + '</a>') +
+        '</td><td class="' + r.status + '">' + r.status +
         (r.message ? ' <small>' + esc(r.message) + '</small>' : '') + '</td><td>' + esc(r.recipe) + '</td><td>' + esc(r.stage || '–') +
         '</td><td>' + esc(r.objective) + '</td><td>' + esc(r.method) + '</td><td>' + p + '</td><td>' + eta(r.eta_seconds) +
         '</td><td>' + fmt(r.last_loss) + '</td><td class=best>' + (r.best_val_loss == null ? '–' : fmt(r.best_val_loss) + ' (' + r.best_step + ')') +

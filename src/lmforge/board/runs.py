@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from lmforge.engine.metrics import read_metrics
-from lmforge.engine.status import LOG, read_status, run_state
+from lmforge.engine.status import LOG, pipeline_state, read_status, run_state
 from lmforge.outputs import run_recipe_file
 
 SKIP = {"checkpoints", "final", "tensorboard", "mlartifacts", "base"}
@@ -47,6 +47,49 @@ def find_runs(root: Path) -> list[Path]:
             continue
         frontier += [(c, depth + 1) for c in children]
     return sorted(found, key=_last_activity, reverse=True)
+
+
+def find_pipelines(root: Path) -> list[Path]:
+    """Every pipeline output folder (its pipeline.json written by lmforge) under `root`."""
+    root = Path(root)
+    found, frontier = [], [(root, 0)]
+    while frontier:
+        folder, depth = frontier.pop()
+        if _json(folder / "pipeline.json").get("writer") == "lmforge":
+            found.append(folder)
+        if depth >= MAX_DEPTH:
+            continue
+        try:
+            frontier += [(c, depth + 1) for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")
+                         and c.name not in SKIP and ".replaced-" not in c.name]
+        except OSError:
+            continue
+    return found
+
+
+def waiting_stage_rows(root: Path) -> list[dict]:
+    """A pipeline's stages whose folders are not runs yet (still to come, being prepared, or an evaluation
+    stage at work), from pipeline.json and the pipeline's own status: so a stage shows from its first moment,
+    not from its first metrics record. No link: there is no run page until the stage has started."""
+    rows = []
+    for pipeline in find_pipelines(root):
+        layout = _json(pipeline / "pipeline.json")
+        live = pipeline_state(pipeline)
+        for stage in layout.get("stages", []):
+            folder = pipeline / stage.get("folder", "")
+            if _is_run(folder):
+                continue
+            done = stage.get("kind") == "eval" and (folder / "eval.json").is_file()
+            if live.get("stage") == stage["label"]:
+                state = (live.get("phase") or "running") if live.get("alive") else "interrupted"
+            else:
+                state = "finished" if done else "pending"
+            rows.append({"id": run_id(root, folder) if folder.is_relative_to(root) else str(folder), "status": state,
+                         "recipe": layout.get("name", pipeline.name), "objective": stage.get("objective", ""),
+                         "method": stage.get("method", ""), "stage": f"{layout.get('name', pipeline.name)}: {stage['label']}",
+                         "step": 0, "total_steps": None, "progress": None, "eta_seconds": None, "last_loss": None,
+                         "message": None, "updated": live.get("updated") or 0.0, "waiting": True})
+    return rows
 
 
 def _last_activity(folder: Path) -> float:

@@ -100,3 +100,35 @@ def run_state(folder: Path) -> str:
     if state is None:
         return "finished" if (Path(folder) / "summary.json").is_file() else "unknown"
     return state
+
+
+PIPELINE_STATUS = "pipeline_status.json"
+
+
+def pipeline_at(folder: Path, stage: str | None, phase: str) -> None:
+    """A pipeline's own live record, in its output folder: the stage it is at and what it does there
+    (preparing: importing the model, building the tokenizer, preparing the data, before the stage's folder
+    becomes a run; evaluating: an evaluation stage), by which process. The board shows a stage from it until
+    the stage's folder has a status of its own."""
+    path = Path(folder) / PIPELINE_STATUS
+    if not path.parent.is_dir() or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 keeps it
+        return
+    record = {"writer": "lmforge", "stage": stage, "phase": phase, "pid": os.getpid(), "host": socket.gethostname(),
+              "updated": time.time()}
+    tmp = path.with_name(f".{PIPELINE_STATUS}.{os.getpid()}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def pipeline_state(folder: Path) -> dict:
+    """The pipeline's record, its process checked: `alive` False when it ran here and is gone."""
+    try:
+        record = json.loads((Path(folder) / PIPELINE_STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    from lmforge.outputs import pid_alive
+
+    record["alive"] = record.get("host") != socket.gethostname() or pid_alive(int(record.get("pid", -1)))
+    return record
