@@ -18,18 +18,16 @@
   sequence): tokens/s against lmforge's batched engine measured in the same run, and how many answers
   are identical to lmforge's (f32: the same numbers, so differences are summation order; q8_0 quantizes).
 
-Results go to bench/results/generation-latest.json with the machine's measured fp32/bf16 GEMM speeds.
+Results go to the run's file in bench/results/ (bench/results.py) with the machine's measured fp32/bf16 GEMM speeds.
 A benchmark, not a test: nothing here asserts speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import results  # noqa: E402  (bench/results.py: one file per run)
 import run as bench  # noqa: E402  (the shared helpers: machine peaks, the SmolLM2 checkpoint)
 from grpo import model_dir  # noqa: E402  (SmolLM2, or the same tiny Llama)
 
@@ -220,14 +219,7 @@ def main() -> None:
                   + ", ".join(f"{n} clients {v['tokens_per_s']:.1f} tok/s ({case['speedup'][n]:.2f}x)"
                               for n, v in case["clients"].items())
                   + f"; server peak RSS {case['server_peak_rss_mb']:,.0f} MB")
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "matmul_gflops": peaks,
-                          "date": datetime.datetime.now().isoformat(timespec="seconds")}, "cases": cases}
-    out = HERE / "results" / "generation-latest.json"
-    out.parent.mkdir(exist_ok=True)
-    if out.is_file() and args.only:  # one case rerun: the other case's last figures stay
-        result["cases"] = {**json.loads(out.read_text()).get("cases", {}), **cases}
-    out.write_text(json.dumps(result, indent=2))
+    out = results.record(cases, results.machine(peaks))
     print(f"machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s, {os.cpu_count()} cores -> {out}")
 
 

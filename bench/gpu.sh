@@ -27,7 +27,9 @@ print({m.__name__: m.__version__ for m in (torch, transformers, peft, trl, token
 run)
     export LMFORGE_BENCH_GPU=1
     if [ -f .whl/brown.jsonl.gz ]; then export LMFORGE_BENCH_CORPUS=$PWD/.whl/brown.jsonl.gz; fi
+    export BENCH_RUN=$(date +%Y-%m-%dT%H%M%S)
     timeout 420 python3 bench/run.py --cases clm_pretrain_defaults,clm_pretrain_equal --repeats 2 --steps 30 2>&1 | tee "$OUT/bench.log"
+    python3 bench/results.py finish --gpu
     cp bench/results/gpu-latest.json "$OUT/" ;;
 tests)
     # the suite (or the given tests) with CUDA visible, so training picks the GPU; one GPU, so not the

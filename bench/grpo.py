@@ -7,18 +7,16 @@ temperature, beta and reward (numeric match), in separate processes (peak RSS is
 alternating, `--repeats` times; medians. Reported per tool: whole-step seconds, rollout seconds and
 rollout tokens/s (completion tokens sampled per second of sampling), peak RSS; and the ratios. Also
 lmforge's sampler against plain `model.generate` on the same batch (the rollout overhead).
-Results go to bench/results/grpo-latest.json with the machine's measured fp32/bf16 GEMM speeds.
+Results go to the run's file in bench/results/ (bench/results.py) with the machine's measured fp32/bf16 GEMM speeds.
 A benchmark, not a test: nothing here asserts speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import results  # noqa: E402  (bench/results.py: one file per run)
 import run as bench  # noqa: E402  (the shared helpers: machine peaks, peak RSS, the SmolLM2 checkpoint)
 
 PROMPTS, GROUP, COMPLETION, BETA, TEMPERATURE, LR = 4, 8, 16, 0.04, 1.0, 1e-4
@@ -222,7 +221,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(globals()[f"worker_{args.worker}"](**json.loads(args.kwargs))))
         return
-    import torch
 
     bench.WORK.mkdir(parents=True, exist_ok=True)
     peaks = bench.matmul_peaks()
@@ -237,14 +235,8 @@ def main() -> None:
             "rollout_speedup": ours["rollout_tokens_per_s"] / theirs["rollout_tokens_per_s"],
             "memory_ratio": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
             "sampler_vs_generate": sampler["generate_s"] / sampler["sampler_s"]}
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "matmul_gflops": peaks,
-                          "date": datetime.datetime.now().isoformat(timespec="seconds")},
-              "cases": {"grpo_step": case}}
-    out = HERE / "results" / "grpo-latest.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s, {os.cpu_count()} cores")
+    out = results.record({"grpo_step": case}, results.machine(peaks))
+    print(f"machine: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s, {os.cpu_count()} cores -> {out}")
     print(f"grpo_step ({case['model']}, {PROMPTS} prompts x {GROUP}, {COMPLETION} tokens): lmforge {ours['step_s']:.2f} s/step "
           f"vs TRL {theirs['step_s']:.2f} s/step = {case['step_speedup']:.2f}x; rollout {ours['rollout_tokens_per_s']:.0f} vs "
           f"{theirs['rollout_tokens_per_s']:.0f} tok/s = {case['rollout_speedup']:.2f}x; peak RSS {ours['peak_rss_mb']:,.0f} vs "

@@ -13,7 +13,7 @@ its steps cut (or as shipped with --full) and prints what the recipe is for:
 - grpo:         recipes/smollm2_grpo.yaml (SmolLM2-135M-Instruct, generated arithmetic): held-out reward, right
                 numbers and number-only answers (greedy), start -> end
 
-Results go to bench/results/learning-latest.json with the machine's matmul speeds. Nothing asserts:
+Results go to the run's file in bench/results/ (bench/results.py) with the machine's matmul speeds. Nothing asserts:
 read the numbers (the README's tables hold the full-length ones).
 """
 
@@ -135,8 +135,10 @@ def main() -> None:
             if isinstance(line, dict):
                 print(f"{name} {stage}: {line['text']}")
         print(f"{name}: {results['cases'][name]['seconds']} s")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "learning-latest.json").write_text(json.dumps(results, indent=1))
+    sys.path.insert(0, str(HERE))
+    from results import machine, record
+
+    print(f"-> {record(results['cases'], machine(results['matmul_gflops'], full=args.full))}")
 
 
 if __name__ == "__main__":

@@ -65,9 +65,11 @@ def main(pipeline: Path) -> None:
               "human_chosen": float(human["chosen"].mean()), "human_rejected": float(human["rejected"].mean()),
               "examples": [{"prompt": p.row["prompt"][-120:], "sft": b, "ppo": a} for p, b, a in
                            list(zip(prompts.prompts, before, after, strict=True))[:8]]}
-    out = HERE / "results" / "rlhf-latest.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    sys.path.insert(0, str(HERE))
+    import results
+
+    out = results.record({"rlhf_heldout": result}, results.machine({}))
+    print(f"-> {out}")
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=1))
     for e in result["examples"]:
         print(f"  {e['sft']!r:40} -> {e['ppo']!r}")

@@ -2,8 +2,9 @@
 
 Each case runs both tools in separate processes (so peak RSS is each tool's own), alternating,
 `--repeats` times, on the same model config, data, batch, sequence length and number of steps,
-and reports medians. Both losses must fall. Results go to bench/results/latest.json (and a dated
-copy); one line per case is printed. This is a benchmark, not a test: nothing here asserts speed.
+and reports medians. Both losses must fall. Results go to the run's file in bench/results/ (bench/results.py:
+one file per `make bench` run, every case in it); one line per case is printed. This is a benchmark, not a
+test: nothing here asserts speed.
 
 Cases: clm_pretrain_defaults, clm_pretrain_equal, sft_variable_length (vs TRL SFTTrainer: its
 defaults and its packing strategies), lora_vs_full (SmolLM2-135M: Trainer + PEFT LoRA vs lmforge
@@ -18,11 +19,9 @@ LMFORGE_BENCH_GPU=1 runs the CLM cases in a GPU shape on CUDA (bench/gpu.sh).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -33,6 +32,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results  # noqa: E402  (bench/results.py: one file per run)
+
 REPO = HERE.parent
 WORK = REPO / "runs" / "bench"
 SHARED_BROWN = REPO.parent / "shared" / "data" / "brown.jsonl.gz"
@@ -849,24 +851,10 @@ def main() -> None:
         sizes = [int(x) for x in args.prepare_megabytes.split(",")]
         runs = [run_worker("lmforge_prepare_size", megabytes=mb) for mb in sizes]
         cases["prepare_memory"] = {"runs": runs, "rss_growth_mb": runs[-1]["peak_rss_mb"] - runs[0]["peak_rss_mb"]}
-    result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name() if GPU else None,
-                    "torch": torch.__version__, "matmul_gflops": peaks, "auto_precision": auto,
-                    "corpus": str(corpus_path().name), "date": datetime.datetime.now().isoformat(timespec="seconds")},
-        "cases": cases,
-    }
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    prefix = "gpu-" if GPU else ""  # the GPU shape's results never mix with the CPU's
-    latest = out_dir / f"{prefix}latest.json"
-    if latest.is_file():  # a run of some cases keeps the others' last results (each case records its own run)
-        previous = json.loads(latest.read_text()).get("cases", {})
-        result["cases"] = {**previous, **cases}
-    text = json.dumps(result, indent=2)
-    latest.write_text(text)
-    (out_dir / f"{prefix}{datetime.date.today().isoformat()}.json").write_text(text)
-    print(f"machine: {result['machine']}")
+    info = results.machine(peaks, gpu=torch.cuda.get_device_name() if GPU else None, auto_precision=auto,
+                           corpus=str(corpus_path().name))
+    path = results.record(cases, info, gpu=GPU)
+    print(f"machine: {info} -> {path}")
     for name, case in cases.items():
         if name == "levers":
             print("levers (sft): " + "; ".join(f"{k} {v['tokens_per_s']:,.0f} tok/s ({v['vs_defaults']:.2f}x), {v['peak_rss_mb']:,.0f} MB"

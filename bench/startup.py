@@ -37,13 +37,22 @@ def main() -> int:
     lmforge = shutil.which("lmforge") or str(Path(sys.executable).with_name("lmforge"))
     baseline = best_of([sys.executable, "-c", "pass"], args.repeat)
     print(f"baseline: python -c pass {baseline:.3f} s")
-    worst = 0.0
+    worst, calls = 0.0, {}
     for call in CALLS:
         seconds = best_of([lmforge, *call], args.repeat)
         worst = max(worst, seconds)
+        calls[" ".join(call)] = seconds
         print(f"lmforge {' '.join(call):<14} {seconds:6.3f} s  ({seconds / baseline:5.1f}x the bare interpreter)")
     verdict = "within" if worst < TARGET_S else "OVER"
     print(f"slowest {worst:.3f} s: {verdict} the {TARGET_S:.0f} s target")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import os
+    import platform
+
+    from results import record  # bench/results.py: one file per run (the machine: no GEMMs timed here)
+
+    record({"startup": {"baseline_s": baseline, "calls_s": calls, "slowest_s": worst, "target_s": TARGET_S}},
+           {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()})
     return 0 if worst < TARGET_S else 1
 
 
