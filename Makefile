@@ -64,6 +64,7 @@ bench: $(STAMP) $(LLAMA_CPP)
 		$(BIN)/python bench/run.py && \
 		$(BIN)/python bench/generation.py && \
 		$(BIN)/python bench/grpo.py && \
+		$(BIN)/python bench/tokenizer_speed.py && \
 		$(BIN)/lmforge run recipes/smollm2_rlhf.yaml && $(BIN)/python bench/rlhf_heldout.py runs/smollm2_rlhf && \
 		{ $(BIN)/python bench/startup.py || echo "startup: over its 3 s target (recorded)"; } && \
 		$(BIN)/python bench/results.py finish
