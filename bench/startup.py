@@ -46,13 +46,9 @@ def main() -> int:
     verdict = "within" if worst < TARGET_S else "OVER"
     print(f"slowest {worst:.3f} s: {verdict} the {TARGET_S:.0f} s target")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import os
-    import platform
+    from results import machine, record  # bench/results.py: one file per run (no GEMMs timed here)
 
-    from results import record  # bench/results.py: one file per run (the machine: no GEMMs timed here)
-
-    record({"startup": {"baseline_s": baseline, "calls_s": calls, "slowest_s": worst, "target_s": TARGET_S}},
-           {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()})
+    record({"startup": {"baseline_s": baseline, "calls_s": calls, "slowest_s": worst, "target_s": TARGET_S}}, machine({}))
     return 0 if worst < TARGET_S else 1
 
 

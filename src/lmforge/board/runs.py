@@ -30,33 +30,12 @@ def _is_run(folder: Path) -> bool:
     return run_recipe_file(folder) is not None and any((folder / n).is_file() for n in ("metrics.jsonl", "status.json", "summary.json"))
 
 
-def find_runs(root: Path) -> list[Path]:
-    """Every run folder under `root` (itself included), newest activity first."""
-    root = Path(root)
-    found, frontier = [], [(root, 0)]
+def _folders(root: Path):
+    """`root` and the folders below it, a few levels deep, less those no run or pipeline lives in."""
+    frontier = [(Path(root), 0)]
     while frontier:
         folder, depth = frontier.pop()
-        if _is_run(folder):
-            found.append(folder)
-        if depth >= MAX_DEPTH:
-            continue
-        try:
-            children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".") and c.name not in SKIP
-                        and ".replaced-" not in c.name]
-        except OSError:
-            continue
-        frontier += [(c, depth + 1) for c in children]
-    return sorted(found, key=_last_activity, reverse=True)
-
-
-def find_pipelines(root: Path) -> list[Path]:
-    """Every pipeline output folder (its pipeline.json written by lmforge) under `root`."""
-    root = Path(root)
-    found, frontier = [], [(root, 0)]
-    while frontier:
-        folder, depth = frontier.pop()
-        if _json(folder / "pipeline.json").get("writer") == "lmforge":
-            found.append(folder)
+        yield folder
         if depth >= MAX_DEPTH:
             continue
         try:
@@ -64,7 +43,16 @@ def find_pipelines(root: Path) -> list[Path]:
                          and c.name not in SKIP and ".replaced-" not in c.name]
         except OSError:
             continue
-    return found
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder under `root` (itself included), newest activity first."""
+    return sorted(filter(_is_run, _folders(root)), key=_last_activity, reverse=True)
+
+
+def find_pipelines(root: Path) -> list[Path]:
+    """Every pipeline output folder (its pipeline.json written by lmforge) under `root`."""
+    return [f for f in _folders(root) if _json(f / "pipeline.json").get("writer") == "lmforge"]
 
 
 def waiting_stage_rows(root: Path) -> list[dict]:

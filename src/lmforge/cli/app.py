@@ -76,9 +76,9 @@ def guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
-    except KeyboardInterrupt:  # after training (final evaluation, samples, export) or while loading: no traceback
-        typer.secho("\ninterrupted (Ctrl-C): what had finished is kept, nothing half-written; the same `lmforge run` "
-                    "again skips what is up to date (--resume continues a training run from its last checkpoint)",
+    except KeyboardInterrupt:  # any command's (a run's final evaluation, samples, export; a model loading): no traceback
+        typer.secho("\ninterrupted (Ctrl-C): what had finished is kept, nothing half-written (a run: the same command "
+                    "again skips what is up to date; --resume continues training from its last checkpoint)",
                     fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(code=130) from None
     except Exception as exc:

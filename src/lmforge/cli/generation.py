@@ -67,10 +67,7 @@ def chat(
     if temperature is None:
         temperature = 0.0 if compare is not None else 0.7
     use_threads(threads)
-    try:
-        guarded(chat_loop, folders, ask, write, system, max_new_tokens, temperature, top_p, seed)
-    except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop, no traceback
-        typer.echo("")
+    guarded(chat_loop, folders, ask, write, system, max_new_tokens, temperature, top_p, seed)  # Ctrl-C: chat.py
 
 
 @app.command(rich_help_panel=PANEL)

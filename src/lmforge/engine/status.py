@@ -16,23 +16,36 @@ STATUS = "status.json"
 LOG = "train.log"
 
 
-def read_status(folder: Path) -> dict:
+def _read_json(path: Path) -> dict:
     try:
-        status = json.loads((Path(folder) / STATUS).read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return status if isinstance(status, dict) else {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """`record` to `path` whole, through a rename: a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def _alive(record: dict) -> bool:
+    """Whether the process a record names still runs; on another host, unknown, so taken as alive."""
+    from lmforge.outputs import pid_alive
+
+    return record.get("host") != socket.gethostname() or pid_alive(int(record.get("pid", -1)))
+
+
+def read_status(folder: Path) -> dict:
+    return _read_json(Path(folder) / STATUS)
 
 
 def write_status(folder: Path, **fields) -> None:
-    """Merge `fields` into status.json (written whole through a rename: a reader never sees half of it)."""
-    path = Path(folder) / STATUS
-    if not path.parent.is_dir():
-        return
-    status = {**read_status(folder), **fields, "updated": time.time()}
-    tmp = path.with_name(f".{STATUS}.{os.getpid()}")
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, path)
+    """Merge `fields` into status.json."""
+    if Path(folder).is_dir():
+        _write_json(Path(folder) / STATUS, {**read_status(folder), **fields, "updated": time.time()})
 
 
 def append_log(folder: Path, line: str) -> None:
@@ -88,11 +101,9 @@ def run_state(folder: Path) -> str:
     """running / evaluating / finished / failed / interrupted; a 'running' run whose process is gone (killed
     hard, the machine restarted) reads as interrupted: its last checkpoint resumes it. 'evaluating': trained,
     and its process is evaluating the model."""
-    from lmforge.outputs import pid_alive
-
     status = read_status(folder)
     state = status.get("status")
-    alive = status.get("host") != socket.gethostname() or pid_alive(int(status.get("pid", -1)))  # elsewhere: unknown
+    alive = _alive(status)
     if state == "running" and not alive:
         return "interrupted"
     if state == "finished" and status.get("phase") == "evaluating":  # trained; its evaluation still running, or cut
@@ -110,25 +121,13 @@ def pipeline_at(folder: Path, stage: str | None, phase: str) -> None:
     (preparing: importing the model, building the tokenizer, preparing the data, before the stage's folder
     becomes a run; evaluating: an evaluation stage), by which process. The board shows a stage from it until
     the stage's folder has a status of its own."""
-    path = Path(folder) / PIPELINE_STATUS
-    if not path.parent.is_dir() or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 keeps it
-        return
-    record = {"writer": "lmforge", "stage": stage, "phase": phase, "pid": os.getpid(), "host": socket.gethostname(),
-              "updated": time.time()}
-    tmp = path.with_name(f".{PIPELINE_STATUS}.{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    if Path(folder).is_dir() and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 keeps it
+        _write_json(Path(folder) / PIPELINE_STATUS, {"writer": "lmforge", "stage": stage, "phase": phase,
+                                                     "pid": os.getpid(), "host": socket.gethostname(),
+                                                     "updated": time.time()})
 
 
 def pipeline_state(folder: Path) -> dict:
     """The pipeline's record, its process checked: `alive` False when it ran here and is gone."""
-    try:
-        record = json.loads((Path(folder) / PIPELINE_STATUS).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(record, dict):
-        return {}
-    from lmforge.outputs import pid_alive
-
-    record["alive"] = record.get("host") != socket.gethostname() or pid_alive(int(record.get("pid", -1)))
-    return record
+    record = _read_json(Path(folder) / PIPELINE_STATUS)
+    return {**record, "alive": _alive(record)} if record else {}

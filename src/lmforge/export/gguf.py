@@ -180,10 +180,9 @@ def modelfile(gguf_name: str, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_gguf(source, folder: Path, dtype: str, say: Callable[[str], None],
-               reader: str = "auto") -> tuple[RoundTrip, list[str]]:
-    """The .gguf and its Modelfile in `folder`, and the round trip of the file as `reader` loads it: llama.cpp
-    where its binding is installed (`auto`), else (or with `transformers`) transformers' GGUF loader."""
+def write_gguf(source, folder: Path, dtype: str, say: Callable[[str], None]) -> tuple[RoundTrip, list[str]]:
+    """The .gguf and its Modelfile in `folder`, and the round trip of the file as llama.cpp loads it where its
+    binding is installed, else as transformers' GGUF loader does."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,7 +215,7 @@ def write_gguf(source, folder: Path, dtype: str, say: Callable[[str], None],
     writer.close()
     (folder / "Modelfile").write_text(modelfile(name, source.tokenizer))
     files = [name, "Modelfile"]
-    version = llama_cpp_version() if reader != "transformers" else None
+    version = llama_cpp_version()
     if version is not None:  # the consumer itself (export/llama_cpp.py)
         say(f"export: wrote {name} ({path.stat().st_size / 1e6:.1f} MB); loading it with llama.cpp "
             f"(llama-cpp-python {version})")

@@ -34,7 +34,7 @@ GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum (the binding's _logger.py still lists 
 # outputs sit further from the source. RMS difference / spread measured (2026-12-08, AMD EPYC, llama-cpp-python
 # 0.3.36): SmolLM2-135M f32 0.000%, f16 0.17%, bf16 1.26%, q8_0 4.08%; the tests' tiny Llama f16 0.03%,
 # bf16 0.31%, q8_0 0.70%. The bounds leave 2-3x room over SmolLM2; a wrong tensor layout gives tens of percent.
-TOLERANCE = {**TOLERANCE, "bf16": 0.03, "q8_0": 0.10}
+LLAMA_CPP_TOLERANCE = {**TOLERANCE, "bf16": 0.03, "q8_0": 0.10}
 
 
 def llama_cpp_version() -> str | None:
@@ -96,7 +96,7 @@ def read_back(path: Path, reference: Reference, dtype: str, threads: int | None 
                              for prompt, ids in zip(reference.prompts, reference.ids, strict=True))
     finally:
         llm.close()
-    return RoundTrip(dtype, max_diff, relative, TOLERANCE[dtype], agreement, greedy_same, tokenizer_same,
+    return RoundTrip(dtype, max_diff, relative, LLAMA_CPP_TOLERANCE[dtype], agreement, greedy_same, tokenizer_same,
                      reader=f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
 
 

@@ -12,6 +12,7 @@ same into a folder of your choice.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -61,12 +62,7 @@ def _import_lock(out: Path):
     """An exclusive lock beside `out` in the cache (fcntl's: released when the process ends, never left stale)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, as before
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for the importer (outputs.RunLock refuses instead)
         try:
             yield
         finally:
